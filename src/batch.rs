@@ -1,0 +1,254 @@
+//! Group commit: writes that arrive while a commit is in flight are applied together in the
+//! next transaction, with one fsync for all of them.
+//!
+//! Leader/follower rather than a committer thread: the first caller to find no commit in flight
+//! runs the batch itself, so a lone writer pays no thread handoff (its latency stays one
+//! commit), and under load each leader takes everything queued behind it. A caller queues its
+//! work and sleeps on its own slot until a leader answers it or hands it the lead. A leader runs
+//! exactly one batch, answers every caller in it, then passes the lead to the oldest waiting
+//! caller, whose work is at the front of the queue and therefore in the next batch, so no caller
+//! waits for more than one batch beyond the one in flight when it arrived.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+/// The most weight one batch takes (a plain operation weighs 1; see [`weight`]).
+pub(crate) const MAX_BATCH_WEIGHT: usize = 1024;
+
+/// Bytes that weigh as much as one operation when sizing batches.
+const BYTES_PER_UNIT: usize = 16 * 1024;
+
+/// The weight of a request of `ops` operations carrying `bytes` bytes of payload.
+pub(crate) fn weight(ops: usize, bytes: usize) -> usize {
+    ops.max(1).saturating_add(bytes / BYTES_PER_UNIT)
+}
+
+enum SlotState<R> {
+    Waiting,
+    Lead,
+    Done(R),
+}
+
+struct Slot<R> {
+    state: Mutex<SlotState<R>>,
+    wake: Condvar,
+}
+
+impl<R> Slot<R> {
+    fn set(&self, next: SlotState<R>) {
+        *self.state.lock() = next;
+        self.wake.notify_one();
+    }
+
+    /// Sleeps until the slot is answered or handed the lead.
+    fn wait(&self) -> SlotState<R> {
+        let mut state = self.state.lock();
+        while matches!(*state, SlotState::Waiting) {
+            self.wake.wait(&mut state);
+        }
+        std::mem::replace(&mut *state, SlotState::Waiting)
+    }
+}
+
+struct Queued<W, R> {
+    work: W,
+    weight: usize,
+    slot: Arc<Slot<R>>,
+}
+
+struct Queue<W, R> {
+    pending: VecDeque<Queued<W, R>>,
+    /// Whether some caller is running (or about to run) a batch.
+    leader: bool,
+}
+
+/// A queue of write requests `W` answered with `R`.
+pub(crate) struct Batcher<W, R> {
+    queue: Mutex<Queue<W, R>>,
+}
+
+impl<W, R> Batcher<W, R> {
+    pub(crate) fn new() -> Batcher<W, R> {
+        Batcher {
+            queue: Mutex::new(Queue {
+                pending: VecDeque::new(),
+                leader: false,
+            }),
+        }
+    }
+
+    /// Submits `work` and returns its answer.
+    ///
+    /// If this caller becomes the leader it calls `run` once with a batch that starts with its
+    /// own work; `run` must return one answer per item, in order. Should `run` panic, every
+    /// caller in the batch gets `on_panic()` and the lead passes on, so no caller is left
+    /// asleep.
+    pub(crate) fn submit(
+        &self,
+        work: W,
+        weight: usize,
+        run: impl FnOnce(Vec<W>) -> Vec<R>,
+        on_panic: fn() -> R,
+    ) -> R {
+        let slot = Arc::new(Slot {
+            state: Mutex::new(SlotState::Waiting),
+            wake: Condvar::new(),
+        });
+        let lead_now = {
+            let mut queue = self.queue.lock();
+            queue.pending.push_back(Queued {
+                work,
+                weight,
+                slot: slot.clone(),
+            });
+            !std::mem::replace(&mut queue.leader, true)
+        };
+        if !lead_now {
+            match slot.wait() {
+                SlotState::Done(answer) => return answer,
+                SlotState::Lead | SlotState::Waiting => {}
+            }
+        }
+        self.lead(&slot, run, on_panic)
+    }
+
+    fn lead(
+        &self,
+        own: &Arc<Slot<R>>,
+        run: impl FnOnce(Vec<W>) -> Vec<R>,
+        on_panic: fn() -> R,
+    ) -> R {
+        let mut slots = Vec::new();
+        let mut works = Vec::new();
+        {
+            let mut queue = self.queue.lock();
+            let mut taken = 0usize;
+            while let Some(front) = queue.pending.front() {
+                if !works.is_empty() && taken.saturating_add(front.weight) > MAX_BATCH_WEIGHT {
+                    break;
+                }
+                taken = taken.saturating_add(front.weight);
+                let Some(queued) = queue.pending.pop_front() else {
+                    break;
+                };
+                works.push(queued.work);
+                slots.push(queued.slot);
+            }
+        }
+        // The lead passes on even if `run` panics, answering this batch's callers first.
+        let handoff = Handoff {
+            batcher: self,
+            slots,
+            on_panic,
+        };
+        let answers = run(works);
+        handoff.finish(own, answers)
+    }
+}
+
+/// Answers a batch's callers and passes the lead on, also when the batch panicked.
+struct Handoff<'b, W, R> {
+    batcher: &'b Batcher<W, R>,
+    slots: Vec<Arc<Slot<R>>>,
+    on_panic: fn() -> R,
+}
+
+impl<W, R> Handoff<'_, W, R> {
+    fn finish(mut self, own: &Arc<Slot<R>>, answers: Vec<R>) -> R {
+        let mut mine = None;
+        let mut answers = answers.into_iter();
+        for slot in std::mem::take(&mut self.slots) {
+            let answer = answers.next().unwrap_or_else(self.on_panic);
+            if Arc::ptr_eq(&slot, own) {
+                mine = Some(answer);
+            } else {
+                slot.set(SlotState::Done(answer));
+            }
+        }
+        // The leader's own work is always first in its batch, so `mine` is set.
+        mine.unwrap_or_else(self.on_panic)
+    }
+}
+
+impl<W, R> Drop for Handoff<'_, W, R> {
+    fn drop(&mut self) {
+        for slot in self.slots.drain(..) {
+            slot.set(SlotState::Done((self.on_panic)()));
+        }
+        let mut queue = self.batcher.queue.lock();
+        match queue.pending.front() {
+            Some(next) => next.slot.set(SlotState::Lead),
+            None => queue.leader = false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_lone_caller_leads_its_own_batch() {
+        let batcher: Batcher<u32, u32> = Batcher::new();
+        let answer = batcher.submit(
+            7,
+            1,
+            |works| {
+                assert_eq!(works, vec![7]);
+                works.iter().map(|w| w * 2).collect()
+            },
+            || 0,
+        );
+        assert_eq!(answer, 14);
+    }
+
+    #[test]
+    fn concurrent_callers_share_batches_and_each_gets_its_own_answer() {
+        let batcher: Arc<Batcher<usize, usize>> = Arc::new(Batcher::new());
+        let batches = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let batcher = batcher.clone();
+                let batches = batches.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let work = t * 1_000 + i;
+                        let answer = batcher.submit(
+                            work,
+                            1,
+                            |works| {
+                                batches.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_micros(200));
+                                works.iter().map(|w| w + 1).collect()
+                            },
+                            || usize::MAX,
+                        );
+                        assert_eq!(answer, work + 1);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("worker thread");
+        }
+        let batches = batches.load(Ordering::SeqCst);
+        assert!(
+            batches < 16 * 200,
+            "{batches} batches for 3200 requests: nothing was grouped"
+        );
+    }
+
+    #[test]
+    fn a_panicking_batch_answers_everyone_and_passes_the_lead() {
+        let batcher: Batcher<u32, u32> = Batcher::new();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            batcher.submit(1, 1, |_| panic!("boom"), || 0)
+        }));
+        assert!(result.is_err());
+        // The batcher is usable afterwards: the lead was released.
+        assert_eq!(batcher.submit(2, 1, |w| w, || 0), 2);
+    }
+}

@@ -1,0 +1,267 @@
+//! [`StoreBuilder`]: every setting of a store, with its default, validated once in `open`.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::StorageBackend;
+use redb::backends::{FileBackend, InMemoryBackend};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::limits::{self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT};
+use crate::store::Store;
+
+/// When an acknowledged write is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every acknowledged write is fsynced before the call returns. Concurrent writers share
+    /// fsyncs (group commit). The default.
+    #[default]
+    Immediate,
+    /// Writes are committed without an fsync, and a background commit fsyncs them at least this
+    /// often. A crash (or power loss) loses at most the writes of the last interval, like Redis'
+    /// `appendfsync everysec`; a process that exits cleanly loses nothing. Acknowledged writes
+    /// are visible to every later call at once either way.
+    Periodic(Duration),
+}
+
+/// Settings a store runs with, validated.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub ttl: u64,
+    pub lease: u64,
+    pub sweep_interval: Option<Duration>,
+    pub sweep_batch: usize,
+    pub max_response_bytes: usize,
+    pub durability: Durability,
+    pub quick_repair: bool,
+    pub cache_size: usize,
+}
+
+/// Builds a [`Store`]. Every setter states its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use dedupe_store::{Durability, Store};
+///
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("dedupe.redb");
+/// let store = Store::builder()
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .lease(Duration::from_secs(30))
+///     .sweep_interval(Duration::from_secs(10))
+///     .durability(Durability::Immediate)
+///     .open(&path)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "a builder does nothing until open() or in_memory()"]
+pub struct StoreBuilder {
+    ttl: Duration,
+    lease: Duration,
+    sweep_interval: Option<Duration>,
+    sweep_batch: usize,
+    max_response_bytes: usize,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    quick_repair: bool,
+    cache_size: usize,
+}
+
+impl Default for StoreBuilder {
+    fn default() -> Self {
+        StoreBuilder {
+            ttl: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            sweep_interval: Some(Duration::from_secs(1)),
+            sweep_batch: 256,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            clock: Arc::new(SystemClock),
+            durability: Durability::Immediate,
+            quick_repair: true,
+            cache_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl fmt::Debug for StoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreBuilder")
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("sweep_batch", &self.sweep_batch)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("durability", &self.durability)
+            .field("quick_repair", &self.quick_repair)
+            .field("cache_size", &self.cache_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreBuilder {
+    /// A builder with every default.
+    pub fn new() -> StoreBuilder {
+        StoreBuilder::default()
+    }
+
+    /// How long a key is remembered after it completes (and after it is claimed, if it never
+    /// completes). Per call: [`ClaimOptions::ttl`](crate::ClaimOptions::ttl),
+    /// [`Store::complete_with_ttl`](crate::Store::complete_with_ttl). Default: 24 hours.
+    pub fn ttl(mut self, ttl: Duration) -> StoreBuilder {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is owned before another claim may take it over. Per call:
+    /// [`ClaimOptions::lease`](crate::ClaimOptions::lease). Default: 30 seconds.
+    pub fn lease(mut self, lease: Duration) -> StoreBuilder {
+        self.lease = lease;
+        self
+    }
+
+    /// How often the background sweeper removes expired records. Default: every second.
+    pub fn sweep_interval(mut self, interval: Duration) -> StoreBuilder {
+        self.sweep_interval = Some(interval);
+        self
+    }
+
+    /// Runs no background sweeper; expired records still behave as absent and
+    /// [`Store::sweep`](crate::Store::sweep) removes them on demand. Default: the sweeper runs.
+    pub fn without_sweeper(mut self) -> StoreBuilder {
+        self.sweep_interval = None;
+        self
+    }
+
+    /// How many records one sweep transaction removes at most, so a large backlog never holds
+    /// the writer for long. Default: 256.
+    pub fn sweep_batch_size(mut self, records: usize) -> StoreBuilder {
+        self.sweep_batch = records;
+        self
+    }
+
+    /// The largest response [`Store::complete`](crate::Store::complete) accepts, in bytes, up
+    /// to [`MAX_RESPONSE_BYTES_LIMIT`](crate::MAX_RESPONSE_BYTES_LIMIT). Default: 1 MiB.
+    pub fn max_response_bytes(mut self, bytes: usize) -> StoreBuilder {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// The clock the store reads. Default: [`SystemClock`]; tests use
+    /// [`ManualClock`](crate::ManualClock).
+    pub fn clock(mut self, clock: impl Clock) -> StoreBuilder {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// When acknowledged writes reach the disk. Default: [`Durability::Immediate`].
+    pub fn durability(mut self, durability: Durability) -> StoreBuilder {
+        self.durability = durability;
+        self
+    }
+
+    /// Whether each commit also saves redb's allocator state, so that reopening after a crash
+    /// takes milliseconds instead of a walk over the whole file. It costs a second fsync per
+    /// commit, shared by every write of the batch. Default: on.
+    pub fn quick_repair(mut self, enabled: bool) -> StoreBuilder {
+        self.quick_repair = enabled;
+        self
+    }
+
+    /// Memory for redb's page cache, in bytes. Default: 64 MiB.
+    pub fn cache_size(mut self, bytes: usize) -> StoreBuilder {
+        self.cache_size = bytes;
+        self
+    }
+
+    /// Opens the store file at `path`, creating it if it does not exist.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyOpen`] at once if another process or store holds the file;
+    /// [`Error::UnsupportedFormat`] or [`Error::NotAStore`] for a file this build must not
+    /// touch; [`Error::InvalidDuration`] or [`Error::InvalidConfig`] for a bad setting;
+    /// [`Error::Io`] if the file cannot be opened.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+        let path = path.as_ref();
+        let config = self.config()?;
+        let io_error = |err: std::io::Error| Error::Io {
+            path: path.to_path_buf(),
+            source: Arc::new(err),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_error)?;
+        let backend = FileBackend::new(file).map_err(|err| match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
+                path: path.to_path_buf(),
+            },
+            other => Error::from(other),
+        })?;
+        Store::start(
+            Arc::new(backend),
+            Some(path.to_path_buf()),
+            config,
+            self.clock,
+        )
+    }
+
+    /// A store held in memory: the same semantics, nothing on disk. For tests.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDuration`] or [`Error::InvalidConfig`] for a bad setting.
+    pub fn in_memory(self) -> Result<Store> {
+        let config = self.config()?;
+        Store::start(Arc::new(InMemoryBackend::new()), None, config, self.clock)
+    }
+
+    /// A store on a storage backend of your own, such as one that injects faults in tests. The
+    /// backend must start empty or hold a store.
+    ///
+    /// # Errors
+    /// As for [`open`](Self::open).
+    pub fn open_backend(self, backend: impl StorageBackend) -> Result<Store> {
+        let config = self.config()?;
+        Store::start(Arc::new(backend), None, config, self.clock)
+    }
+
+    fn config(&self) -> Result<Config> {
+        let ttl = limits::duration_millis("ttl", self.ttl)?;
+        let lease = limits::duration_millis("lease", self.lease)?;
+        if let Some(interval) = self.sweep_interval {
+            limits::duration_millis("sweep interval", interval)?;
+        }
+        if let Durability::Periodic(interval) = self.durability {
+            limits::duration_millis("durability interval", interval)?;
+        }
+        if self.max_response_bytes > MAX_RESPONSE_BYTES_LIMIT {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "max_response_bytes is {}, over the limit of {MAX_RESPONSE_BYTES_LIMIT}",
+                    self.max_response_bytes
+                ),
+            });
+        }
+        if self.sweep_batch == 0 {
+            return Err(Error::InvalidConfig {
+                reason: "sweep_batch_size must be at least 1".to_string(),
+            });
+        }
+        Ok(Config {
+            ttl,
+            lease,
+            sweep_interval: self.sweep_interval,
+            sweep_batch: self.sweep_batch,
+            max_response_bytes: self.max_response_bytes,
+            durability: self.durability,
+            quick_repair: self.quick_repair,
+            cache_size: self.cache_size,
+        })
+    }
+}

@@ -1,0 +1,398 @@
+//! The engine under a [`Store`](crate::Store): runs operations through the rules against the
+//! tables, answering reads from a read transaction and queueing writes for group commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::batch::{self, Batcher};
+use crate::builder::{Config, Durability};
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::key::Key;
+use crate::notify::KeyEvents;
+use crate::record::Record;
+use crate::rules::{self, Answer, Change, Context, Op};
+use crate::stats::Counters;
+use crate::storage::{self, CommitMode, Storage, Writer};
+
+/// One caller's request to the writer.
+pub(crate) enum Work {
+    /// One operation on one key.
+    One(Key, Op),
+    /// Several operations applied all or nothing, in order.
+    Many(Vec<(Key, Op)>),
+    /// Remove up to this many due records.
+    Sweep(usize),
+    /// Make everything committed so far durable.
+    Flush,
+}
+
+/// The writer's answer to one [`Work`].
+pub(crate) enum Reply {
+    One(Answer),
+    /// The answers of a `Many`, or the refusal that cancelled all of it.
+    Many(std::result::Result<Vec<Answer>, Error>),
+    Swept {
+        removed: usize,
+        more: bool,
+    },
+    Flushed,
+}
+
+impl Work {
+    fn weight(&self) -> usize {
+        match self {
+            Work::One(_, op) => batch::weight(1, op.payload_len()),
+            Work::Many(ops) => {
+                batch::weight(ops.len(), ops.iter().map(|(_, op)| op.payload_len()).sum())
+            }
+            Work::Sweep(limit) => batch::weight(*limit, 0),
+            Work::Flush => 1,
+        }
+    }
+}
+
+pub(crate) struct Engine {
+    pub storage: Storage,
+    pub clock: Arc<dyn Clock>,
+    pub config: Config,
+    pub counters: Counters,
+    pub events: KeyEvents,
+    batcher: Batcher<Work, Result<Reply>>,
+    /// When the last durable commit finished, for `Durability::Periodic`.
+    last_durable: Mutex<Instant>,
+    /// Whether a commit since then was not durable.
+    dirty: AtomicBool,
+}
+
+fn stored(key: &Key, op: &Op) -> Vec<u8> {
+    storage::stored_key(op.namespace().tag(), key.as_bytes())
+}
+
+fn corrupt(key: &Key, reason: String) -> Error {
+    Error::Corrupt {
+        key: key.clone(),
+        reason,
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Engine {
+        Engine {
+            storage,
+            clock,
+            config,
+            counters: Counters::default(),
+            events: KeyEvents::new(),
+            batcher: Batcher::new(),
+            last_durable: Mutex::new(Instant::now()),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_millis()
+    }
+
+    /// Answers `op` from a read transaction when it would change nothing (a replay, a live
+    /// claim, a mismatch, a duplicate mark). `None` means it must go to the writer.
+    pub(crate) fn peek(&self, key: &Key, op: &Op) -> Result<Option<Answer>> {
+        let stored_key = stored(key, op);
+        let loaded = self.storage.read(|txn| {
+            let records = txn.open_table(storage::RECORDS)?;
+            storage::load(&records, &stored_key)
+        })?;
+        let current = match loaded {
+            None => None,
+            Some(Ok(record)) => Some(record),
+            Some(Err(err)) => return Err(corrupt(key, err.0)),
+        };
+        let ctx = Context {
+            key,
+            now: self.now(),
+            next_token: 0,
+            store_id: self.storage.store_id(),
+        };
+        let transition = rules::apply(current.as_ref(), op, &ctx);
+        if transition.change != Change::Keep {
+            return Ok(None);
+        }
+        self.counters.record(&transition.answer);
+        Ok(Some(transition.answer))
+    }
+
+    /// Reads one key's record.
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<storage::Loaded> {
+        self.storage.read(|txn| {
+            let records = txn.open_table(storage::RECORDS)?;
+            storage::load(&records, stored_key)
+        })
+    }
+
+    /// Queues `work` for the next commit and waits for its answer.
+    pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
+        let weight = work.weight();
+        self.batcher.submit(
+            work,
+            weight,
+            |works| self.execute(works),
+            || {
+                Err(Error::from(redb::Error::Io(std::io::Error::other(
+                    "a commit panicked; its writes were not acknowledged",
+                ))))
+            },
+        )
+    }
+
+    /// Applies one operation through the writer.
+    pub(crate) fn one(&self, key: Key, op: Op) -> Result<Answer> {
+        match self.submit(Work::One(key, op))? {
+            Reply::One(answer) => Ok(answer),
+            _ => unreachable!("a One work is answered with Reply::One"),
+        }
+    }
+
+    /// Applies several operations atomically.
+    pub(crate) fn many(&self, ops: Vec<(Key, Op)>) -> Result<Vec<Answer>> {
+        match self.submit(Work::Many(ops))? {
+            Reply::Many(answers) => answers,
+            _ => unreachable!("a Many work is answered with Reply::Many"),
+        }
+    }
+
+    /// Removes up to `limit` due records in one transaction.
+    pub(crate) fn sweep_batch(&self, limit: usize) -> Result<(usize, bool)> {
+        match self.submit(Work::Sweep(limit))? {
+            Reply::Swept { removed, more } => Ok((removed, more)),
+            _ => unreachable!("a Sweep work is answered with Reply::Swept"),
+        }
+    }
+
+    /// Under `Durability::Periodic`, makes the commits of the last interval durable if that is
+    /// due. Does nothing under `Immediate`.
+    pub(crate) fn flush_if_due(&self) -> Result<()> {
+        let Durability::Periodic(every) = self.config.durability else {
+            return Ok(());
+        };
+        if self.dirty.load(Ordering::Acquire) && self.last_durable.lock().elapsed() >= every {
+            self.submit(Work::Flush)?;
+        }
+        Ok(())
+    }
+
+    fn durable(&self, works: &[Work]) -> bool {
+        match self.config.durability {
+            Durability::Immediate => true,
+            Durability::Periodic(every) => {
+                works.iter().any(|work| matches!(work, Work::Flush))
+                    || self.last_durable.lock().elapsed() >= every
+            }
+        }
+    }
+
+    /// Runs one batch in one write transaction. Called by the batch's leader.
+    fn execute(&self, works: Vec<Work>) -> Vec<Result<Reply>> {
+        let durable = self.durable(&works);
+        let mode = CommitMode {
+            durable,
+            quick_repair: self.config.quick_repair,
+        };
+        let mut changed: Vec<Vec<u8>> = Vec::new();
+        let mut swept = 0usize;
+        let result = self.storage.write(mode, |writer| {
+            let first_token = writer.last_token()?;
+            let mut token = first_token;
+            let mut replies = Vec::with_capacity(works.len());
+            for work in &works {
+                let reply = match work {
+                    Work::One(key, op) => {
+                        Reply::One(self.apply_one(writer, key, op, &mut token, &mut changed)?)
+                    }
+                    Work::Many(ops) => {
+                        Reply::Many(self.apply_many(writer, ops, &mut token, &mut changed)?)
+                    }
+                    Work::Sweep(limit) => {
+                        let (removed, more) = writer.sweep(self.now(), *limit)?;
+                        swept += removed;
+                        Reply::Swept { removed, more }
+                    }
+                    Work::Flush => Reply::Flushed,
+                };
+                replies.push(reply);
+            }
+            if token != first_token {
+                writer.set_last_token(token)?;
+            }
+            Ok(replies)
+        });
+        match result {
+            Ok(replies) => {
+                if durable {
+                    *self.last_durable.lock() = Instant::now();
+                    self.dirty.store(false, Ordering::Release);
+                } else {
+                    self.dirty.store(true, Ordering::Release);
+                }
+                for reply in &replies {
+                    match reply {
+                        Reply::One(answer) => self.counters.record(answer),
+                        Reply::Many(Ok(answers)) => {
+                            answers.iter().for_each(|a| self.counters.record(a))
+                        }
+                        Reply::Many(Err(_)) | Reply::Swept { .. } | Reply::Flushed => {}
+                    }
+                }
+                self.counters.swept(swept);
+                for key in &changed {
+                    self.events.changed(key);
+                }
+                if swept > 0 {
+                    self.events.changed_all();
+                }
+                replies.into_iter().map(Ok).collect()
+            }
+            Err(err) => {
+                self.counters.commit_failed();
+                works.iter().map(|_| Err(err.clone())).collect()
+            }
+        }
+    }
+
+    /// Decides and writes one operation. `Err` only for storage failures, which abort the
+    /// batch; refusals are answers.
+    fn apply_one(
+        &self,
+        writer: &mut Writer<'_>,
+        key: &Key,
+        op: &Op,
+        token: &mut u64,
+        changed: &mut Vec<Vec<u8>>,
+    ) -> Result<Answer> {
+        let stored_key = stored(key, op);
+        let current = match writer.load(&stored_key)? {
+            None => None,
+            Some(Ok(record)) => Some(record),
+            Some(Err(_)) if matches!(op, Op::Expire) => {
+                // The operator's way out of a damaged record.
+                writer.delete_damaged(&stored_key)?;
+                changed.push(stored_key);
+                return Ok(Answer::Expired(true));
+            }
+            Some(Err(err)) => return Ok(Answer::Refused(corrupt(key, err.0))),
+        };
+        let ctx = Context {
+            key,
+            now: self.now(),
+            next_token: token.saturating_add(1),
+            store_id: self.storage.store_id(),
+        };
+        let transition = rules::apply(current.as_ref(), op, &ctx);
+        if transition.issued_token {
+            *token = ctx.next_token;
+        }
+        let old_expires_at = current.as_ref().map(|record| record.expires_at);
+        if write_change(writer, &stored_key, old_expires_at, &transition.change)? {
+            changed.push(stored_key);
+        }
+        Ok(transition.answer)
+    }
+
+    /// Decides every operation against an in-memory overlay first; writes only if none was
+    /// refused, so the group is all or nothing.
+    fn apply_many(
+        &self,
+        writer: &mut Writer<'_>,
+        ops: &[(Key, Op)],
+        token: &mut u64,
+        changed: &mut Vec<Vec<u8>>,
+    ) -> Result<std::result::Result<Vec<Answer>, Error>> {
+        let now = self.now();
+        let mut next_token = *token;
+        // Per key touched: its expiry on disk before this group, its record now, and whether
+        // any operation changed it.
+        let mut overlay: HashMap<Vec<u8>, (Option<u64>, Option<Record>, bool)> = HashMap::new();
+        let mut order = Vec::new();
+        let mut answers = Vec::with_capacity(ops.len());
+        for (key, op) in ops {
+            let stored_key = stored(key, op);
+            if !overlay.contains_key(&stored_key) {
+                let current = match writer.load(&stored_key)? {
+                    None => None,
+                    Some(Ok(record)) => Some(record),
+                    Some(Err(err)) => return Ok(Err(corrupt(key, err.0))),
+                };
+                let on_disk = current.as_ref().map(|record| record.expires_at);
+                overlay.insert(stored_key.clone(), (on_disk, current, false));
+                order.push(stored_key.clone());
+            }
+            let Some((_, current, touched)) = overlay.get_mut(&stored_key) else {
+                continue;
+            };
+            let ctx = Context {
+                key,
+                now,
+                next_token: next_token.saturating_add(1),
+                store_id: self.storage.store_id(),
+            };
+            let transition = rules::apply(current.as_ref(), op, &ctx);
+            if let Answer::Refused(err) = transition.answer {
+                return Ok(Err(err));
+            }
+            if transition.issued_token {
+                next_token = ctx.next_token;
+            }
+            match transition.change {
+                Change::Keep => {}
+                Change::Put(record) => {
+                    *current = Some(record);
+                    *touched = true;
+                }
+                Change::Delete => {
+                    *current = None;
+                    *touched = true;
+                }
+            }
+            answers.push(transition.answer);
+        }
+        for stored_key in order {
+            let Some((on_disk, current, true)) = overlay.remove(&stored_key) else {
+                continue;
+            };
+            let change = match current {
+                Some(record) => Change::Put(record),
+                None => Change::Delete,
+            };
+            if write_change(writer, &stored_key, on_disk, &change)? {
+                changed.push(stored_key);
+            }
+        }
+        *token = next_token;
+        Ok(Ok(answers))
+    }
+}
+
+/// Writes a change; returns whether anything was written.
+fn write_change(
+    writer: &mut Writer<'_>,
+    stored_key: &[u8],
+    old_expires_at: Option<u64>,
+    change: &Change,
+) -> Result<bool> {
+    match change {
+        Change::Keep => Ok(false),
+        Change::Put(record) => {
+            writer.put(stored_key, old_expires_at, record)?;
+            Ok(true)
+        }
+        Change::Delete => {
+            if let Some(expires_at) = old_expires_at {
+                writer.delete(stored_key, expires_at)?;
+            }
+            Ok(true)
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::key::Key;
+
+/// What can go wrong in a [`Store`](crate::Store) call.
+///
+/// Every variant names something a caller can act on. Errors are cheap to clone (a failed group
+/// commit hands the same storage error to every caller of the batch) and keep their cause in
+/// [`std::error::Error::source`].
+///
+/// ```
+/// use dedupe_store::{Error, Store};
+///
+/// let store = Store::in_memory()?;
+/// match store.claim("") {
+///     Err(Error::EmptyKey) => {}
+///     other => panic!("expected EmptyKey, got {other:?}"),
+/// }
+/// # Ok::<(), Error>(())
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another process, or another open [`Store`](crate::Store) in this process, holds the file.
+    #[error("{} is already open by another store or process", path.display())]
+    AlreadyOpen {
+        /// The file that could not be locked.
+        path: PathBuf,
+    },
+
+    /// The stored record for `key` failed its checksum or did not decode. The record is left
+    /// as it is; [`Store::expire`](crate::Store::expire) removes it.
+    #[error("the record for key {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The key whose record is damaged.
+        key: Key,
+        /// What was wrong with it.
+        reason: String,
+    },
+
+    /// The file itself is damaged beyond what redb could repair (a page checksum failed, or a
+    /// table is missing or malformed).
+    #[error("the store file is corrupt: {reason}")]
+    CorruptFile {
+        /// What redb or the store found.
+        reason: String,
+    },
+
+    /// The ticket no longer owns its key: the claim was taken over, released, completed,
+    /// expired or swept. Nothing was changed.
+    #[error("the ticket for key {key} (fencing token {fencing_token}) no longer owns it")]
+    LeaseLost {
+        /// The ticket's key.
+        key: Key,
+        /// The ticket's fencing token.
+        fencing_token: u64,
+    },
+
+    /// Keys must be at least one byte long.
+    #[error("a key must not be empty")]
+    EmptyKey,
+
+    /// The key is longer than [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
+    #[error("the key is {len} bytes long, over the limit of {max}")]
+    KeyTooLarge {
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// The response is longer than the store's configured maximum
+    /// ([`StoreBuilder::max_response_bytes`](crate::StoreBuilder::max_response_bytes)).
+    #[error("the response is {len} bytes long, over the limit of {max}")]
+    ResponseTooLarge {
+        /// The response's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// The request fingerprint is longer than
+    /// [`MAX_FINGERPRINT_LEN`](crate::MAX_FINGERPRINT_LEN); pass a digest of the request instead.
+    #[error("the fingerprint is {len} bytes long, over the limit of {max}")]
+    FingerprintTooLarge {
+        /// The fingerprint's length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// A checkpoint's step name is longer than [`MAX_STEP_LEN`](crate::MAX_STEP_LEN) or its
+    /// state is larger than [`MAX_CHECKPOINT_STATE`](crate::MAX_CHECKPOINT_STATE).
+    #[error("the checkpoint is {len} bytes long, over the limit of {max}")]
+    CheckpointTooLarge {
+        /// The step name's or the state's length in bytes.
+        len: usize,
+        /// The limit it broke.
+        max: usize,
+    },
+
+    /// A TTL, lease or interval is zero, too large, or would overflow the clock.
+    #[error("invalid {what}: {reason}")]
+    InvalidDuration {
+        /// Which duration: `"ttl"`, `"lease"`, `"sweep interval"`…
+        what: &'static str,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A builder setting other than a duration is out of range.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The ticket was issued by a different store file.
+    #[error("the ticket for key {key} was issued by another store")]
+    ForeignTicket {
+        /// The ticket's key.
+        key: Key,
+    },
+
+    /// The file was written by a format version this build does not read. Nothing was changed.
+    #[error("the store file has format version {found}; this build reads version {supported}")]
+    UnsupportedFormat {
+        /// The version found in the file.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+
+    /// The file is a redb database but not a dedupe store (it has other tables and none of
+    /// ours). Nothing was changed.
+    #[error("{} is a redb file but not a dedupe store", path.display())]
+    NotAStore {
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// The store was closed with [`Store::close`](crate::Store::close).
+    #[error("the store is closed")]
+    Closed,
+
+    /// The file could not be opened or created.
+    #[error("cannot open {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// The storage engine failed: an I/O error, a full disk, an aborted commit. Nothing in the
+    /// failed call was acknowledged; the store reopens its file and keeps serving.
+    #[error("storage error: {0}")]
+    Storage(#[source] StorageError),
+}
+
+impl Error {
+    /// True for errors that come from the disk or the storage engine rather than from the
+    /// caller's input or the key's state: retrying later may succeed.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            Error::Storage(_) | Error::Io { .. } | Error::CorruptFile { .. }
+        )
+    }
+}
+
+/// A failure inside the storage engine (redb), shared by every caller it affected.
+///
+/// [`source()`](std::error::Error::source) gives the operating system's I/O error when there
+/// was one.
+#[derive(Clone)]
+pub struct StorageError {
+    inner: Arc<redb::Error>,
+}
+
+impl StorageError {
+    /// The I/O error underneath, when the failure was one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self.inner.as_ref() {
+            redb::Error::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+
+    /// True when the underlying failure is an I/O error.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self.inner.as_ref(),
+            redb::Error::Io(_) | redb::Error::PreviousIo
+        )
+    }
+}
+
+impl fmt::Debug for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.inner, f)
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // redb's own error does not expose its I/O cause; keep it reachable here.
+        self.io_error()
+            .map(|err| err as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<redb::Error> for Error {
+    fn from(err: redb::Error) -> Self {
+        match err {
+            redb::Error::Corrupted(reason) => Error::CorruptFile { reason },
+            redb::Error::DatabaseClosed => Error::Closed,
+            other => Error::Storage(StorageError {
+                inner: Arc::new(other),
+            }),
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for Error {
+            fn from(err: $ty) -> Self {
+                Error::from(redb::Error::from(err))
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::CompactionError,
+    redb::SetDurabilityError
+);
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn storage_error_keeps_the_io_source() {
+        let err = Error::from(redb::Error::Io(io::Error::other("disk on fire")));
+        let source = err.source().expect("storage error has a source");
+        let io = source
+            .source()
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .expect("the io error is reachable");
+        assert_eq!(io.to_string(), "disk on fire");
+        assert!(err.is_storage());
+    }
+
+    #[test]
+    fn redb_corruption_is_a_corrupt_file() {
+        let err = Error::from(redb::Error::Corrupted("bad page".into()));
+        assert!(matches!(err, Error::CorruptFile { ref reason } if reason == "bad page"));
+    }
+}

@@ -1,0 +1,196 @@
+//! The stored record and its envelope: `[version: u8][crc32 of payload: u32 LE][bincode payload]`.
+//!
+//! `docs/FORMAT.md` describes the layout; this module is its only reader and writer.
+
+use serde::{Deserialize, Serialize};
+
+/// The version byte written in front of every record, and the file's format version.
+pub(crate) const RECORD_VERSION: u8 = 1;
+
+const HEADER_LEN: usize = 5;
+
+/// The largest payload a record may claim to hold. A decoder given corrupt bytes must not
+/// allocate more than this, whatever a length prefix says.
+const MAX_PAYLOAD: usize = 1 << 30;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+        .with_limit::<MAX_PAYLOAD>()
+}
+
+/// One key's state, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// The token of the claim (or mark) that wrote this record.
+    pub fencing_token: u64,
+    /// 1 for a fresh claim, one more for each takeover.
+    pub attempt: u32,
+    /// The request fingerprint the key belongs to, if the claim gave one.
+    pub fingerprint: Option<ByteString>,
+    /// From this instant (milliseconds since the epoch) the record behaves as absent.
+    pub expires_at: u64,
+    /// What the key holds.
+    pub state: RecordState,
+}
+
+/// Bytes serialized as one length-prefixed run rather than element by element.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct ByteString(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The states a record can be in. New variants go at the end: bincode stores the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RecordState {
+    /// Claimed and not yet completed.
+    InProgress {
+        claimed_at: u64,
+        lease_until: u64,
+        /// The claim's TTL in milliseconds: `expires_at` is the later of `claimed_at + ttl` and
+        /// `lease_until`, so extending the lease recomputes it.
+        claim_ttl: u64,
+        /// The last step the owner recorded as done, for a takeover to resume from.
+        checkpoint: Option<StoredCheckpoint>,
+    },
+    /// Completed with a response that is replayed to retries.
+    Completed {
+        completed_at: u64,
+        response: ByteString,
+    },
+    /// A stream's high-water mark (the sequence guard).
+    Sequence { mark: u64, updated_at: u64 },
+}
+
+/// A recovery point inside an in-progress claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StoredCheckpoint {
+    pub step: String,
+    pub state: ByteString,
+    pub recorded_at: u64,
+}
+
+impl Record {
+    /// True while the record still counts (`now < expires_at`).
+    pub fn is_live(&self, now: u64) -> bool {
+        now < self.expires_at
+    }
+}
+
+/// Why a stored record could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(pub String);
+
+/// Writes a record into its envelope.
+pub(crate) fn encode(record: &Record) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN];
+    out[0] = RECORD_VERSION;
+    // Encoding into a Vec cannot fail for these types: no maps with non-string keys, no
+    // sequences without a length, and the sizes are checked against the limits before this.
+    match bincode::serde::encode_into_std_write(record, &mut out, config()) {
+        Ok(_) => {}
+        Err(err) => unreachable_encoding(&err),
+    }
+    let crc = crc32fast::hash(&out[HEADER_LEN..]);
+    out[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+#[cold]
+fn unreachable_encoding(err: &bincode::error::EncodeError) -> ! {
+    // Only reachable if a record exceeded MAX_PAYLOAD, which the input limits prevent.
+    panic!("a record failed to encode: {err}")
+}
+
+/// Reads a record out of its envelope, checking version and checksum first.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError(format!(
+            "{} bytes is shorter than the {HEADER_LEN}-byte envelope header",
+            bytes.len()
+        )));
+    }
+    let version = bytes[0];
+    if version != RECORD_VERSION {
+        return Err(DecodeError(format!(
+            "unknown record version {version} (this build reads {RECORD_VERSION})"
+        )));
+    }
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&bytes[1..HEADER_LEN]);
+    let stored = u32::from_le_bytes(crc);
+    let payload = &bytes[HEADER_LEN..];
+    let actual = crc32fast::hash(payload);
+    if stored != actual {
+        return Err(DecodeError(format!(
+            "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
+        )));
+    }
+    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|err| DecodeError(format!("payload does not decode: {err}")))?;
+    if used != payload.len() {
+        return Err(DecodeError(format!(
+            "{} trailing bytes after the payload",
+            payload.len() - used
+        )));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            fencing_token: 7,
+            attempt: 2,
+            fingerprint: Some(ByteString(b"fp".to_vec())),
+            expires_at: 1_000,
+            state: RecordState::Completed {
+                completed_at: 900,
+                response: ByteString(b"hello".to_vec()),
+            },
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let record = sample();
+        assert_eq!(decode(&encode(&record)), Ok(record));
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_caught() {
+        let bytes = encode(&sample());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= 1 << bit;
+                assert!(decode(&flipped).is_err(), "flip of bit {bit} in byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncations_and_extensions_are_caught() {
+        let bytes = encode(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_refused_without_allocating_it() {
+        // A payload that claims a multi-gigabyte response, with a valid checksum.
+        let mut payload = vec![7u8, 2, 0, 0xe8, 0x07, 1, 0x84, 0x03];
+        payload.extend_from_slice(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        let mut bytes = vec![RECORD_VERSION];
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        assert!(decode(&bytes).is_err());
+    }
+}

@@ -1,0 +1,158 @@
+//! Counters since open, and the [`Stats`] snapshot callers read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::Error;
+use crate::claim::Claim;
+use crate::rules::Answer;
+use crate::sequence::SeqCheck;
+
+/// What the store did since it was opened, and what it holds now.
+///
+/// Counters count answers given to callers; gauges are read from the file when
+/// [`Store::stats`](crate::Store::stats) is called.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Claims answered `Acquired`, takeovers included.
+    pub acquired: u64,
+    /// Of those, takeovers of a claim whose lease had run out.
+    pub takeovers: u64,
+    /// Claims answered `Completed`: replays of a stored outcome.
+    pub replays: u64,
+    /// Claims answered `InProgress`.
+    pub in_progress: u64,
+    /// Claims answered `Mismatch`.
+    pub mismatches: u64,
+    /// Successful completes.
+    pub completes: u64,
+    /// Successful releases.
+    pub releases: u64,
+    /// Successful lease extensions.
+    pub extends: u64,
+    /// Successful checkpoints.
+    pub checkpoints: u64,
+    /// Sequence numbers accepted by the sequence guard.
+    pub sequence_accepted: u64,
+    /// Sequence numbers refused as duplicate, stale or gapped.
+    pub sequence_rejected: u64,
+    /// Complete, release, extend and checkpoint calls refused with `LeaseLost`.
+    pub lease_lost: u64,
+    /// `mark_seen` answers of `true` (first sighting).
+    pub marked: u64,
+    /// `mark_seen` answers of `false` (duplicate).
+    pub duplicates: u64,
+    /// Live keys removed by `expire`.
+    pub expired: u64,
+    /// Expired records removed by `sweep` or the background sweeper.
+    pub swept: u64,
+    /// Commits that failed (each failed every call in its batch).
+    pub commit_failures: u64,
+    /// Background sweeps that failed.
+    pub sweeper_errors: u64,
+    /// The last background sweeper failure, if any.
+    pub last_sweeper_error: Option<String>,
+    /// Keys whose record is live now.
+    pub live_keys: u64,
+    /// Records past their `expires_at` that the sweeper has not removed yet.
+    pub expired_pending: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    acquired: AtomicU64,
+    takeovers: AtomicU64,
+    replays: AtomicU64,
+    in_progress: AtomicU64,
+    mismatches: AtomicU64,
+    completes: AtomicU64,
+    releases: AtomicU64,
+    extends: AtomicU64,
+    checkpoints: AtomicU64,
+    sequence_accepted: AtomicU64,
+    sequence_rejected: AtomicU64,
+    lease_lost: AtomicU64,
+    marked: AtomicU64,
+    duplicates: AtomicU64,
+    expired: AtomicU64,
+    swept: AtomicU64,
+    commit_failures: AtomicU64,
+    sweeper_errors: AtomicU64,
+    last_sweeper_error: Mutex<Option<String>>,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Counts an answer given to a caller.
+    pub(crate) fn record(&self, answer: &Answer) {
+        match answer {
+            Answer::Claim(Claim::Acquired(ticket)) => {
+                bump(&self.acquired, 1);
+                if ticket.is_takeover() {
+                    bump(&self.takeovers, 1);
+                }
+            }
+            Answer::Claim(Claim::Completed(_)) => bump(&self.replays, 1),
+            Answer::Claim(Claim::InProgress { .. }) => bump(&self.in_progress, 1),
+            Answer::Claim(Claim::Mismatch { .. }) => bump(&self.mismatches, 1),
+            Answer::Completed => bump(&self.completes, 1),
+            Answer::Released => bump(&self.releases, 1),
+            Answer::Extended { .. } => bump(&self.extends, 1),
+            Answer::Checkpointed { .. } => bump(&self.checkpoints, 1),
+            Answer::Sequence(SeqCheck::Accepted) => bump(&self.sequence_accepted, 1),
+            Answer::Sequence(_) => bump(&self.sequence_rejected, 1),
+            Answer::Expired(true) => bump(&self.expired, 1),
+            Answer::Expired(false) => {}
+            Answer::Seen(true) => bump(&self.marked, 1),
+            Answer::Seen(false) => bump(&self.duplicates, 1),
+            Answer::Refused(Error::LeaseLost { .. }) => bump(&self.lease_lost, 1),
+            Answer::Refused(_) => {}
+        }
+    }
+
+    pub(crate) fn swept(&self, removed: usize) {
+        bump(&self.swept, removed as u64);
+    }
+
+    pub(crate) fn commit_failed(&self) {
+        bump(&self.commit_failures, 1);
+    }
+
+    pub(crate) fn sweeper_failed(&self, err: &Error) {
+        bump(&self.sweeper_errors, 1);
+        *self.last_sweeper_error.lock() = Some(err.to_string());
+    }
+
+    /// A snapshot of the counters with the given gauges.
+    pub(crate) fn snapshot(&self, live_keys: u64, expired_pending: u64) -> Stats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Stats {
+            acquired: get(&self.acquired),
+            takeovers: get(&self.takeovers),
+            replays: get(&self.replays),
+            in_progress: get(&self.in_progress),
+            mismatches: get(&self.mismatches),
+            completes: get(&self.completes),
+            releases: get(&self.releases),
+            extends: get(&self.extends),
+            checkpoints: get(&self.checkpoints),
+            sequence_accepted: get(&self.sequence_accepted),
+            sequence_rejected: get(&self.sequence_rejected),
+            lease_lost: get(&self.lease_lost),
+            marked: get(&self.marked),
+            duplicates: get(&self.duplicates),
+            expired: get(&self.expired),
+            swept: get(&self.swept),
+            commit_failures: get(&self.commit_failures),
+            sweeper_errors: get(&self.sweeper_errors),
+            last_sweeper_error: self.last_sweeper_error.lock().clone(),
+            live_keys,
+            expired_pending,
+        }
+    }
+}

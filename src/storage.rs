@@ -1,0 +1,539 @@
+//! The redb file: its tables, opening and initialising it, reading and writing records, and
+//! reopening it after a failed commit.
+//!
+//! Nothing here decides what a record should become; that is [`crate::rules`].
+
+use std::hash::{BuildHasher, Hasher};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use redb::{
+    BackendError, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase,
+    ReadableTable, ReadableTableMetadata, StorageBackend, Table, TableDefinition,
+};
+
+use crate::error::{Error, Result};
+use crate::record::{self, DecodeError, RECORD_VERSION, Record};
+
+/// Records by stored key (namespace tag + key): the envelope bytes.
+pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
+/// The expiry index: `(expires_at, stored key)` for every record, so the sweeper reads only
+/// what is due.
+pub(crate) const EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("expiry");
+/// Format version, store id, last fencing token.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const META_FORMAT_VERSION: &str = "format_version";
+const META_STORE_ID: &str = "store_id";
+const META_LAST_TOKEN: &str = "last_token";
+
+/// The on-disk format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = RECORD_VERSION as u32;
+
+/// How each commit is made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitMode {
+    pub durable: bool,
+    pub quick_repair: bool,
+}
+
+/// One key's record as loaded: absent, decoded, or damaged.
+pub(crate) type Loaded = Option<std::result::Result<Record, DecodeError>>;
+
+enum Slot {
+    Open(Database),
+    /// A commit failed; the next user reopens the file.
+    Broken,
+    Closed,
+}
+
+/// The store file and the redb database on it.
+pub(crate) struct Storage {
+    slot: RwLock<Slot>,
+    backend: Arc<dyn StorageBackend>,
+    /// For error messages; `None` for an in-memory store.
+    path: Option<PathBuf>,
+    cache_size: usize,
+    store_id: u64,
+}
+
+/// Lends one backend to successive redb databases. redb closes (and unlocks) its backend when
+/// the database drops; a reopen after a failed commit must not let go of the file lock, so the
+/// close is left to [`Storage`] itself.
+#[derive(Debug)]
+struct SharedBackend(Arc<dyn StorageBackend>);
+
+impl StorageBackend for SharedBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn try_lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> std::result::Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
+    }
+}
+
+impl Storage {
+    /// Opens (or initialises) a store on `backend`. `path` names it in errors.
+    pub(crate) fn open(
+        backend: Arc<dyn StorageBackend>,
+        path: Option<PathBuf>,
+        cache_size: usize,
+    ) -> Result<Storage> {
+        let opened = open_database(&backend, path.as_deref(), cache_size)
+            .and_then(|db| init_or_check(&db, path.as_deref()).map(|id| (db, id)));
+        match opened {
+            Ok((db, store_id)) => Ok(Storage {
+                slot: RwLock::new(Slot::Open(db)),
+                backend,
+                path,
+                cache_size,
+                store_id,
+            }),
+            Err(err) => {
+                // Release the lock of a file we could not use.
+                let _ = backend.close();
+                Err(err)
+            }
+        }
+    }
+
+    /// The random id written into the file when it was created; tickets carry it.
+    pub(crate) fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    /// Runs `f` on a read transaction of the last commit.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+        loop {
+            {
+                let slot = self.slot.read();
+                match &*slot {
+                    Slot::Open(db) => {
+                        let txn = db.begin_read()?;
+                        return f(&txn);
+                    }
+                    Slot::Closed => return Err(Error::Closed),
+                    Slot::Broken => {}
+                }
+            }
+            self.reopen()?;
+        }
+    }
+
+    /// Runs `f` in one write transaction and commits it. Any storage failure aborts the whole
+    /// transaction, and the file is reopened so that later writes can proceed.
+    pub(crate) fn write<T>(
+        &self,
+        mode: CommitMode,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let result = loop {
+            {
+                let slot = self.slot.read();
+                match &*slot {
+                    Slot::Open(db) => break Self::write_in(db, mode, f),
+                    Slot::Closed => return Err(Error::Closed),
+                    Slot::Broken => {}
+                }
+            }
+            self.reopen()?;
+        };
+        if let Err(err) = &result
+            && err.is_storage()
+        {
+            // redb refuses writes after a failed commit until it is reopened. If the reopen
+            // fails too, the slot stays broken and the next caller tries again.
+            self.mark_broken();
+            let _ = self.reopen();
+        }
+        result
+    }
+
+    fn write_in<T>(
+        db: &Database,
+        mode: CommitMode,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(if mode.durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        txn.set_quick_repair(mode.quick_repair);
+        let out = {
+            let mut writer = Writer {
+                records: txn.open_table(RECORDS)?,
+                expiry: txn.open_table(EXPIRY)?,
+                meta: txn.open_table(META)?,
+            };
+            f(&mut writer)?
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` with the database to itself: no reads or writes run meanwhile.
+    pub(crate) fn exclusive<T>(&self, f: impl FnOnce(&mut Database) -> Result<T>) -> Result<T> {
+        loop {
+            {
+                let mut slot = self.slot.write();
+                match &mut *slot {
+                    Slot::Open(db) => return f(db),
+                    Slot::Closed => return Err(Error::Closed),
+                    Slot::Broken => {}
+                }
+            }
+            self.reopen()?;
+        }
+    }
+
+    fn mark_broken(&self) {
+        let mut slot = self.slot.write();
+        if matches!(*slot, Slot::Open(_)) {
+            *slot = Slot::Broken;
+        }
+    }
+
+    fn reopen(&self) -> Result<()> {
+        let mut slot = self.slot.write();
+        match &*slot {
+            Slot::Open(_) => Ok(()),
+            Slot::Closed => Err(Error::Closed),
+            Slot::Broken => {
+                let db = open_database(&self.backend, self.path.as_deref(), self.cache_size)?;
+                *slot = Slot::Open(db);
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the database and releases the file. Later calls get [`Error::Closed`].
+    pub(crate) fn close(&self) -> Result<()> {
+        let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
+        let closed = match previous {
+            Slot::Open(db) => db.close().map_err(Error::from),
+            Slot::Broken => Ok(()),
+            Slot::Closed => return Ok(()),
+        };
+        let released = self.backend.close().map_err(|err| self.io_error(err));
+        closed.and(released)
+    }
+
+    fn io_error(&self, err: std::io::Error) -> Error {
+        match &self.path {
+            Some(path) => Error::Io {
+                path: path.clone(),
+                source: Arc::new(err),
+            },
+            None => Error::from(redb::Error::Io(err)),
+        }
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn open_database(
+    backend: &Arc<dyn StorageBackend>,
+    path: Option<&Path>,
+    cache_size: usize,
+) -> Result<Database> {
+    Database::builder()
+        .set_cache_size(cache_size)
+        .create_with_backend(SharedBackend(backend.clone()))
+        .map_err(|err| match err {
+            DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
+                path: path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf),
+            },
+            DatabaseError::UpgradeRequired(found) => Error::UnsupportedFormat {
+                found: u32::from(found),
+                supported: FORMAT_VERSION,
+            },
+            other => Error::from(other),
+        })
+}
+
+/// Checks the file's format, or writes the meta table into a new file. Returns the store id.
+fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
+    {
+        let txn = db.begin_read()?;
+        match txn.open_table(META) {
+            Ok(meta) => return check_meta(&meta),
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(err.into()),
+        }
+        if txn.list_tables()?.next().is_some() {
+            return Err(Error::NotAStore {
+                path: path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf),
+            });
+        }
+    }
+    let store_id = random_id();
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(META_FORMAT_VERSION, u64::from(FORMAT_VERSION))?;
+        meta.insert(META_STORE_ID, store_id)?;
+        meta.insert(META_LAST_TOKEN, 0)?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(EXPIRY)?;
+    }
+    txn.commit()?;
+    Ok(store_id)
+}
+
+fn check_meta(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
+    let corrupt = |what: &str| Error::CorruptFile {
+        reason: format!("the meta table has no {what}"),
+    };
+    let version = meta
+        .get(META_FORMAT_VERSION)?
+        .ok_or_else(|| corrupt(META_FORMAT_VERSION))?
+        .value();
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(Error::UnsupportedFormat {
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+            supported: FORMAT_VERSION,
+        });
+    }
+    meta.get(META_LAST_TOKEN)?
+        .ok_or_else(|| corrupt(META_LAST_TOKEN))?;
+    Ok(meta
+        .get(META_STORE_ID)?
+        .ok_or_else(|| corrupt(META_STORE_ID))?
+        .value())
+}
+
+/// A random 64-bit id, from the standard library's per-process hash seed and the time.
+fn random_id() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// The stored key: the namespace tag, then the caller's key.
+pub(crate) fn stored_key(tag: u8, key: &[u8]) -> Vec<u8> {
+    let mut stored = Vec::with_capacity(key.len() + 1);
+    stored.push(tag);
+    stored.extend_from_slice(key);
+    stored
+}
+
+/// Reads one record.
+pub(crate) fn load(
+    records: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    stored_key: &[u8],
+) -> Result<Loaded> {
+    Ok(records
+        .get(stored_key)?
+        .map(|bytes| record::decode(bytes.value())))
+}
+
+/// An expiry-index key: `(expires_at, stored key)`.
+pub(crate) type IndexKey = (u64, &'static [u8]);
+
+/// The range of expiry-index entries due at `now` (`expires_at <= now`).
+pub(crate) fn due_range(now: u64) -> (Bound<IndexKey>, Bound<IndexKey>) {
+    match now.checked_add(1) {
+        Some(end) => (Bound::Unbounded, Bound::Excluded((end, &[][..]))),
+        None => (Bound::Unbounded, Bound::Unbounded),
+    }
+}
+
+/// The tables of one write transaction.
+pub(crate) struct Writer<'t> {
+    records: Table<'t, &'static [u8], &'static [u8]>,
+    expiry: Table<'t, (u64, &'static [u8]), ()>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl Writer<'_> {
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
+        load(&self.records, stored_key)
+    }
+
+    /// Stores `record`, moving its expiry-index entry from `old_expires_at`.
+    pub(crate) fn put(
+        &mut self,
+        stored_key: &[u8],
+        old_expires_at: Option<u64>,
+        record: &Record,
+    ) -> Result<()> {
+        if let Some(old) = old_expires_at
+            && old != record.expires_at
+        {
+            self.expiry.remove((old, stored_key))?;
+        }
+        self.records
+            .insert(stored_key, record::encode(record).as_slice())?;
+        self.expiry.insert((record.expires_at, stored_key), ())?;
+        Ok(())
+    }
+
+    /// Removes a record and its expiry-index entry.
+    pub(crate) fn delete(&mut self, stored_key: &[u8], expires_at: u64) -> Result<()> {
+        self.records.remove(stored_key)?;
+        self.expiry.remove((expires_at, stored_key))?;
+        Ok(())
+    }
+
+    /// Removes a record that does not decode, and every index entry pointing at it (found by a
+    /// scan: its `expires_at` cannot be trusted).
+    pub(crate) fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
+        self.records.remove(stored_key)?;
+        let mut stale = Vec::new();
+        for entry in self.expiry.iter()? {
+            let (index_key, _) = entry?;
+            let (expires_at, key) = index_key.value();
+            if key == stored_key {
+                stale.push(expires_at);
+            }
+        }
+        for expires_at in stale {
+            self.expiry.remove((expires_at, stored_key))?;
+        }
+        Ok(())
+    }
+
+    /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
+    /// more are due.
+    pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
+        let mut due = Vec::new();
+        for entry in self.expiry.range(due_range(now))?.take(limit + 1) {
+            let (index_key, _) = entry?;
+            let (expires_at, key) = index_key.value();
+            due.push((expires_at, key.to_vec()));
+        }
+        let more = due.len() > limit;
+        due.truncate(limit);
+        for (expires_at, key) in &due {
+            self.expiry.remove((*expires_at, key.as_slice()))?;
+            self.records.remove(key.as_slice())?;
+        }
+        Ok((due.len(), more))
+    }
+
+    pub(crate) fn last_token(&self) -> Result<u64> {
+        match self.meta.get(META_LAST_TOKEN)? {
+            Some(token) => Ok(token.value()),
+            None => Err(Error::CorruptFile {
+                reason: format!("the meta table has no {META_LAST_TOKEN}"),
+            }),
+        }
+    }
+
+    pub(crate) fn set_last_token(&mut self, token: u64) -> Result<()> {
+        self.meta.insert(META_LAST_TOKEN, token)?;
+        Ok(())
+    }
+}
+
+/// Counts of what the tables hold, for `stats()` and `len()`.
+pub(crate) fn count(txn: &ReadTransaction, now: u64) -> Result<(u64, u64)> {
+    let records = txn.open_table(RECORDS)?.len()?;
+    let expiry = txn.open_table(EXPIRY)?;
+    let mut due = 0u64;
+    for entry in expiry.range(due_range(now))? {
+        entry?;
+        due += 1;
+    }
+    Ok((records, due))
+}
+
+/// Checks that every record decodes and that records and expiry index agree.
+pub(crate) fn check_tables(txn: &ReadTransaction) -> Result<(u64, u64)> {
+    let records = txn.open_table(RECORDS)?;
+    let expiry = txn.open_table(EXPIRY)?;
+    let mut record_count = 0u64;
+    for entry in records.iter()? {
+        let (key, value) = entry?;
+        let stored_key = key.value();
+        let record = record::decode(value.value()).map_err(|err| Error::Corrupt {
+            key: crate::Key::new(stored_key.get(1..).unwrap_or_default()),
+            reason: err.0,
+        })?;
+        if expiry.get((record.expires_at, stored_key))?.is_none() {
+            return Err(Error::CorruptFile {
+                reason: format!(
+                    "the record for key {} has no expiry index entry",
+                    crate::Key::new(stored_key.get(1..).unwrap_or_default())
+                ),
+            });
+        }
+        record_count += 1;
+    }
+    let index_count = expiry.len()?;
+    if index_count != record_count {
+        return Err(Error::CorruptFile {
+            reason: format!(
+                "the expiry index has {index_count} entries for {record_count} records"
+            ),
+        });
+    }
+    Ok((record_count, index_count))
+}
