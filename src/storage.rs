@@ -135,7 +135,8 @@ impl Storage {
         path: Option<PathBuf>,
         cache_size: usize,
     ) -> Result<Storage> {
-        let opened = open_database(&backend, path.as_deref(), cache_size)
+        let opened = check_before_writing(&backend, path.as_deref(), cache_size)
+            .and_then(|()| open_database(&backend, path.as_deref(), cache_size))
             .and_then(|db| init_or_check(&db, path.as_deref()).map(|id| (db, id)));
         match opened {
             Ok((db, store_id)) => Ok(Storage {
@@ -293,6 +294,23 @@ impl Drop for Storage {
     }
 }
 
+fn display_path(path: Option<&Path>) -> PathBuf {
+    path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf)
+}
+
+fn open_error(err: DatabaseError, path: Option<&Path>) -> Error {
+    match err {
+        DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
+            path: display_path(path),
+        },
+        DatabaseError::UpgradeRequired(found) => Error::UnsupportedFormat {
+            found: u32::from(found),
+            supported: FORMAT_VERSION,
+        },
+        other => Error::from(other),
+    }
+}
+
 fn open_database(
     backend: &Arc<dyn StorageBackend>,
     path: Option<&Path>,
@@ -301,16 +319,45 @@ fn open_database(
     Database::builder()
         .set_cache_size(cache_size)
         .create_with_backend(SharedBackend(backend.clone()))
-        .map_err(|err| match err {
-            DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
-                path: path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf),
-            },
-            DatabaseError::UpgradeRequired(found) => Error::UnsupportedFormat {
-                found: u32::from(found),
-                supported: FORMAT_VERSION,
-            },
-            other => Error::from(other),
-        })
+        .map_err(|err| open_error(err, path))
+}
+
+/// Reads an existing file's format through a read-only open, so that a file this build must
+/// not touch is refused before redb opens it for writing (which rewrites its header).
+///
+/// A file left by a crash cannot be opened read-only; the writable open repairs it and
+/// [`init_or_check`] then checks it.
+fn check_before_writing(
+    backend: &Arc<dyn StorageBackend>,
+    path: Option<&Path>,
+    cache_size: usize,
+) -> Result<()> {
+    if backend
+        .len()
+        .map_err(|err| Error::from(redb::Error::Io(err)))?
+        == 0
+    {
+        return Ok(());
+    }
+    let db = match Database::builder()
+        .set_cache_size(cache_size)
+        .open_read_only_with_backend(SharedBackend(backend.clone()))
+    {
+        Ok(db) => db,
+        Err(DatabaseError::RepairAborted) => return Ok(()),
+        Err(err) => return Err(open_error(err, path)),
+    };
+    let txn = db.begin_read()?;
+    match txn.open_table(META) {
+        Ok(meta) => check_meta(&meta).map(|_| ()),
+        Err(redb::TableError::TableDoesNotExist(_)) if txn.list_tables()?.next().is_some() => {
+            Err(Error::NotAStore {
+                path: display_path(path),
+            })
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Checks the file's format, or writes the meta table into a new file. Returns the store id.
@@ -324,7 +371,7 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         }
         if txn.list_tables()?.next().is_some() {
             return Err(Error::NotAStore {
-                path: path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf),
+                path: display_path(path),
             });
         }
     }
