@@ -1,0 +1,143 @@
+//! `claim_or_wait`: waits for the owner on an in-process notification, then answers as a claim.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{LEASE, TestResult, on_both};
+use dedupe_store::{Claim, ClaimOptions};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[test]
+fn returns_the_outcome_when_the_owner_completes_during_the_wait() -> TestResult {
+    on_both(|f| {
+        let ticket = f.acquire("k")?;
+        let waiter = {
+            let store = f.store.clone();
+            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        f.store.complete(&ticket, b"first attempt's answer")?;
+        match waiter.join().map_err(|_| "waiter panicked")?? {
+            Claim::Completed(outcome) => assert_eq!(outcome.response, b"first attempt's answer"),
+            other => return Err(format!("expected the outcome, got {other:?}").into()),
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn acquires_when_the_owner_releases_during_the_wait() -> TestResult {
+    on_both(|f| {
+        let ticket = f.acquire("k")?;
+        let waiter = {
+            let store = f.store.clone();
+            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        f.store.release(&ticket)?;
+        let claim = waiter.join().map_err(|_| "waiter panicked")??;
+        let next = claim
+            .ticket()
+            .ok_or("the waiter acquires the released key")?;
+        assert!(!next.is_takeover());
+        Ok(())
+    })
+}
+
+#[test]
+fn times_out_as_in_progress() -> TestResult {
+    on_both(|f| {
+        let ticket = f.acquire("k")?;
+        let started = Instant::now();
+        match f
+            .store
+            .claim_or_wait("k", &ClaimOptions::new(), Duration::from_millis(100))?
+        {
+            Claim::InProgress { lease_until, .. } => assert_eq!(lease_until, ticket.lease_until()),
+            other => return Err(format!("expected InProgress, got {other:?}").into()),
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "returned before the timeout"
+        );
+        // A zero timeout is a plain claim.
+        assert!(matches!(
+            f.store
+                .claim_or_wait("k", &ClaimOptions::new(), Duration::ZERO)?,
+            Claim::InProgress { .. }
+        ));
+        Ok(())
+    })
+}
+
+#[test]
+fn takes_over_when_the_owner_lease_passes_during_the_wait() -> TestResult {
+    on_both(|f| {
+        let crashed = f.acquire("k")?;
+        let waiter = {
+            let store = f.store.clone();
+            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        // Nobody writes: only the clock moves past the lease.
+        f.advance(LEASE);
+        let ticket = waiter
+            .join()
+            .map_err(|_| "waiter panicked")??
+            .ticket()
+            .ok_or("the waiter takes over")?;
+        assert!(ticket.is_takeover());
+        assert!(ticket.fencing_token() > crashed.fencing_token());
+        Ok(())
+    })
+}
+
+#[test]
+fn answers_at_once_when_nobody_holds_the_key() -> TestResult {
+    on_both(|f| {
+        assert!(
+            f.store
+                .claim_or_wait("free", &ClaimOptions::new(), LONG)?
+                .is_acquired()
+        );
+        let done = f.acquire("done")?;
+        f.store.complete(&done, b"x")?;
+        assert!(matches!(
+            f.store.claim_or_wait("done", &ClaimOptions::new(), LONG)?,
+            Claim::Completed(_)
+        ));
+        let mismatch = ClaimOptions::new().fingerprint(b"other");
+        let _busy = f
+            .store
+            .claim_with("busy", &ClaimOptions::new().fingerprint(b"mine"))?;
+        assert!(matches!(
+            f.store.claim_or_wait("busy", &mismatch, LONG)?,
+            Claim::Mismatch { .. }
+        ));
+        Ok(())
+    })
+}
+
+#[test]
+fn many_waiters_get_the_one_outcome() -> TestResult {
+    on_both(|f| {
+        let ticket = f.acquire("k")?;
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let store = f.store.clone();
+                std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        f.store.complete(&ticket, b"shared")?;
+        for waiter in waiters {
+            match waiter.join().map_err(|_| "waiter panicked")?? {
+                Claim::Completed(outcome) => assert_eq!(outcome.response, b"shared"),
+                other => return Err(format!("expected the outcome, got {other:?}").into()),
+            }
+        }
+        Ok(())
+    })
+}
