@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::T0;
-use dedupe_store::{Claim, ClaimOptions, EntryState, Error, ManualClock, SeqCheck, Store, Ticket};
+use dedupe_store::{
+    Claim, ClaimOptions, EntryState, Error, ManualClock, SeqCheck, SequenceOptions, Store, Ticket,
+};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -58,6 +60,7 @@ enum Step {
     Sequence {
         key: u8,
         seq: u8,
+        contiguous: bool,
     },
     Sweep,
     Forward {
@@ -95,7 +98,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0..KEYS).prop_map(|key| Step::MarkSeen { key }),
         1 => prop::collection::vec(0..KEYS, 0..5).prop_map(|keys| Step::MarkSeenMany { keys }),
         2 => (0..KEYS).prop_map(|key| Step::Get { key }),
-        1 => (0..2u8, 0u8..6).prop_map(|(key, seq)| Step::Sequence { key, seq }),
+        1 => (0..2u8, 0u8..6, any::<bool>())
+            .prop_map(|(key, seq, contiguous)| Step::Sequence { key, seq, contiguous }),
         1 => Just(Step::Sweep),
         4 => millis().prop_map(|millis| Step::Forward { millis }),
         1 => prop_oneof![Just(1_000u64), Just(4_000), Just(3_600_000)]
@@ -453,10 +457,18 @@ impl Harness {
                 prop_assert_eq!(got, expected);
             }
             Step::Get { key } => self.check_key(*key)?,
-            Step::Sequence { key, seq } => {
+            Step::Sequence {
+                key,
+                seq,
+                contiguous,
+            } => {
                 let name = key_name(*key);
                 let seq = u64::from(*seq);
-                let got = self.store()?.advance_sequence(&name, seq).map_err(fail)?;
+                let options = SequenceOptions::new().contiguous(*contiguous);
+                let got = self
+                    .store()?
+                    .advance_sequence_with(&name, seq, &options)
+                    .map_err(fail)?;
                 let mark = self
                     .model
                     .marks
@@ -466,6 +478,9 @@ impl Harness {
                 let expected = match mark {
                     Some(mark) if seq == mark => SeqCheck::Duplicate,
                     Some(mark) if seq < mark => SeqCheck::Stale { current: mark },
+                    Some(mark) if *contiguous && seq != mark + 1 => {
+                        SeqCheck::Gap { expected: mark + 1 }
+                    }
                     _ => {
                         self.model.marks.insert(name, (seq, now + STORE_TTL));
                         SeqCheck::Accepted
