@@ -1,0 +1,54 @@
+//! Signals sent while CMD runs. dedupe must outlive CMD so that it can record how CMD ended
+//! (and release the key if it failed); dying first would leave the key claimed until its lease
+//! ran out, and CMD orphaned.
+//!
+//! - SIGTERM and SIGHUP (a supervisor, `timeout`, `kill PID`, a closed terminal) are usually
+//!   sent to dedupe alone: they are passed on to CMD.
+//! - SIGINT and SIGQUIT usually come from the terminal, which sends them to the whole
+//!   foreground process group, CMD included: passing them on would deliver them twice, so
+//!   dedupe only survives them, like a shell waiting for its foreground job.
+
+use std::process::Child;
+use std::thread::{self, JoinHandle};
+
+use rustix::process::{Pid, Signal, kill_process};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
+
+/// The signal handlers installed while CMD runs, and the thread forwarding them.
+#[derive(Debug)]
+pub struct Forwarder {
+    handle: Handle,
+    thread: JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Installs the handlers and forwards SIGTERM and SIGHUP to `child` until [`stop`].
+    ///
+    /// [`stop`]: Forwarder::stop
+    pub fn start(child: &Child) -> std::io::Result<Forwarder> {
+        let mut signals = Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+        let handle = signals.handle();
+        let pid = Pid::from_child(child);
+        let thread = thread::Builder::new()
+            .name("dedupe-signals".to_string())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if (signal == SIGTERM || signal == SIGHUP)
+                        && let Some(signal) = Signal::from_named_raw(signal)
+                    {
+                        // CMD may have exited already; there is nothing left to tell it then.
+                        let _ = kill_process(pid, signal);
+                    }
+                }
+            })?;
+        Ok(Forwarder { handle, thread })
+    }
+
+    /// Stops forwarding. The handlers stay installed, so a late signal cannot kill dedupe
+    /// while it records the outcome; they do nothing more than that.
+    pub fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
+}
