@@ -26,6 +26,9 @@ const MAX_POLL: Duration = Duration::from_millis(500);
 
 /// Runs the command; returns dedupe's exit status.
 pub fn run(db: StoreFile, args: &RunArgs) -> Result<u8, Failure> {
+    if args.cmd.is_empty() {
+        return Err(Failure::new(failure::USAGE, "no CMD given after --"));
+    }
     let file = db.max_response_bytes(args.max_output + outcome::HEADER_LEN);
     let mut options = ClaimOptions::new().lease(args.lease).ttl(args.ttl);
     if let Some(fingerprint) = &args.fingerprint {
@@ -169,7 +172,10 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
 fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failure> {
     let (program, program_args) = match args.cmd.split_first() {
         Some(split) => split,
-        None => return Err(Failure::new(failure::USAGE, "no CMD given after --")),
+        None => {
+            finish(file, args, &ticket, None)?;
+            return Err(Failure::new(failure::USAGE, "no CMD given after --"));
+        }
     };
     let spawned = Command::new(program)
         .args(program_args)
