@@ -245,14 +245,14 @@ fn the_heartbeat_keeps_a_long_cmd_from_being_taken_over() -> TestResult {
     let long = "touch started; while [ ! -f go ]; do sleep 0.02; done; echo done";
     let owner = scratch
         .dedupe(&[
-            "run", "--key", "long", "--lease", "1s", "--", "sh", "-c", long,
+            "run", "--key", "long", "--lease", "2s", "--", "sh", "-c", long,
         ])
         .spawn()?;
     wait_for(&scratch.path("started"))?;
     // Well past the first lease: only the heartbeat keeps the key.
-    thread::sleep(Duration::from_millis(2500));
+    thread::sleep(Duration::from_millis(4500));
     let other = scratch.run(&[
-        "run", "--key", "long", "--lease", "1s", "--", "echo", "second",
+        "run", "--key", "long", "--lease", "2s", "--", "echo", "second",
     ])?;
     assert_eq!(other.code, Some(75), "{other:?}");
     fs::write(scratch.path("go"), "")?;
@@ -363,14 +363,14 @@ fn the_output_cap_bounds_what_is_stored_not_what_is_shown() -> TestResult {
 #[test]
 fn mark_exits_0_then_1_and_forgets_after_its_ttl() -> TestResult {
     let scratch = Scratch::new()?;
-    let mark = ["mark", "delivery-81", "--ttl", "400ms"];
+    let mark = ["mark", "delivery-81", "--ttl", "1s"];
     assert_eq!(scratch.run(&mark)?.code, Some(0));
     let seen = scratch.run(&mark)?;
     assert_eq!(
         (seen.code, seen.stdout.as_str(), seen.stderr.as_str()),
         (Some(1), "", "")
     );
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(Duration::from_millis(1100));
     assert_eq!(scratch.run(&mark)?.code, Some(0), "forgotten after its TTL");
 
     // Marks and runs share keys: a marked key is done, and a run's key is seen.

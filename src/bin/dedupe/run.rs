@@ -16,7 +16,7 @@ use crate::failure::{self, Failure};
 use crate::heartbeat::Heartbeat;
 use crate::open::{self, StoreFile};
 use crate::outcome::{self, Ending, RunOutcome};
-use crate::signals::Forwarder;
+use crate::signals::Caught;
 
 /// The first pause between polls of a busy key under `--wait`; it doubles up to
 /// [`MAX_POLL`].
@@ -177,6 +177,7 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
             return Err(Failure::new(failure::USAGE, "no CMD given after --"));
         }
     };
+    let caught = Caught::install();
     let spawned = Command::new(program)
         .args(program_args)
         .stdin(Stdio::inherit())
@@ -213,7 +214,7 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
         .take()
         .map(|pipe| capture::tee(pipe, io::stderr(), budget.clone()));
     let heartbeat = Heartbeat::start(file.clone(), ticket.clone(), args.lease);
-    let forwarder = Forwarder::start(&child);
+    let forwarder = caught.and_then(|caught| caught.forward_to(&child));
     if let Err(err) = &heartbeat {
         console::say(&format!(
             "cannot start the heartbeat ({err}); the lease will not be renewed while CMD runs"

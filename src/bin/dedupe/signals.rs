@@ -15,19 +15,25 @@ use rustix::process::{Pid, Signal, kill_process};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
-/// The signal handlers installed while CMD runs, and the thread forwarding them.
+/// The signal handlers, installed before CMD is spawned so that no signal in between kills
+/// dedupe; signals caught before [`Caught::forward_to`] are held and passed on then.
 #[derive(Debug)]
-pub struct Forwarder {
-    handle: Handle,
-    thread: JoinHandle<()>,
+pub struct Caught {
+    signals: Signals,
 }
 
-impl Forwarder {
-    /// Installs the handlers and forwards SIGTERM and SIGHUP to `child` until [`stop`].
-    ///
-    /// [`stop`]: Forwarder::stop
-    pub fn start(child: &Child) -> std::io::Result<Forwarder> {
-        let mut signals = Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?;
+impl Caught {
+    /// Installs the handlers.
+    pub fn install() -> std::io::Result<Caught> {
+        Ok(Caught {
+            signals: Signals::new([SIGTERM, SIGHUP, SIGINT, SIGQUIT])?,
+        })
+    }
+
+    /// Forwards SIGTERM and SIGHUP to `child`, those caught so far included, until
+    /// [`Forwarder::stop`].
+    pub fn forward_to(self, child: &Child) -> std::io::Result<Forwarder> {
+        let mut signals = self.signals;
         let handle = signals.handle();
         let pid = Pid::from_child(child);
         let thread = thread::Builder::new()
@@ -44,7 +50,16 @@ impl Forwarder {
             })?;
         Ok(Forwarder { handle, thread })
     }
+}
 
+/// The thread forwarding signals to CMD.
+#[derive(Debug)]
+pub struct Forwarder {
+    handle: Handle,
+    thread: JoinHandle<()>,
+}
+
+impl Forwarder {
     /// Stops forwarding. The handlers stay installed, so a late signal cannot kill dedupe
     /// while it records the outcome; they do nothing more than that.
     pub fn stop(self) {
