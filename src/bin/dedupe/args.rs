@@ -1,0 +1,371 @@
+//! The command line: every subcommand, option and help text, and the parsers for durations,
+//! sizes and keys. Anything refused here exits 2 with clap's usage message.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dedupe_store::{MAX_DURATION, MAX_FINGERPRINT_LEN, MAX_KEY_LEN, MAX_RESPONSE_BYTES_LIMIT};
+
+use crate::outcome;
+
+const ABOUT: &str =
+    "Run a command at most once per key, and dedupe ids, on one durable store file.";
+
+const LONG_ABOUT: &str = "\
+Run a command at most once per key, and dedupe ids, on one durable store file.
+
+`dedupe run` runs CMD the first time a key is seen and stores its exit status and output;
+every later run of the key within its TTL prints that output and exits with that status
+instead of running CMD again. `dedupe mark` is the plain \"have I seen this id?\" test for
+shell scripts. The other commands inspect and maintain the store file.
+
+Several dedupe processes may use one file at once: each holds the file only for the moment
+it reads or writes it, and waits (up to --lock-timeout) while another holds it.";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  run      CMD's own status; 128+N when CMD was killed by signal N; the stored status on a
+           replay; 75 while another run holds the key; 65 when the key was run with another
+           --fingerprint; 126/127 when CMD cannot be executed / is not found
+  mark     0 the first time the key is seen, 1 when it was seen before, 74 on a store error
+  all      2 for bad arguments; 1 for a store error (one line: what, which file, what to do)
+
+Durations: 300ms, 90s, 10m, 24h, 30d, or combined as 1h30m.
+Sizes: bytes, or with a unit: 64KiB, 1MiB, 2MB.";
+
+const RUN_LONG_ABOUT: &str = "\
+Run CMD at most once per key.
+
+First run: CMD runs with dedupe's stdin; its stdout and stderr stream live to dedupe's while
+dedupe captures them (up to --max-output bytes in all; a note on stderr says when the capture
+was cut; the live output is never cut). When CMD exits 0 (or with --remember-failures, with
+any status) its status and captured output are stored for --ttl, and dedupe exits with CMD's
+status. A CMD that exits non-zero releases the key, so the next run tries again. A CMD killed
+by signal N exits 128+N, as in a shell.
+
+Repeat within the TTL: the stored stdout and stderr are printed and dedupe exits with the stored
+status; CMD does not run. A one-line note on stderr says so (--quiet drops it; --quiet-replay
+drops the replayed output).
+
+While another dedupe runs the key: exit 75 with one line naming the key and when its lease
+ends, or with --wait, wait up to that long for it to finish and then answer as above (replay
+its outcome, or run CMD if it failed and released the key).
+
+While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat). If
+dedupe itself dies (kill -9, a crash, a reboot), the heartbeat stops, and once the lease has run
+out the next run takes the key over and says so on stderr. SIGTERM and SIGHUP sent to dedupe
+are passed on to CMD; SIGINT and SIGQUIT from the terminal reach CMD directly. Either way dedupe
+waits for CMD and records how it ended.
+
+Stored outcome (the key's response bytes, version 1, integers little-endian):
+  bytes 0-3    magic \"DRUN\"
+  byte  4      encoding version, 1
+  byte  5      flags: bit 0 stdout was cut, bit 1 stderr was cut, bit 2 killed by a signal
+  bytes 6-9    u32: the exit code (0-255), or the signal number when bit 2 is set
+  bytes 10-13  u32: length of the captured stdout
+  bytes 14-17  u32: length of the captured stderr
+  then the captured stdout, then the captured stderr
+A dedupe that finds a version it does not know refuses to replay it rather than guess.";
+
+/// `dedupe`: its global options and one subcommand.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dedupe",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The store file; created by `run` and `mark` if it does not exist.
+    #[arg(
+        long,
+        global = true,
+        env = "DEDUPE_DB",
+        default_value = "dedupe.redb",
+        value_name = "FILE"
+    )]
+    pub db: PathBuf,
+
+    /// How long to wait for another process that holds the store file before giving up with
+    /// exit 1. Each dedupe holds it only for a few milliseconds at a time.
+    #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run CMD at most once per key; replay its stored output and status afterwards.
+    #[command(long_about = RUN_LONG_ABOUT, after_help = EXIT_CODES)]
+    Run(RunArgs),
+
+    /// Exit 0 the first time KEY is seen, 1 if it was seen before (within its TTL).
+    #[command(
+        long_about = "Exit 0 the first time KEY is seen, 1 if it was seen before within its TTL.\n\n\
+        Meant for shell scripts that must process each delivery id, message id or file once:\n    \
+        if dedupe mark \"$id\"; then process \"$id\"; fi\n\
+        A store error exits 74, never 1, so a failure is not mistaken for a duplicate.\n\
+        Marks share the key space with `run`: a key that a run holds or completed is seen."
+    )]
+    Mark(MarkArgs),
+
+    /// Show one key's state (and a run's stored status and output sizes).
+    Get(GetArgs),
+
+    /// List live keys in key order.
+    List(ListArgs),
+
+    /// Forget a key now, whatever its state, so the next run or mark starts afresh.
+    Expire(ExpireArgs),
+
+    /// Remove expired records from the file now (`run` also does this after each command).
+    Sweep,
+
+    /// Show what the store file holds: live keys, expired records awaiting a sweep, file size.
+    Stats(JsonArgs),
+
+    /// Check the whole file: page checksums, every record's checksum, the expiry index.
+    Verify(JsonArgs),
+
+    /// Rewrite the file to give free space back to the operating system.
+    Compact,
+}
+
+/// `dedupe run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The key that identifies this piece of work, e.g. `nightly-report-2024-06-01`.
+    #[arg(long, value_parser = parse_key)]
+    pub key: String,
+
+    /// How long the outcome is kept (and replayed) after CMD finishes.
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// How long the key stays ours if dedupe stops renewing it (if it is killed). The heartbeat
+    /// renews it every third of this while CMD runs.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// A digest of CMD's input: a later run of the key with a different fingerprint is refused
+    /// (exit 65) instead of being answered with the other input's outcome.
+    #[arg(long, value_name = "TEXT", value_parser = parse_fingerprint)]
+    pub fingerprint: Option<String>,
+
+    /// Store a failing CMD's status and output too, so it is replayed rather than retried.
+    #[arg(long)]
+    pub remember_failures: bool,
+
+    /// How many bytes of CMD's stdout and stderr, together, are stored for replays. Output
+    /// beyond it is still shown live, just not stored.
+    #[arg(
+        long,
+        default_value = "1MiB",
+        value_name = "SIZE",
+        value_parser = parse_max_output
+    )]
+    pub max_output: usize,
+
+    /// While another dedupe runs the key, wait up to this long for it instead of exiting 75.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
+
+    /// On a replay, do not print the stored output (the status is still replayed).
+    #[arg(long)]
+    pub quiet_replay: bool,
+
+    /// Do not print dedupe's own notes (such as "replayed"); warnings and errors still show.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<OsString>,
+}
+
+/// `dedupe mark`.
+#[derive(Debug, Args)]
+pub struct MarkArgs {
+    /// The id to mark as seen.
+    #[arg(value_parser = parse_key)]
+    pub key: String,
+
+    /// How long the key is remembered.
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Duration,
+}
+
+/// `dedupe get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The key to show.
+    #[arg(value_parser = parse_key)]
+    pub key: String,
+
+    /// Print one JSON object instead of a table (see the README for its fields); includes the
+    /// stored stdout and stderr of a run.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dedupe list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only keys that start with this.
+    #[arg(long, default_value = "", value_name = "P")]
+    pub prefix: String,
+
+    /// At most this many keys.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub limit: usize,
+
+    /// Print JSON instead of a table (see the README for its fields).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dedupe expire`.
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    /// The key to forget.
+    #[arg(value_parser = parse_key)]
+    pub key: String,
+}
+
+/// Readers that only choose their output format.
+#[derive(Debug, Args)]
+pub struct JsonArgs {
+    /// Print JSON instead of a table (see the README for its fields).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A duration as humans write it: `300ms`, `90s`, `10m`, `24h`, `30d`, `1h30m`; more than
+/// zero and at most the store's 100-year limit.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|err| format!("{err} (write it like 90s, 10m, 24h or 30d)"))?;
+    if duration.is_zero() {
+        return Err("it must be longer than zero".to_string());
+    }
+    if duration > MAX_DURATION {
+        return Err("it must be at most 100 years".to_string());
+    }
+    Ok(duration)
+}
+
+/// A size in bytes: a plain number, or one with a unit (`B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`;
+/// `K`, `M` and `G` alone are the binary units).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (write it like 65536, 64KiB or 1MiB)"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "k" | "kib" => 1 << 10,
+        "mb" => 1000 * 1000,
+        "m" | "mib" => 1 << 20,
+        "gb" => 1000 * 1000 * 1000,
+        "g" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(multiplier)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_max_output(text: &str) -> Result<usize, String> {
+    let bytes = parse_size(text)?;
+    let max = MAX_RESPONSE_BYTES_LIMIT - outcome::HEADER_LEN;
+    if bytes > max {
+        return Err(format!(
+            "at most {max} bytes (256 MiB less the outcome header)"
+        ));
+    }
+    Ok(bytes)
+}
+
+fn parse_key(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("a key must not be empty".to_string());
+    }
+    if text.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "the key is {} bytes long, over the limit of {MAX_KEY_LEN}",
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
+}
+
+fn parse_fingerprint(text: &str) -> Result<String, String> {
+    if text.len() > MAX_FINGERPRINT_LEN {
+        return Err(format!(
+            "the fingerprint is {} bytes long, over the limit of {MAX_FINGERPRINT_LEN}; pass a digest such as $(sha256sum < input)",
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_as_humans_write_them() -> Result<(), String> {
+        assert_eq!(parse_duration("90s")?, Duration::from_secs(90));
+        assert_eq!(parse_duration("10m")?, Duration::from_secs(600));
+        assert_eq!(parse_duration("24h")?, Duration::from_secs(86_400));
+        assert_eq!(parse_duration("30d")?, Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("300ms")?, Duration::from_millis(300));
+        for bad in ["", "0s", "5", "ten minutes", "200years", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sizes_with_and_without_units() -> Result<(), String> {
+        assert_eq!(parse_size("0")?, 0);
+        assert_eq!(parse_size("1500")?, 1500);
+        assert_eq!(parse_size("64KiB")?, 65_536);
+        assert_eq!(parse_size("1MiB")?, 1 << 20);
+        assert_eq!(parse_size("2MB")?, 2_000_000);
+        assert_eq!(parse_size("1 GiB")?, 1 << 30);
+        for bad in [
+            "",
+            "MiB",
+            "1.5MiB",
+            "12 parsecs",
+            "-3",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(parse_max_output("256MiB").is_err());
+        assert!(parse_max_output("255MiB").is_ok());
+        Ok(())
+    }
+}

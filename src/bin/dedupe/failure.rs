@@ -1,0 +1,107 @@
+//! Why a dedupe command stops: an exit code and one line for stderr saying what failed, on
+//! which file, and what to do about it.
+
+use std::path::Path;
+
+use dedupe_store::Error;
+
+/// Exit status for a store error.
+pub const STORE_ERROR: u8 = 1;
+/// Exit status for bad arguments (clap uses it too).
+pub const USAGE: u8 = 2;
+/// Exit status of `run` when the key was claimed with another fingerprint (sysexits'
+/// EX_DATAERR).
+pub const MISMATCH: u8 = 65;
+/// Exit status of `mark` on a store error (sysexits' EX_IOERR), so a script never reads a failure
+/// as "already seen".
+pub const MARK_STORE_ERROR: u8 = 74;
+/// Exit status of `run` while another run holds the key (sysexits' EX_TEMPFAIL).
+pub const BUSY: u8 = 75;
+/// Exit status of `run` when CMD exists but cannot be executed, as in a shell.
+pub const NOT_EXECUTABLE: u8 = 126;
+/// Exit status of `run` when CMD is not found, as in a shell.
+pub const NOT_FOUND: u8 = 127;
+
+/// A command that stopped early, with its exit code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The process's exit status.
+    pub code: u8,
+    /// One line, without the `dedupe: ` prefix.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with this exit code and message.
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A store error met while `doing` something on `db`, with advice that fits the error.
+    pub fn store(err: &Error, db: &Path, doing: &str) -> Failure {
+        let db = db.display();
+        let message = match err {
+            Error::AlreadyOpen { .. } => format!(
+                "{doing}: {db} is held by another process; retry later or raise --lock-timeout \
+                 (a program using the dedupe-store library holds its file for as long as it runs)"
+            ),
+            Error::Io { source, .. } => format!(
+                "{doing}: cannot open {db}: {source}; check the path and its permissions, or \
+                 choose another file with --db or DEDUPE_DB"
+            ),
+            Error::NotAStore { .. } => format!(
+                "{doing}: {db} is a redb file but not a dedupe store; point --db or DEDUPE_DB \
+                 at a dedupe store file"
+            ),
+            Error::UnsupportedFormat { .. } => format!(
+                "{doing}: {db}: {err}; use the dedupe version that wrote the file (nothing was \
+                 changed)"
+            ),
+            Error::CorruptFile { .. } => format!(
+                "{doing}: {db}: {err}; run `dedupe --db {db} verify`, and restore the file from \
+                 a backup if it fails"
+            ),
+            Error::Corrupt { key, .. } => format!(
+                "{doing}: {db}: {err}; `dedupe --db {db} expire {key}` removes the damaged record"
+            ),
+            err if err.is_storage() => format!(
+                "{doing}: {db}: {err}; check free disk space and the file's permissions, then \
+                 retry (nothing was recorded)"
+            ),
+            other => format!("{doing}: {db}: {other}"),
+        };
+        Failure::new(STORE_ERROR, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn store_errors_are_one_line_naming_the_file_and_a_remedy() {
+        let db = PathBuf::from("/var/lib/jobs.redb");
+        let errors = [
+            Error::AlreadyOpen { path: db.clone() },
+            Error::NotAStore { path: db.clone() },
+            Error::UnsupportedFormat {
+                found: 9,
+                supported: 1,
+            },
+            Error::CorruptFile {
+                reason: "bad page".into(),
+            },
+        ];
+        for err in errors {
+            let failure = Failure::store(&err, &db, "cannot claim key \"k\"");
+            assert_eq!(failure.code, STORE_ERROR);
+            assert!(!failure.message.contains('\n'), "{}", failure.message);
+            assert!(failure.message.contains("/var/lib/jobs.redb"));
+            assert!(failure.message.contains("; "), "{}", failure.message);
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `dedupe`: run a command at most once per key, and dedupe ids from shell scripts, on one
+//! durable [`dedupe_store`] file. See `dedupe --help` and the README's "The dedupe command".
+//!
+//! One module per concept: `args` (the command line), `open` (opening the file for one step at
+//! a time, and why), `run` with `capture`, `heartbeat` and `signals` (the `run` command),
+//! `outcome` (the stored outcome's layout), `mark`, `report` (the readers and their table and
+//! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+#[cfg(not(unix))]
+compile_error!("the dedupe command needs a Unix (it handles signals and process exit statuses)");
+
+mod args;
+mod capture;
+mod console;
+mod failure;
+mod heartbeat;
+mod maintenance;
+mod mark;
+mod open;
+mod outcome;
+mod report;
+mod run;
+mod signals;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::failure::Failure;
+use crate::open::{Create, StoreFile};
+
+/// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
+const INTERNAL_ERROR: i32 = 70;
+
+fn main() -> ExitCode {
+    // A bug must still end in one line and a clear status, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        console::say(&format!("internal error, please report it: {info}"));
+        std::process::exit(INTERNAL_ERROR);
+    }));
+    // Exits 2 with a usage message on bad arguments, 0 for --help and --version.
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            console::say(&failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    let create = match cli.command {
+        Command::Run(_) | Command::Mark(_) => Create::IfMissing,
+        _ => Create::Never,
+    };
+    let file = StoreFile::new(cli.db, cli.lock_timeout, create);
+    match &cli.command {
+        Command::Run(args) => run::run(file, args),
+        Command::Mark(args) => mark::mark(&file, args),
+        Command::Get(args) => report::get(&file, args),
+        Command::List(args) => report::list(&file, args),
+        Command::Stats(args) => report::stats(&file, args),
+        Command::Verify(args) => report::verify(&file, args),
+        Command::Expire(args) => maintenance::expire(&file, args),
+        Command::Sweep => maintenance::sweep(&file),
+        Command::Compact => maintenance::compact(&file),
+    }
+}

@@ -1,0 +1,180 @@
+//! Opening the store file for one step at a time, and waiting politely for other processes.
+//!
+//! # Why dedupe never keeps the file open while CMD runs
+//!
+//! A store holds an exclusive lock on its file for as long as it is open, and a second open
+//! fails at once with `AlreadyOpen`. A `dedupe run` that opened the store and kept it for the
+//! whole of CMD would make every other dedupe on the file fail (or wait) for minutes or hours,
+//! which defeats the point: the other runs must learn *at once* that the key is taken (exit 75)
+//! or replay a finished outcome, and runs of other keys must proceed.
+//!
+//! So each step that touches the file (the claim, each heartbeat's lease extension, the final
+//! complete or release, a reader's query) opens the store, does its one operation, and closes
+//! it, releasing the lock within milliseconds. That is sound because everything a run needs
+//! between steps lives in the file or in its [`Ticket`](dedupe_store::Ticket): tickets carry
+//! the file's persisted store id and their fencing token, so a ticket stays valid across a close
+//! and reopen of the same file, and the key's ownership is the lease, not the open handle. A
+//! dedupe killed between steps holds no lock at all (the kernel drops a dead process's lock);
+//! its lease simply runs out and the next run takes over.
+//!
+//! When another process holds the file for its moment, opening fails with `AlreadyOpen`; we
+//! retry with exponential backoff (from 2 ms, doubling up to 100 ms) and jitter (each sleep is
+//! a random point in the upper half of the step, so processes that collided once do not
+//! collide again in lockstep), up to `--lock-timeout`. Only a holder that keeps the file for
+//! longer than that, such as a long-running program that links the library, turns into a
+//! store error.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use dedupe_store::{DEFAULT_MAX_RESPONSE_BYTES, Error, Store};
+
+use crate::failure::{Failure, STORE_ERROR};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(2);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether a missing store file may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// `run` and `mark` start a store where there was none.
+    IfMissing,
+    /// Readers and maintenance refuse a missing file rather than leave an empty one behind a
+    /// mistyped `--db`.
+    Never,
+}
+
+/// The store file and how to open it.
+#[derive(Debug, Clone)]
+pub struct StoreFile {
+    path: PathBuf,
+    lock_timeout: Duration,
+    max_response_bytes: usize,
+    create: Create,
+}
+
+impl StoreFile {
+    /// The file at `path`, waiting up to `lock_timeout` for other holders.
+    pub fn new(path: PathBuf, lock_timeout: Duration, create: Create) -> StoreFile {
+        StoreFile {
+            path,
+            lock_timeout,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            create,
+        }
+    }
+
+    /// The store will accept responses up to this size (a run's encoded outcome).
+    pub fn max_response_bytes(mut self, bytes: usize) -> StoreFile {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the store, runs `step` on it and closes it, releasing the file for others. `doing`
+    /// names the step in an error message ("cannot claim key \"k\"").
+    pub fn with<T>(
+        &self,
+        doing: &str,
+        step: impl FnOnce(&Store) -> dedupe_store::Result<T>,
+    ) -> Result<T, Failure> {
+        self.with_timeout(self.lock_timeout, doing, step)
+    }
+
+    /// [`StoreFile::with`], giving up on a held file after `timeout` instead of
+    /// `--lock-timeout`.
+    pub fn with_timeout<T>(
+        &self,
+        timeout: Duration,
+        doing: &str,
+        step: impl FnOnce(&Store) -> dedupe_store::Result<T>,
+    ) -> Result<T, Failure> {
+        let store = self.open(timeout, doing)?;
+        let result = step(&store);
+        let closed = store.close();
+        let value = result.map_err(|err| self.failure(&err, doing))?;
+        closed.map_err(|err| self.failure(&err, doing))?;
+        Ok(value)
+    }
+
+    /// The failure for a store error met while `doing` something.
+    pub fn failure(&self, err: &Error, doing: &str) -> Failure {
+        Failure::store(err, &self.path, doing)
+    }
+
+    fn open(&self, timeout: Duration, doing: &str) -> Result<Store, Failure> {
+        if self.create == Create::Never && !self.path.exists() {
+            return Err(Failure::new(
+                STORE_ERROR,
+                format!(
+                    "{doing}: {} does not exist; check --db or DEDUPE_DB (only `run` and `mark` \
+                     create a store)",
+                    self.path.display()
+                ),
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let opened = Store::builder()
+                // A dedupe process holds the file for milliseconds: a background sweeper
+                // would never get to run. `run` sweeps after each command instead.
+                .without_sweeper()
+                .max_response_bytes(self.max_response_bytes)
+                .open(&self.path);
+            match opened {
+                Err(Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    thread::sleep(jittered(backoff).min(left));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(Error::AlreadyOpen { .. }) => {
+                    return Err(Failure::new(
+                        STORE_ERROR,
+                        format!(
+                            "{doing}: {} was held by another process for more than {}; retry \
+                             later or raise --lock-timeout (a program using the dedupe-store \
+                             library holds its file for as long as it runs)",
+                            self.path.display(),
+                            humantime::format_duration(timeout)
+                        ),
+                    ));
+                }
+                Err(err) => return Err(self.failure(&err, doing)),
+                Ok(store) => return Ok(store),
+            }
+        }
+    }
+}
+
+/// A random point in the upper half of `step`.
+pub fn jittered(step: Duration) -> Duration {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    let half = step / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
+    half + Duration::from_nanos(hasher.finish() % nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_the_upper_half() {
+        for _ in 0..1000 {
+            let sleep = jittered(Duration::from_millis(100));
+            assert!(sleep >= Duration::from_millis(50) && sleep < Duration::from_millis(100));
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The readers, `get`, `list`, `stats` and `verify`: a table for people by default, JSON for
+//! programs with `--json`. The JSON fields are documented in the README ("The dedupe command")
+//! and are kept stable: new fields may appear, existing ones keep their name and meaning.
+
+use std::fmt::Write as _;
+
+use dedupe_store::{Entry, EntryState, FORMAT_VERSION};
+use serde_json::{Value, json};
+
+use crate::args::{GetArgs, JsonArgs, ListArgs};
+use crate::console;
+use crate::failure::{Failure, STORE_ERROR};
+use crate::open::StoreFile;
+use crate::outcome::{Ending, RunOutcome};
+use crate::run::utc;
+
+/// `dedupe get KEY`.
+pub fn get(file: &StoreFile, args: &GetArgs) -> Result<u8, Failure> {
+    let doing = format!("cannot read key {:?}", args.key);
+    let entry = file.with(&doing, |store| store.get(&args.key))?;
+    if args.json {
+        let value = match &entry {
+            Some(entry) => entry_json(entry, true),
+            None => json!({
+                "key": args.key,
+                "key_hex": hex(args.key.as_bytes()),
+                "state": "absent",
+            }),
+        };
+        print_json(&value);
+        return Ok(0);
+    }
+    let mut table = Vec::new();
+    match &entry {
+        None => {
+            table.push(("key", args.key.clone()));
+            table.push((
+                "state",
+                "absent (never seen, expired or released)".to_string(),
+            ));
+        }
+        Some(entry) => describe(entry, &mut table),
+    }
+    let width = table.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let mut text = String::new();
+    for (name, value) in table {
+        let _ = writeln!(text, "{name:width$}  {value}");
+    }
+    console::out(text.as_bytes());
+    Ok(0)
+}
+
+/// `dedupe list`.
+pub fn list(file: &StoreFile, args: &ListArgs) -> Result<u8, Failure> {
+    // One more than asked tells whether the listing was cut.
+    let wanted = args.limit.saturating_add(1);
+    let mut entries = file.with("cannot list keys", |store| {
+        store.list(args.prefix.as_bytes(), wanted)
+    })?;
+    let truncated = entries.len() > args.limit;
+    entries.truncate(args.limit);
+    if args.json {
+        let entries: Vec<Value> = entries
+            .iter()
+            .map(|entry| entry_json(entry, false))
+            .collect();
+        print_json(&json!({ "entries": entries, "truncated": truncated }));
+        return Ok(0);
+    }
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|entry| {
+            [
+                key_text(entry),
+                state_name(entry).replace('_', " "),
+                entry.attempt.to_string(),
+                run_status(entry),
+                utc(entry.expires_at),
+            ]
+        })
+        .collect();
+    let header = ["KEY", "STATE", "ATTEMPT", "STATUS", "EXPIRES"].map(String::from);
+    let mut widths = header.clone().map(|title| title.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        let _ = writeln!(text, "{}", cells.join("  ").trim_end());
+    }
+    console::out(text.as_bytes());
+    if truncated {
+        console::say(&format!(
+            "only the first {} keys are shown; raise --limit or narrow --prefix",
+            args.limit
+        ));
+    }
+    Ok(0)
+}
+
+/// `dedupe stats`.
+pub fn stats(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
+    let stats = file.with("cannot read the store's statistics", |store| store.stats())?;
+    let file_bytes = std::fs::metadata(file.path()).map_or(0, |meta| meta.len());
+    let db = file.path().display().to_string();
+    if args.json {
+        print_json(&json!({
+            "db": db,
+            "file_bytes": file_bytes,
+            "live_keys": stats.live_keys,
+            "expired_pending": stats.expired_pending,
+            "format_version": FORMAT_VERSION,
+        }));
+        return Ok(0);
+    }
+    let text = format!(
+        "db               {db}\nfile bytes       {file_bytes}\nlive keys        {}\n\
+         expired pending  {} (removed by the next run or `dedupe sweep`)\n\
+         format version   {FORMAT_VERSION}\n",
+        stats.live_keys, stats.expired_pending
+    );
+    console::out(text.as_bytes());
+    Ok(0)
+}
+
+/// `dedupe verify`: exits 0 when the file is sound, 1 when it is not.
+pub fn verify(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
+    let db = file.path().display().to_string();
+    let checked = file.with("cannot verify the store", |store| store.verify());
+    let report = match checked {
+        Ok(report) => report,
+        Err(failure) if args.json => {
+            print_json(&json!({
+                "db": db,
+                "ok": false,
+                "records": null,
+                "repaired": null,
+                "error": failure.message,
+            }));
+            return Ok(STORE_ERROR);
+        }
+        Err(failure) => return Err(failure),
+    };
+    if args.json {
+        print_json(&json!({
+            "db": db,
+            "ok": true,
+            "records": report.records,
+            "repaired": report.repaired,
+            "error": null,
+        }));
+    } else {
+        let repaired = if report.repaired {
+            "; redb repaired the file first (it had not been closed cleanly)"
+        } else {
+            ""
+        };
+        console::out(
+            format!("ok: {db}: {} records checked{repaired}\n", report.records).as_bytes(),
+        );
+    }
+    Ok(0)
+}
+
+fn print_json(value: &Value) {
+    let mut text = value.to_string();
+    text.push('\n');
+    console::out(text.as_bytes());
+}
+
+fn state_name(entry: &Entry) -> &'static str {
+    match entry.state {
+        EntryState::Completed { .. } => "completed",
+        _ => "in_progress",
+    }
+}
+
+fn key_text(entry: &Entry) -> String {
+    String::from_utf8_lossy(entry.key.as_bytes()).into_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+/// A completed key's stored run outcome, if a run stored it.
+fn stored_run(entry: &Entry) -> Option<RunOutcome> {
+    match &entry.state {
+        EntryState::Completed { response, .. } => RunOutcome::decode(response).ok(),
+        _ => None,
+    }
+}
+
+fn run_status(entry: &Entry) -> String {
+    match (&entry.state, stored_run(entry)) {
+        (_, Some(run)) => run.ending.exit_code().to_string(),
+        (EntryState::Completed { response, .. }, None) if response.is_empty() => {
+            "marked".to_string()
+        }
+        (EntryState::Completed { .. }, None) => "-".to_string(),
+        _ => "running".to_string(),
+    }
+}
+
+fn describe(entry: &Entry, table: &mut Vec<(&'static str, String)>) {
+    table.push(("key", key_text(entry)));
+    table.push(("state", state_name(entry).replace('_', " ")));
+    table.push(("attempt", entry.attempt.to_string()));
+    table.push(("fencing token", entry.fencing_token.to_string()));
+    if let Some(fingerprint) = &entry.fingerprint {
+        table.push((
+            "fingerprint",
+            String::from_utf8_lossy(fingerprint).into_owned(),
+        ));
+    }
+    match &entry.state {
+        EntryState::InProgress {
+            claimed_at,
+            lease_until,
+            ..
+        } => {
+            table.push(("claimed at", utc(*claimed_at)));
+            table.push(("lease until", utc(*lease_until)));
+        }
+        EntryState::Completed {
+            completed_at,
+            response,
+            ..
+        } => {
+            table.push(("completed at", utc(*completed_at)));
+            match RunOutcome::decode(response) {
+                Ok(run) => {
+                    table.push(("status", run.ending.to_string()));
+                    table.push(("stdout", stream_size(&run.stdout, run.stdout_cut)));
+                    table.push(("stderr", stream_size(&run.stderr, run.stderr_cut)));
+                }
+                Err(why) if !response.is_empty() => {
+                    table.push(("response", format!("{} bytes ({why})", response.len())));
+                }
+                Err(_) => table.push(("response", "none (marked)".to_string())),
+            }
+        }
+        _ => {}
+    }
+    table.push(("expires at", utc(entry.expires_at)));
+}
+
+fn stream_size(bytes: &[u8], cut: bool) -> String {
+    let cut = if cut { ", cut at capture" } else { "" };
+    format!("{} bytes stored{cut}", bytes.len())
+}
+
+/// One entry as JSON; `with_output` adds a run's stored stdout and stderr.
+fn entry_json(entry: &Entry, with_output: bool) -> Value {
+    let mut value = json!({
+        "key": key_text(entry),
+        "key_hex": hex(entry.key.as_bytes()),
+        "state": state_name(entry),
+        "attempt": entry.attempt,
+        "fencing_token": entry.fencing_token,
+        "fingerprint": entry.fingerprint.as_ref().map(|fp| String::from_utf8_lossy(fp).into_owned()),
+        "expires_at": entry.expires_at,
+        "expires_at_utc": utc(entry.expires_at),
+    });
+    let fields = match &entry.state {
+        EntryState::InProgress {
+            claimed_at,
+            lease_until,
+            ..
+        } => json!({
+            "claimed_at": claimed_at,
+            "lease_until": lease_until,
+            "lease_until_utc": utc(*lease_until),
+        }),
+        EntryState::Completed {
+            completed_at,
+            response,
+            ..
+        } => json!({
+            "completed_at": completed_at,
+            "completed_at_utc": utc(*completed_at),
+            "response_bytes": response.len(),
+            "run": RunOutcome::decode(response).ok().map(|run| run_json(&run, with_output)),
+        }),
+        _ => json!({}),
+    };
+    if let (Value::Object(map), Value::Object(extra)) = (&mut value, fields) {
+        map.extend(extra);
+    }
+    value
+}
+
+fn run_json(run: &RunOutcome, with_output: bool) -> Value {
+    let (exit_code, signal) = match run.ending {
+        Ending::Exited(code) => (Some(code), None),
+        Ending::Signalled(signal) => (None, Some(signal)),
+    };
+    let mut value = json!({
+        "status": run.ending.exit_code(),
+        "exit_code": exit_code,
+        "signal": signal,
+        "stdout_bytes": run.stdout.len(),
+        "stderr_bytes": run.stderr.len(),
+        "stdout_cut": run.stdout_cut,
+        "stderr_cut": run.stderr_cut,
+    });
+    if with_output && let Value::Object(map) = &mut value {
+        map.insert(
+            "stdout".into(),
+            String::from_utf8_lossy(&run.stdout).into_owned().into(),
+        );
+        map.insert(
+            "stderr".into(),
+            String::from_utf8_lossy(&run.stderr).into_owned().into(),
+        );
+    }
+    value
+}

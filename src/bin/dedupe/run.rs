@@ -1,0 +1,356 @@
+//! `dedupe run`: claim the key, then either replay the stored outcome, report the run that
+//! holds the key, or run CMD with a heartbeat and store how it ended.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use dedupe_store::{Claim, ClaimOptions, Error, Outcome, Ticket};
+
+use crate::args::RunArgs;
+use crate::capture::{self, Budget, Captured};
+use crate::console;
+use crate::failure::{self, Failure};
+use crate::heartbeat::Heartbeat;
+use crate::open::{self, StoreFile};
+use crate::outcome::{self, Ending, RunOutcome};
+use crate::signals::Caught;
+
+/// The first pause between polls of a busy key under `--wait`; it doubles up to
+/// [`MAX_POLL`].
+const FIRST_POLL: Duration = Duration::from_millis(25);
+/// Waiters notice a finished run within this long.
+const MAX_POLL: Duration = Duration::from_millis(500);
+
+/// Runs the command; returns dedupe's exit status.
+pub fn run(db: StoreFile, args: &RunArgs) -> Result<u8, Failure> {
+    if args.cmd.is_empty() {
+        return Err(Failure::new(failure::USAGE, "no CMD given after --"));
+    }
+    let file = db.max_response_bytes(args.max_output + outcome::HEADER_LEN);
+    let mut options = ClaimOptions::new().lease(args.lease).ttl(args.ttl);
+    if let Some(fingerprint) = &args.fingerprint {
+        options = options.fingerprint(fingerprint);
+    }
+    match claim(&file, args, &options)? {
+        Start::Replay(outcome) => replay(args, &outcome),
+        Start::Run(ticket) => {
+            if ticket.is_takeover() {
+                console::say(&format!(
+                    "took over key {} from an earlier run that stopped renewing its lease \
+                     (killed or crashed); running CMD again as attempt {}",
+                    ticket.key(),
+                    ticket.attempt()
+                ));
+            }
+            execute(&file, args, ticket)
+        }
+    }
+}
+
+enum Start {
+    Run(Ticket),
+    Replay(Outcome),
+}
+
+/// Claims the key, polling while another run holds it if `--wait` allows.
+///
+/// Waiting polls the file: the store's own `claim_or_wait` is woken by an in-process
+/// notification, which cannot reach another process. Each poll is a read-only claim answered
+/// without a commit, and the pause between polls never runs past the holder's lease deadline,
+/// so a takeover of a dead holder's key is not delayed either.
+fn claim(file: &StoreFile, args: &RunArgs, options: &ClaimOptions) -> Result<Start, Failure> {
+    let doing = format!("cannot claim key {:?}", args.key);
+    let started = Instant::now();
+    let deadline = args.wait.map(|wait| started + wait);
+    let mut pause = FIRST_POLL;
+    loop {
+        match file.with(&doing, |store| store.claim_with(&args.key, options))? {
+            Claim::Acquired(ticket) => return Ok(Start::Run(ticket)),
+            Claim::Completed(outcome) => return Ok(Start::Replay(outcome)),
+            Claim::Mismatch { completed, .. } => {
+                let state = if completed { "ran" } else { "is running" };
+                return Err(Failure::new(
+                    failure::MISMATCH,
+                    format!(
+                        "key {:?} {state} with a different --fingerprint; use a key of its own \
+                         for this input, or `dedupe expire` the key first",
+                        args.key
+                    ),
+                ));
+            }
+            Claim::InProgress {
+                lease_until,
+                retry_after,
+                attempt,
+                ..
+            } => {
+                let now = Instant::now();
+                let Some(deadline) = deadline.filter(|deadline| now < *deadline) else {
+                    return Err(busy(args, lease_until, attempt, started));
+                };
+                let until_lease_ends = retry_after + Duration::from_millis(5);
+                thread::sleep(
+                    open::jittered(pause)
+                        .min(until_lease_ends)
+                        .min(deadline - now),
+                );
+                pause = (pause * 2).min(MAX_POLL);
+            }
+        }
+    }
+}
+
+fn busy(args: &RunArgs, lease_until: u64, attempt: u32, started: Instant) -> Failure {
+    let waited = match args.wait {
+        Some(_) => format!(
+            " after waiting {}",
+            humantime::format_duration(round_to_millis(started.elapsed()))
+        ),
+        None => String::new(),
+    };
+    let advice = match args.wait {
+        Some(_) => "retry later or wait longer",
+        None => "retry later, or pass --wait DURATION to wait for it",
+    };
+    Failure::new(
+        failure::BUSY,
+        format!(
+            "key {:?} is still being run by another dedupe (attempt {attempt}){waited}; its \
+             lease ends at {} unless renewed; {advice}",
+            args.key,
+            utc(lease_until)
+        ),
+    )
+}
+
+fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
+    if outcome.response.is_empty() {
+        if !args.quiet {
+            console::say(&format!(
+                "key {:?} was marked done without an outcome (by `dedupe mark`) at {}; not \
+                 running CMD",
+                args.key,
+                utc(outcome.completed_at)
+            ));
+        }
+        return Ok(0);
+    }
+    let stored = RunOutcome::decode(&outcome.response).map_err(|why| {
+        Failure::new(
+            failure::STORE_ERROR,
+            format!(
+                "key {:?} is completed but cannot be replayed: {why}; `dedupe expire {}` clears \
+                 it if CMD should run again",
+                args.key, args.key
+            ),
+        )
+    })?;
+    if !args.quiet_replay {
+        console::out(&stored.stdout);
+        console::err_bytes(&stored.stderr);
+    }
+    if !args.quiet {
+        let cut = if stored.stdout_cut || stored.stderr_cut {
+            " (its output was cut when it was captured)"
+        } else {
+            ""
+        };
+        console::say(&format!(
+            "replayed key {:?}: it ran at {} with {}{cut}; CMD was not run again",
+            args.key,
+            utc(outcome.completed_at),
+            stored.ending
+        ));
+    }
+    Ok(stored.ending.exit_code())
+}
+
+/// Runs CMD as the key's owner and stores (or releases) the key by how it ended.
+fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failure> {
+    let (program, program_args) = match args.cmd.split_first() {
+        Some(split) => split,
+        None => {
+            finish(file, args, &ticket, None)?;
+            return Err(Failure::new(failure::USAGE, "no CMD given after --"));
+        }
+    };
+    let caught = Caught::install();
+    let spawned = Command::new(program)
+        .args(program_args)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            let (code, what) = match err.kind() {
+                io::ErrorKind::NotFound => (failure::NOT_FOUND, "command not found"),
+                io::ErrorKind::PermissionDenied => (failure::NOT_EXECUTABLE, "permission denied"),
+                _ => (failure::NOT_EXECUTABLE, "cannot execute it"),
+            };
+            let released = finish(file, args, &ticket, None);
+            let key_state = match released {
+                Ok(()) => "the key was released".to_string(),
+                Err(failure) => failure.message,
+            };
+            return Err(Failure::new(
+                code,
+                format!("{}: {what} ({err}); {key_state}", program.to_string_lossy()),
+            ));
+        }
+    };
+
+    let budget = Budget::new(args.max_output);
+    let stdout_tee = child
+        .stdout
+        .take()
+        .map(|pipe| capture::tee(pipe, io::stdout(), budget.clone()));
+    let stderr_tee = child
+        .stderr
+        .take()
+        .map(|pipe| capture::tee(pipe, io::stderr(), budget.clone()));
+    let heartbeat = Heartbeat::start(file.clone(), ticket.clone(), args.lease);
+    let forwarder = caught.and_then(|caught| caught.forward_to(&child));
+    if let Err(err) = &heartbeat {
+        console::say(&format!(
+            "cannot start the heartbeat ({err}); the lease will not be renewed while CMD runs"
+        ));
+    }
+    if let Err(err) = &forwarder {
+        console::say(&format!(
+            "cannot watch for signals ({err}); they will not reach CMD"
+        ));
+    }
+
+    let status = child.wait();
+    let stdout = join(stdout_tee);
+    let stderr = join(stderr_tee);
+    if let Ok(forwarder) = forwarder {
+        forwarder.stop();
+    }
+    let ticket = match heartbeat {
+        Ok(heartbeat) => heartbeat.stop(),
+        Err(_) => ticket,
+    };
+    let ending = match status {
+        Ok(status) => ending(status),
+        Err(err) => {
+            // Nothing is known of how CMD ended: do not store a guess; let the next run retry.
+            let released = finish(file, args, &ticket, None);
+            let key_state = match released {
+                Ok(()) => "the key was released".to_string(),
+                Err(failure) => failure.message,
+            };
+            return Err(Failure::new(
+                failure::STORE_ERROR,
+                format!("cannot wait for CMD ({err}); {key_state}"),
+            ));
+        }
+    };
+
+    if stdout.cut || stderr.cut {
+        console::say(&format!(
+            "CMD printed more than --max-output ({} bytes); the stored outcome keeps only the \
+             first {} bytes of its stdout and {} of its stderr (the live output above is \
+             complete)",
+            args.max_output,
+            stdout.bytes.len(),
+            stderr.bytes.len()
+        ));
+    }
+    for (stream, captured) in [("stdout", &stdout), ("stderr", &stderr)] {
+        if let Some(err) = &captured.read_error {
+            console::say(&format!("reading CMD's {stream} failed: {err}"));
+        }
+    }
+    let outcome = RunOutcome {
+        ending,
+        stdout_cut: stdout.cut || stdout.read_error.is_some(),
+        stderr_cut: stderr.cut || stderr.read_error.is_some(),
+        stdout: stdout.bytes,
+        stderr: stderr.bytes,
+    };
+    let code = ending.exit_code();
+    let keep = ending.success() || args.remember_failures;
+    if let Err(failure) = finish(file, args, &ticket, keep.then_some(&outcome)) {
+        // CMD did run: its status is still this run's answer, with the warning above it.
+        console::say(&failure.message);
+    }
+    Ok(code)
+}
+
+/// Completes the key with `outcome`, or releases it when there is none, then sweeps expired
+/// records (no background sweeper runs in a short-lived dedupe, so each run tidies up).
+fn finish(
+    file: &StoreFile,
+    args: &RunArgs,
+    ticket: &Ticket,
+    outcome: Option<&RunOutcome>,
+) -> Result<(), Failure> {
+    let doing = match outcome {
+        Some(_) => format!("cannot store the outcome of key {:?}", args.key),
+        None => format!("cannot release key {:?}", args.key),
+    };
+    let recorded = file.with(&doing, |store| {
+        let recorded = match outcome {
+            Some(outcome) => store.complete_with_ttl(ticket, outcome.encode(), args.ttl),
+            None => store.release(ticket),
+        };
+        match recorded {
+            Err(Error::LeaseLost { .. }) => Ok(false),
+            Err(err) => Err(err),
+            Ok(()) => {
+                // A failed sweep loses nothing; the next run or `dedupe sweep` tries again.
+                let _ = store.sweep();
+                Ok(true)
+            }
+        }
+    })?;
+    if recorded {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            failure::STORE_ERROR,
+            format!(
+                "key {:?} was taken over by another run while CMD ran (this run's lease had run \
+                 out); this run's outcome was not stored",
+                args.key
+            ),
+        ))
+    }
+}
+
+fn join(tee: Option<io::Result<thread::JoinHandle<Captured>>>) -> Captured {
+    match tee {
+        Some(Ok(thread)) => thread.join().unwrap_or_default(),
+        Some(Err(err)) => Captured {
+            bytes: Vec::new(),
+            cut: true,
+            read_error: Some(err),
+        },
+        None => Captured::default(),
+    }
+}
+
+fn ending(status: ExitStatus) -> Ending {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Ending::Exited(u8::try_from(code & 0xff).unwrap_or(u8::MAX)),
+        (None, Some(signal)) => Ending::Signalled(u8::try_from(signal).unwrap_or(u8::MAX)),
+        // Neither an exit nor a signal (stopped): report a failure rather than success.
+        (None, None) => Ending::Exited(u8::MAX),
+    }
+}
+
+/// Milliseconds since the epoch as an RFC 3339 UTC time.
+pub fn utc(millis: u64) -> String {
+    let time = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn round_to_millis(duration: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,644 @@
+//! The `dedupe` command line, driven as users drive it: real processes on a real store file,
+//! several at once where that is the point. Leases and TTLs are short so the suite stays fast.
+#![cfg(feature = "cli")]
+
+mod cli_support;
+
+use std::fs;
+use std::process::{Child, Command};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use cli_support::{PATIENCE, Scratch, TestResult, bare_dedupe, finish, one_line, wait_for};
+
+#[test]
+fn a_first_run_streams_and_stores_and_a_repeat_replays_without_running() -> TestResult {
+    let scratch = Scratch::new()?;
+    let cmd = "echo ran >> count; echo report written; echo careful >&2";
+    let first = scratch.run(&["run", "--key", "nightly", "--", "sh", "-c", cmd])?;
+    assert_eq!(first.code, Some(0));
+    assert_eq!(first.stdout, "report written\n");
+    assert_eq!(first.stderr, "careful\n");
+
+    let again = scratch.run(&["run", "--key", "nightly", "--", "sh", "-c", cmd])?;
+    assert_eq!(again.code, Some(0));
+    assert_eq!(again.stdout, "report written\n");
+    assert!(again.stderr.starts_with("careful\n"), "{}", again.stderr);
+    let notes = again.notes();
+    assert_eq!(notes.len(), 1);
+    assert!(
+        notes[0].contains("replayed key \"nightly\""),
+        "{}",
+        notes[0]
+    );
+    assert_eq!(scratch.count("count"), 1, "CMD ran on the replay");
+
+    let quiet = scratch.run(&["run", "--key", "nightly", "--quiet", "--", "sh", "-c", cmd])?;
+    assert_eq!(
+        (quiet.stdout.as_str(), quiet.stderr.as_str()),
+        ("report written\n", "careful\n")
+    );
+    let silent = scratch.run(&["run", "--key", "nightly", "--quiet-replay", "--", "true"])?;
+    assert_eq!(silent.stdout, "");
+    assert_eq!(silent.notes().len(), 1);
+    assert!(!silent.stderr.contains("careful"));
+    assert_eq!(scratch.count("count"), 1);
+    Ok(())
+}
+
+#[test]
+fn a_failing_cmd_releases_the_key_unless_failures_are_remembered() -> TestResult {
+    let scratch = Scratch::new()?;
+    let cmd = "echo ran >> count; echo broken >&2; exit 3";
+    for attempt in 1..=2 {
+        let failed = scratch.run(&["run", "--key", "flaky", "--", "sh", "-c", cmd])?;
+        assert_eq!(failed.code, Some(3));
+        assert_eq!(scratch.count("count"), attempt, "a failure must be retried");
+    }
+    assert_eq!(scratch.get("flaky")?["state"], "absent");
+
+    let remembered = [
+        "run",
+        "--key",
+        "kept",
+        "--remember-failures",
+        "--",
+        "sh",
+        "-c",
+        cmd,
+    ];
+    assert_eq!(scratch.run(&remembered)?.code, Some(3));
+    let replayed = scratch.run(&remembered)?;
+    assert_eq!(replayed.code, Some(3));
+    assert!(replayed.stderr.starts_with("broken\n"));
+    assert_eq!(
+        scratch.count("count"),
+        3,
+        "a remembered failure is replayed, not rerun"
+    );
+    let entry = scratch.get("kept")?;
+    assert_eq!(entry["run"]["status"], 3);
+    assert_eq!(entry["run"]["exit_code"], 3);
+    Ok(())
+}
+
+#[test]
+fn a_cmd_killed_by_a_signal_exits_128_plus_the_signal() -> TestResult {
+    let scratch = Scratch::new()?;
+    let killed = scratch.run(&["run", "--key", "sig", "--", "sh", "-c", "kill -KILL $$"])?;
+    assert_eq!(killed.code, Some(137));
+    assert_eq!(scratch.get("sig")?["state"], "absent");
+
+    let remembered = [
+        "run",
+        "--key",
+        "sig2",
+        "--remember-failures",
+        "--",
+        "sh",
+        "-c",
+        "kill -TERM $$",
+    ];
+    assert_eq!(scratch.run(&remembered)?.code, Some(143));
+    let entry = scratch.get("sig2")?;
+    assert_eq!(entry["run"]["signal"], 15);
+    assert_eq!(entry["run"]["exit_code"], Value::Null);
+    assert_eq!(
+        scratch.run(&remembered)?.code,
+        Some(143),
+        "the replay exits as CMD did"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_to_dedupe_reaches_cmd_and_the_key_is_released() -> TestResult {
+    let scratch = Scratch::new()?;
+    let child = scratch
+        .dedupe(&[
+            "run",
+            "--key",
+            "term",
+            "--",
+            "sh",
+            "-c",
+            "touch started; exec sleep 30",
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(sent.success());
+    let finished = finish(child)?;
+    assert_eq!(finished.code, Some(143), "{}", finished.stderr);
+    assert_eq!(scratch.get("term")?["state"], "absent");
+    Ok(())
+}
+
+#[test]
+fn a_cmd_that_cannot_run_exits_126_or_127_and_releases_the_key() -> TestResult {
+    let scratch = Scratch::new()?;
+    let missing = scratch.run(&["run", "--key", "k", "--", "no-such-command-here"])?;
+    assert_eq!(missing.code, Some(127));
+    one_line(&missing);
+    assert!(
+        missing
+            .stderr
+            .contains("no-such-command-here: command not found")
+    );
+    assert!(missing.stderr.contains("released"));
+    assert_eq!(scratch.get("k")?["state"], "absent");
+
+    let script = scratch.path("not-executable.sh");
+    fs::write(&script, "#!/bin/sh\necho hi\n")?;
+    let refused = scratch.run(&["run", "--key", "k", "--", &script.to_string_lossy()])?;
+    assert_eq!(refused.code, Some(126));
+    one_line(&refused);
+    assert_eq!(scratch.get("k")?["state"], "absent");
+
+    let ok = scratch.run(&["run", "--key", "k", "--", "echo", "now it runs"])?;
+    assert_eq!((ok.code, ok.stdout.as_str()), (Some(0), "now it runs\n"));
+    Ok(())
+}
+
+#[test]
+fn ten_concurrent_waiting_runs_run_cmd_once_and_all_answer_with_its_outcome() -> TestResult {
+    let scratch = Scratch::new()?;
+    let cmd = "echo ran >> count; sleep 0.5; echo the output; echo its stderr >&2; exit 7";
+    let runs = (0..10)
+        .map(|_| {
+            scratch
+                .dedupe(&[
+                    "run",
+                    "--key",
+                    "deploy",
+                    "--wait",
+                    "50s",
+                    "--remember-failures",
+                    "--quiet",
+                    "--",
+                    "sh",
+                    "-c",
+                    cmd,
+                ])
+                .spawn()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for run in runs {
+        let finished = finish(run)?;
+        assert_eq!(finished.code, Some(7), "{}", finished.stderr);
+        assert_eq!(finished.stdout, "the output\n");
+        assert_eq!(finished.stderr, "its stderr\n");
+    }
+    assert_eq!(scratch.count("count"), 1, "CMD ran more than once");
+    Ok(())
+}
+
+#[test]
+fn ten_concurrent_runs_without_wait_run_cmd_once_and_the_others_exit_75() -> TestResult {
+    let scratch = Scratch::new()?;
+    let cmd = "echo ran >> count; while [ ! -f go ]; do sleep 0.02; done; echo finished";
+    let runs = (0..10)
+        .map(|_| {
+            scratch
+                .dedupe(&["run", "--key", "backup", "--", "sh", "-c", cmd])
+                .spawn()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // The owner waits for `go`; every other run must give up on its own first.
+    let mut busy = 0;
+    let mut pending: Vec<Child> = runs;
+    let deadline = Instant::now() + PATIENCE;
+    while busy < 9 {
+        assert!(Instant::now() < deadline, "the other runs did not exit 75");
+        let mut still = Vec::new();
+        for mut run in pending {
+            match run.try_wait()? {
+                Some(_) => {
+                    let finished = finish(run)?;
+                    assert_eq!(finished.code, Some(75), "{finished:?}");
+                    one_line(&finished);
+                    assert!(finished.stderr.contains("key \"backup\""));
+                    assert!(finished.stderr.contains("lease ends at"));
+                    busy += 1;
+                }
+                None => still.push(run),
+            }
+        }
+        pending = still;
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pending.len(), 1);
+    fs::write(scratch.path("go"), "")?;
+    let owner = finish(pending.pop().ok_or("no owner")?)?;
+    assert_eq!((owner.code, owner.stdout.as_str()), (Some(0), "finished\n"));
+    assert_eq!(scratch.count("count"), 1);
+    Ok(())
+}
+
+#[test]
+fn the_heartbeat_keeps_a_long_cmd_from_being_taken_over() -> TestResult {
+    let scratch = Scratch::new()?;
+    let long = "touch started; while [ ! -f go ]; do sleep 0.02; done; echo done";
+    let owner = scratch
+        .dedupe(&[
+            "run", "--key", "long", "--lease", "2s", "--", "sh", "-c", long,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    // Well past the first lease: only the heartbeat keeps the key.
+    thread::sleep(Duration::from_millis(4500));
+    let other = scratch.run(&[
+        "run", "--key", "long", "--lease", "2s", "--", "echo", "second",
+    ])?;
+    assert_eq!(other.code, Some(75), "{other:?}");
+    fs::write(scratch.path("go"), "")?;
+    let owner = finish(owner)?;
+    assert_eq!((owner.code, owner.stdout.as_str()), (Some(0), "done\n"));
+    assert_eq!(scratch.get("long")?["attempt"], 1, "no takeover happened");
+    Ok(())
+}
+
+#[test]
+fn a_killed_dedupe_is_taken_over_after_its_lease() -> TestResult {
+    let scratch = Scratch::new()?;
+    let mut victim = scratch
+        .dedupe(&[
+            "run",
+            "--key",
+            "crash",
+            "--lease",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > cmd.pid; exec sleep 30",
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("cmd.pid"))?;
+    thread::sleep(Duration::from_millis(50));
+    victim.kill()?; // SIGKILL to dedupe itself: no chance to release anything.
+    victim.wait()?;
+    let cmd_pid = fs::read_to_string(scratch.path("cmd.pid"))?;
+    Command::new("kill")
+        .args(["-KILL", cmd_pid.trim()])
+        .status()?;
+    assert_eq!(scratch.get("crash")?["state"], "in_progress");
+
+    let next = scratch.run(&[
+        "run",
+        "--key",
+        "crash",
+        "--lease",
+        "1s",
+        "--wait",
+        "30s",
+        "--",
+        "echo",
+        "second attempt",
+    ])?;
+    assert_eq!(next.code, Some(0), "{next:?}");
+    assert_eq!(next.stdout, "second attempt\n");
+    assert!(
+        next.stderr.contains("took over key \"crash\""),
+        "{}",
+        next.stderr
+    );
+    let entry = scratch.get("crash")?;
+    assert_eq!(entry["state"], "completed");
+    assert_eq!(entry["attempt"], 2);
+    Ok(())
+}
+
+#[test]
+fn the_output_cap_bounds_what_is_stored_not_what_is_shown() -> TestResult {
+    let scratch = Scratch::new()?;
+    let chatty = [
+        "run",
+        "--key",
+        "big",
+        "--max-output",
+        "1KiB",
+        "--",
+        "sh",
+        "-c",
+        "printf '%05000d' 0",
+    ];
+    let first = scratch.run(&chatty)?;
+    assert_eq!(first.code, Some(0));
+    assert_eq!(first.stdout.len(), 5000, "the live output is never cut");
+    assert!(first.stderr.contains("--max-output"), "{}", first.stderr);
+    let replay = scratch.run(&chatty)?;
+    assert_eq!(replay.stdout, "0".repeat(1024));
+    assert!(replay.stderr.contains("cut"), "{}", replay.stderr);
+    let entry = scratch.get("big")?;
+    assert_eq!(entry["run"]["stdout_cut"], true);
+    assert_eq!(entry["run"]["stdout_bytes"], 1024);
+
+    // --max-output raises the store's response limit (1 MiB by default) to match.
+    let large = 1536 * 1024;
+    let format = format!("printf '%0{large}d' 0");
+    let roomy = [
+        "run",
+        "--key",
+        "roomy",
+        "--max-output",
+        "2MiB",
+        "--",
+        "sh",
+        "-c",
+        &format,
+    ];
+    let first = scratch.run(&roomy)?;
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    assert_eq!(first.stderr, "");
+    let replay = scratch.run(&roomy)?;
+    assert_eq!(replay.stdout.len(), large);
+    Ok(())
+}
+
+#[test]
+fn mark_exits_0_then_1_and_forgets_after_its_ttl() -> TestResult {
+    let scratch = Scratch::new()?;
+    let mark = ["mark", "delivery-81", "--ttl", "1s"];
+    assert_eq!(scratch.run(&mark)?.code, Some(0));
+    let seen = scratch.run(&mark)?;
+    assert_eq!(
+        (seen.code, seen.stdout.as_str(), seen.stderr.as_str()),
+        (Some(1), "", "")
+    );
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(scratch.run(&mark)?.code, Some(0), "forgotten after its TTL");
+
+    // Marks and runs share keys: a marked key is done, and a run's key is seen.
+    let on_marked = scratch.run(&[
+        "run",
+        "--key",
+        "delivery-81",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ])?;
+    assert_eq!(on_marked.code, Some(0));
+    assert_eq!(scratch.count("count"), 0);
+    assert_eq!(
+        scratch.run(&["run", "--key", "job", "--", "true"])?.code,
+        Some(0)
+    );
+    assert_eq!(scratch.run(&["mark", "job"])?.code, Some(1));
+    Ok(())
+}
+
+#[test]
+fn a_different_fingerprint_is_refused_with_65() -> TestResult {
+    let scratch = Scratch::new()?;
+    let first = [
+        "run",
+        "--key",
+        "import",
+        "--fingerprint",
+        "sha-aaa",
+        "--",
+        "true",
+    ];
+    assert_eq!(scratch.run(&first)?.code, Some(0));
+    assert_eq!(scratch.run(&first)?.code, Some(0));
+    let other = scratch.run(&[
+        "run",
+        "--key",
+        "import",
+        "--fingerprint",
+        "sha-bbb",
+        "--",
+        "true",
+    ])?;
+    assert_eq!(other.code, Some(65));
+    one_line(&other);
+    assert!(other.stderr.contains("--fingerprint"));
+    Ok(())
+}
+
+#[test]
+fn bad_arguments_exit_2_with_usage_and_no_backtrace() -> TestResult {
+    let scratch = Scratch::new()?;
+    let bad: [&[&str]; 9] = [
+        &[],
+        &["run", "--key", "k"],
+        &["run", "--key", "", "--", "true"],
+        &["run", "--key", "k", "--ttl", "0s", "--", "true"],
+        &["run", "--key", "k", "--lease", "ten", "--", "true"],
+        &["run", "--key", "k", "--max-output", "300MiB", "--", "true"],
+        &["run", "--key", &"x".repeat(1025), "--", "true"],
+        &["mark"],
+        &["frobnicate"],
+    ];
+    for args in bad {
+        let finished = scratch.run(args)?;
+        assert_eq!(finished.code, Some(2), "{args:?}: {finished:?}");
+        assert!(finished.stderr.contains("Usage") || finished.stderr.contains("--help"));
+    }
+    assert!(
+        !scratch.db().exists(),
+        "bad arguments must not touch the store"
+    );
+
+    let help = scratch.run(&["run", "--help"])?;
+    assert_eq!(help.code, Some(0));
+    for promise in [
+        "Exit codes",
+        "DRUN",
+        "--remember-failures",
+        "--wait",
+        "heartbeat",
+    ] {
+        assert!(help.stdout.contains(promise), "run --help lacks {promise}");
+    }
+    Ok(())
+}
+
+#[test]
+fn store_errors_exit_1_with_one_line_naming_the_file() -> TestResult {
+    let scratch = Scratch::new()?;
+    let held = dedupe_store::Store::open(scratch.db())?;
+    let waited = scratch.run(&["--lock-timeout", "200ms", "get", "k"])?;
+    assert_eq!(waited.code, Some(1));
+    one_line(&waited);
+    assert!(waited.stderr.contains(&scratch.db().display().to_string()));
+    assert!(waited.stderr.contains("--lock-timeout"));
+    let mark = scratch.run(&["--lock-timeout", "200ms", "mark", "k"])?;
+    assert_eq!(
+        mark.code,
+        Some(74),
+        "a failed mark must not look like a duplicate"
+    );
+    drop(held);
+    assert_eq!(scratch.run(&["get", "k"])?.code, Some(0));
+
+    let junk = scratch.path("junk.redb");
+    fs::write(&junk, "this is not a store file at all")?;
+    let mut command = bare_dedupe(scratch.dir.path());
+    let finished = finish(command.arg("--db").arg(&junk).args(["get", "k"]).spawn()?)?;
+    assert_eq!(finished.code, Some(1));
+    one_line(&finished);
+    assert!(finished.stderr.contains("junk.redb"));
+
+    let missing = scratch.path("missing.redb");
+    let mut command = bare_dedupe(scratch.dir.path());
+    let finished = finish(command.arg("--db").arg(&missing).arg("stats").spawn()?)?;
+    assert_eq!(finished.code, Some(1));
+    one_line(&finished);
+    assert!(!missing.exists(), "a reader must not create a store");
+    Ok(())
+}
+
+#[test]
+fn the_store_file_comes_from_db_then_dedupe_db_then_the_current_directory() -> TestResult {
+    let scratch = Scratch::new()?;
+    let from_env = scratch.path("from-env.redb");
+    let mut command = bare_dedupe(scratch.dir.path());
+    command.env("DEDUPE_DB", &from_env).args(["mark", "a"]);
+    assert_eq!(finish(command.spawn()?)?.code, Some(0));
+    assert!(from_env.exists());
+
+    let mut command = bare_dedupe(scratch.dir.path());
+    assert_eq!(finish(command.args(["mark", "a"]).spawn()?)?.code, Some(0));
+    assert!(scratch.path("dedupe.redb").exists());
+    Ok(())
+}
+
+#[test]
+fn json_readers_parse_and_carry_the_documented_fields() -> TestResult {
+    let scratch = Scratch::new()?;
+    scratch.run(&[
+        "run",
+        "--key",
+        "job/1",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2",
+    ])?;
+    scratch.run(&["mark", "job/2"])?;
+    scratch.run(&["mark", "other"])?;
+
+    let entry = scratch.get("job/1")?;
+    for field in [
+        "key",
+        "key_hex",
+        "state",
+        "attempt",
+        "fencing_token",
+        "fingerprint",
+        "expires_at",
+        "expires_at_utc",
+        "completed_at",
+        "completed_at_utc",
+        "response_bytes",
+        "run",
+    ] {
+        assert!(entry.get(field).is_some(), "get lacks {field}: {entry}");
+    }
+    assert_eq!(entry["key"], "job/1");
+    assert_eq!(entry["key_hex"], "6a6f622f31");
+    assert_eq!(entry["state"], "completed");
+    let run = &entry["run"];
+    for field in [
+        "status",
+        "exit_code",
+        "signal",
+        "stdout_bytes",
+        "stderr_bytes",
+        "stdout_cut",
+        "stderr_cut",
+        "stdout",
+        "stderr",
+    ] {
+        assert!(run.get(field).is_some(), "run lacks {field}: {run}");
+    }
+    assert_eq!(run["stdout"], "out\n");
+    assert_eq!(run["stderr"], "err\n");
+    assert_eq!(scratch.get("job/2")?["run"], Value::Null);
+    assert_eq!(scratch.get("nothing")?["state"], "absent");
+
+    let listed: Value = serde_json::from_str(
+        &scratch
+            .run(&["list", "--prefix", "job/", "--limit", "1", "--json"])?
+            .stdout,
+    )?;
+    assert_eq!(listed["truncated"], true);
+    let entries = listed["entries"]
+        .as_array()
+        .ok_or("entries is not an array")?;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["key"], "job/1");
+    assert!(
+        entries[0]["run"].get("stdout").is_none(),
+        "list leaves the output out"
+    );
+    let all: Value = serde_json::from_str(&scratch.run(&["list", "--json"])?.stdout)?;
+    assert_eq!(all["truncated"], false);
+    assert_eq!(all["entries"].as_array().map(Vec::len), Some(3));
+
+    let stats: Value = serde_json::from_str(&scratch.run(&["stats", "--json"])?.stdout)?;
+    for field in [
+        "db",
+        "file_bytes",
+        "live_keys",
+        "expired_pending",
+        "format_version",
+    ] {
+        assert!(stats.get(field).is_some(), "stats lacks {field}: {stats}");
+    }
+    assert_eq!(stats["live_keys"], 3);
+
+    let verify: Value = serde_json::from_str(&scratch.run(&["verify", "--json"])?.stdout)?;
+    for field in ["db", "ok", "records", "repaired", "error"] {
+        assert!(
+            verify.get(field).is_some(),
+            "verify lacks {field}: {verify}"
+        );
+    }
+    assert_eq!(verify["ok"], true);
+    assert_eq!(verify["records"], 3);
+
+    let table = scratch.run(&["list"])?;
+    assert!(table.stdout.starts_with("KEY"), "{}", table.stdout);
+    assert_eq!(table.stdout.lines().count(), 4);
+    Ok(())
+}
+
+#[test]
+fn expire_sweep_and_compact_maintain_the_file() -> TestResult {
+    let scratch = Scratch::new()?;
+    let job = [
+        "run",
+        "--key",
+        "once",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ];
+    scratch.run(&job)?;
+    let expired = scratch.run(&["expire", "once"])?;
+    assert_eq!(expired.code, Some(0));
+    assert!(expired.stdout.starts_with("expired key"));
+    scratch.run(&job)?;
+    assert_eq!(scratch.count("count"), 2, "an expired key runs again");
+
+    scratch.run(&["mark", "short", "--ttl", "200ms"])?;
+    thread::sleep(Duration::from_millis(300));
+    let stats: Value = serde_json::from_str(&scratch.run(&["stats", "--json"])?.stdout)?;
+    assert_eq!(stats["expired_pending"], 1);
+    let swept = scratch.run(&["sweep"])?;
+    assert_eq!(swept.stdout, "removed 1 expired records\n");
+    let stats: Value = serde_json::from_str(&scratch.run(&["stats", "--json"])?.stdout)?;
+    assert_eq!(stats["expired_pending"], 0);
+    assert_eq!(scratch.run(&["compact"])?.code, Some(0));
+    assert_eq!(scratch.run(&["verify"])?.code, Some(0));
+    Ok(())
+}
