@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::limits;
 use crate::store::Store;
 
+use super::problem::header_title;
 use super::service::IdempotencyService;
 
 /// The request header that carries the client's key, by default.
@@ -51,6 +52,8 @@ pub(crate) struct Config {
     pub store: Store,
     pub methods: Vec<Method>,
     pub key_header: HeaderName,
+    /// The key header's name as messages show it.
+    pub key_header_title: String,
     pub replayed_header: HeaderName,
     pub require_key: bool,
     pub scope: Option<Arc<ScopeFn>>,
@@ -350,6 +353,7 @@ impl IdempotencyLayerBuilder {
             config: Arc::new(Config {
                 store: self.store,
                 methods: self.methods,
+                key_header_title: header_title(&self.key_header),
                 key_header: self.key_header,
                 replayed_header: self.replayed_header,
                 require_key: self.require_key,

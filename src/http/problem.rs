@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ::http::{HeaderValue, Response, StatusCode, header};
+use ::http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use bytes::Bytes;
 
 /// Why the layer answered a request itself.
@@ -113,6 +113,21 @@ impl Problem {
     }
 }
 
+/// A header name as people write it in prose (`Idempotency-Key`); `HeaderName` keeps only the
+/// lowercase form.
+pub(crate) fn header_title(name: &HeaderName) -> String {
+    name.as_str()
+        .split('-')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +145,15 @@ mod tests {
         assert_eq!(body["status"], 422);
         assert_eq!(body["detail"], "the body differs");
         Ok(())
+    }
+
+    #[test]
+    fn header_names_are_title_cased_for_people() {
+        assert_eq!(
+            header_title(&HeaderName::from_static("idempotency-key")),
+            "Idempotency-Key"
+        );
+        assert_eq!(header_title(&HeaderName::from_static("x--a")), "X--A");
     }
 
     #[test]

@@ -56,33 +56,34 @@ fn key_part(part: &[u8]) -> Vec<u8> {
     digest
 }
 
-/// The client's key from the `name` header: `Ok(None)` when there is none, `Err` with the
-/// reason when it is not a usable key: repeated, empty, longer than 255 bytes, or not all
-/// visible ASCII (`!` to `~`).
+/// The client's key from the `name` header (`shown` as `name` in messages): `Ok(None)` when
+/// there is none, `Err` with the reason when it is not a usable key: repeated, empty, longer
+/// than 255 bytes, or not all visible ASCII (`!` to `~`).
 pub(crate) fn idempotency_key<'h>(
     headers: &'h HeaderMap,
     name: &HeaderName,
+    shown: &str,
 ) -> Result<Option<&'h [u8]>, String> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(format!("The request has more than one {name} header."));
+        return Err(format!("The request has more than one {shown} header."));
     }
     let key = value.as_bytes();
     if key.is_empty() {
-        return Err(format!("The {name} header is empty."));
+        return Err(format!("The {shown} header is empty."));
     }
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(format!(
-            "The {name} header is {} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}.",
+            "The {shown} header is {} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}.",
             key.len()
         ));
     }
     if let Some(bad) = key.iter().find(|byte| !(0x21..=0x7e).contains(*byte)) {
         return Err(format!(
-            "The {name} header must be visible ASCII (0x21 to 0x7e); it has byte 0x{bad:02x}."
+            "The {shown} header must be visible ASCII (0x21 to 0x7e); it has byte 0x{bad:02x}."
         ));
     }
     Ok(Some(key))
@@ -152,7 +153,8 @@ mod tests {
 
     fn check(values: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
         let name = HeaderName::from_static("idempotency-key");
-        idempotency_key(&headers(values), &name).map(|key| key.map(<[u8]>::to_vec))
+        idempotency_key(&headers(values), &name, "Idempotency-Key")
+            .map(|key| key.map(<[u8]>::to_vec))
     }
 
     #[test]

@@ -147,12 +147,16 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (mut parts, body) = request.into_parts();
-    let client_key = match request::idempotency_key(&parts.headers, &config.key_header) {
+    let client_key = match request::idempotency_key(
+        &parts.headers,
+        &config.key_header,
+        &config.key_header_title,
+    ) {
         Ok(Some(key)) => key.to_vec(),
         Ok(None) if config.require_key => {
             return Ok(answer(Problem::MissingKey.response(format!(
                 "{} requests need an {} header.",
-                parts.method, config.key_header
+                parts.method, config.key_header_title
             ))));
         }
         Ok(None) => {
@@ -167,7 +171,7 @@ where
         Err(BodyError::TooLarge) => {
             return Ok(answer(Problem::RequestTooLarge.response(format!(
                 "Requests with an {} header may have a body of at most {} bytes.",
-                config.key_header, config.max_request_body
+                config.key_header_title, config.max_request_body
             ))));
         }
         Err(BodyError::Unreadable(reason)) => {
@@ -200,7 +204,7 @@ where
             return Ok(answer(Problem::KeyReused.response(format!(
                 "The {} header was first used with a different request (method, path, query \
                  or body); use a new key for a new request.",
-                config.key_header
+                config.key_header_title
             ))));
         }
         Err(failure) => return Ok(store_problem(&failure)),
