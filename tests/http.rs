@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use tower::Layer;
 
 use support::{
-    DropSignal, FailsOnce, Result, Runs, attempts, charges, chunked_post, client, gated,
-    keyed_post, lease_ended, problem, replayed, serve,
+    DropSignal, FailsOnce, Result, Runs, attempts, charges, chunked_post, client, eventually,
+    gated, keyed_post, lease_ended, problem, replayed, serve,
 };
 
 #[tokio::test]
@@ -340,7 +340,8 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
                 }
             }),
         );
-        let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        let store = Store::in_memory()?;
+        let layer = IdempotencyLayer::builder(store.clone())
             .store_server_errors(store_server_errors)
             .build()?;
         let base = serve(app.layer(layer)).await?;
@@ -350,6 +351,9 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
             keyed_post(&client, &url, "k", "").await?.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+        // Released (gone) before the answer left, not merely abandoned to a takeover.
+        let key = scoped_key(b"", &Method::POST, "/flaky", b"k");
+        assert_eq!(store.get(&key)?.is_some(), store_server_errors);
         let retry = keyed_post(&client, &url, "k", "").await?;
         if store_server_errors {
             assert_eq!(
@@ -370,8 +374,8 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
 
 #[tokio::test]
 async fn an_inner_service_error_releases_the_key() -> Result {
-    let runs = Runs::default();
-    let idempotent = IdempotencyLayer::new(Store::in_memory()?).layer(FailsOnce(runs.clone()));
+    let (runs, store) = (Runs::default(), Store::in_memory()?);
+    let idempotent = IdempotencyLayer::new(store.clone()).layer(FailsOnce(runs.clone()));
     let service = HandleErrorLayer::new(|err: std::io::Error| async move {
         (StatusCode::BAD_GATEWAY, err.to_string())
     })
@@ -382,6 +386,11 @@ async fn an_inner_service_error_releases_the_key() -> Result {
     assert_eq!(
         keyed_post(&client, &url, "k", "").await?.status(),
         StatusCode::BAD_GATEWAY
+    );
+    let key = scoped_key(b"", &Method::POST, "/charge", b"k");
+    assert!(
+        store.get(&key)?.is_none(),
+        "released before the answer left"
     );
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(
@@ -460,13 +469,14 @@ async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over
     let base = serve(attempts(&runs, "hang").layer(layer)).await?;
     let client = client()?;
     let url = format!("{base}/work");
-    let gone = client
-        .post(&url)
-        .header("idempotency-key", "k")
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await;
-    assert!(gone.is_err_and(|err| err.is_timeout()));
+    // The client gives up once the handler runs: its request future (and connection) is dropped.
+    let gone = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the first attempt runs", || Ok(runs.get() >= 1)).await?;
+    gone.abort();
+    assert!(gone.await.is_err_and(|err| err.is_cancelled()));
     // With the 30 s lease left alone, the retry would get 409 for 30 s.
     lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
@@ -525,12 +535,12 @@ async fn a_waiting_request_that_disconnects_leaves_no_claim_behind() -> Result {
         }),
     );
     // Counts requests whose future the server dropped (finished or cancelled).
-    let (dropped, dropped_signal) = (Runs::default(), Arc::new(Notify::new()));
+    let dropped = Runs::default();
     let count_drops = {
-        let (dropped, dropped_signal) = (dropped.clone(), dropped_signal.clone());
+        let dropped = dropped.clone();
         axum::middleware::from_fn(
             move |request: Request<Body>, next: axum::middleware::Next| {
-                let on_drop = DropSignal(dropped.clone(), dropped_signal.clone());
+                let on_drop = DropSignal(dropped.clone());
                 async move {
                     let _on_drop = on_drop;
                     next.run(request).await
@@ -538,7 +548,8 @@ async fn a_waiting_request_that_disconnects_leaves_no_claim_behind() -> Result {
             },
         )
     };
-    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+    let store = Store::in_memory()?;
+    let layer = IdempotencyLayer::builder(store.clone())
         .lease(Duration::from_secs(30))
         .in_flight(InFlight::Wait(Duration::from_secs(5)))
         .build()?;
@@ -550,16 +561,22 @@ async fn a_waiting_request_that_disconnects_leaves_no_claim_behind() -> Result {
         async move { keyed_post(&client, &url, "k", "").await }
     });
     entered.notified().await;
-    let waiter = client
-        .post(&url)
-        .header("idempotency-key", "k")
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await;
-    assert!(waiter.is_err_and(|err| err.is_timeout()));
-    while dropped.get() < 1 {
-        dropped_signal.notified().await;
-    }
+    // A second request waits for the first (its claim saw the key in progress), then its
+    // client gives up.
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the second request waits", || {
+        Ok(store.stats()?.in_progress >= 1)
+    })
+    .await?;
+    waiter.abort();
+    assert!(waiter.await.is_err_and(|err| err.is_cancelled()));
+    eventually("the server drops the waiting request", || {
+        Ok(dropped.get() >= 1)
+    })
+    .await?;
     // The first request fails and gives the key back; the departed waiter's claim takes it.
     open.notify_one();
     assert_eq!(first.await??.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -179,23 +179,31 @@ pub(crate) async fn chunked_post(
     Ok(response.lines().next().unwrap_or_default().to_string())
 }
 
-/// Waits (at most 10 s) until the store shows the key's lease as over.
+/// Waits until the store shows the key's lease as over.
 pub(crate) async fn lease_ended(store: &Store, key: &dedupe_store::Key) -> Result {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("the abandoned claim's lease is cut", || {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis();
-        match store.get(key)?.map(|entry| entry.state) {
-            Some(EntryState::InProgress { lease_until, .. }) if u128::from(lease_until) <= now => {
-                return Ok(());
-            }
-            _ if Instant::now() > deadline => {
-                return Err("the abandoned claim's lease was not cut".into());
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        Ok(matches!(
+            store.get(key)?.map(|entry| entry.state),
+            Some(EntryState::InProgress { lease_until, .. }) if u128::from(lease_until) <= now
+        ))
+    })
+    .await
+}
+
+/// Waits (at most 10 s) until `done` holds: a bound on waits for what happens on the server,
+/// so that a broken behaviour fails the test instead of hanging it.
+pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> Result<bool>) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done()? {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting until {what}").into());
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Ok(())
 }
 
 /// A handler that records each attempt's ticket; the first never answers (`hang`) or panics.
@@ -219,11 +227,11 @@ pub(crate) fn attempts(runs: &Runs, first: &'static str) -> Router {
     )
 }
 
-pub(crate) struct DropSignal(pub(crate) Runs, pub(crate) Arc<Notify>);
+/// Counts, when dropped, one request whose future the server dropped.
+pub(crate) struct DropSignal(pub(crate) Runs);
 
 impl Drop for DropSignal {
     fn drop(&mut self) {
         self.0.next();
-        self.1.notify_one();
     }
 }
