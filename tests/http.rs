@@ -16,10 +16,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::Extension;
-use axum::http::{HeaderValue, Method, Request, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::routing::post;
 use dedupe_store::http::{IdempotencyLayer, InFlight, scoped_key};
-use dedupe_store::{Store, Ticket};
+use dedupe_store::{ManualClock, Store, Ticket};
 use tokio::sync::Notify;
 use tower::Layer;
 
@@ -90,6 +90,36 @@ async fn other_methods_and_keyless_requests_pass_through() -> Result {
             .await?;
     }
     assert_eq!(runs.get(), 7);
+    Ok(())
+}
+
+#[tokio::test]
+async fn methods_header_names_and_ttl_are_configurable() -> Result {
+    let runs = Runs::default();
+    let clock = ManualClock::new(1_000_000);
+    let store = Store::builder().clock(clock.clone()).in_memory()?;
+    let layer = IdempotencyLayer::builder(store)
+        .methods([Method::PUT])
+        .key_header(HeaderName::from_static("x-request-id"))
+        .replayed_header(HeaderName::from_static("x-replayed"))
+        .ttl(Duration::from_secs(60))
+        .build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    let put = || client.put(&url).header("x-request-id", "r1").send();
+    assert!(put().await?.headers().get("x-replayed").is_none());
+    assert_eq!(put().await?.headers()["x-replayed"], "true");
+    assert_eq!(runs.get(), 1);
+    // POST is no longer covered, and the default header name means nothing now.
+    for _ in 0..2 {
+        keyed_post(&client, &url, "r1", "").await?;
+    }
+    assert_eq!(runs.get(), 3);
+    // The response is forgotten once its TTL passes.
+    clock.advance(Duration::from_secs(60));
+    assert!(put().await?.headers().get("x-replayed").is_none());
+    assert_eq!(runs.get(), 4);
     Ok(())
 }
 
@@ -588,12 +618,26 @@ async fn a_waiting_request_that_disconnects_leaves_no_claim_behind() -> Result {
 }
 
 #[tokio::test]
-async fn a_failing_store_answers_503() -> Result {
+async fn a_failing_store_is_503_and_an_unreadable_answer_500() -> Result {
     let runs = Runs::default();
     let store = Store::in_memory()?;
     let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
+    let url = format!("{base}/charges");
+    // An answer the layer did not write (no version byte it knows) is never misread.
+    let key = scoped_key(b"", &Method::POST, "/charges", b"foreign");
+    let ticket = store.claim(&key)?.ticket().ok_or("claimed")?;
+    store.complete(&ticket, b"\x07not a stored response")?;
+    let foreign = keyed_post(&client()?, &url, "foreign", "").await?;
+    assert_eq!(
+        problem(foreign).await?,
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored-response-corrupt".into()
+        )
+    );
+
     store.close()?;
-    let response = keyed_post(&client()?, &format!("{base}/charges"), "k", "").await?;
+    let response = keyed_post(&client()?, &url, "k", "").await?;
     assert_eq!(
         problem(response).await?,
         (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable".into())

@@ -370,3 +370,48 @@ impl IdempotencyLayerBuilder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_refuses_bad_settings_with_typed_errors() -> Result<()> {
+        let store = Store::builder().max_response_bytes(4096).in_memory()?;
+        let builder = || IdempotencyLayer::builder(store.clone());
+        assert!(matches!(
+            builder().ttl(Duration::ZERO).build(),
+            Err(Error::InvalidDuration { what: "ttl", .. })
+        ));
+        assert!(matches!(
+            builder().lease(Duration::MAX).build(),
+            Err(Error::InvalidDuration { what: "lease", .. })
+        ));
+        assert!(matches!(
+            builder().in_flight(InFlight::Wait(Duration::ZERO)).build(),
+            Err(Error::InvalidDuration { .. })
+        ));
+        assert!(matches!(
+            builder().methods([]).build(),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            builder().max_response_body(4097).build(),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let layer = builder().max_response_body(4096).build()?;
+        assert_eq!(layer.config.max_response_body, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn the_defaults_follow_the_store() -> Result<()> {
+        let store = Store::builder().max_response_bytes(2048).in_memory()?;
+        let layer = IdempotencyLayer::new(store);
+        assert_eq!(layer.config.max_response_body, 2048);
+        assert_eq!(layer.config.methods, [Method::POST, Method::PATCH]);
+        assert_eq!(layer.config.key_header_title, "Idempotency-Key");
+        assert_eq!(layer.config.in_flight, InFlight::Reject);
+        Ok(())
+    }
+}
