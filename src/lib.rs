@@ -106,6 +106,9 @@ mod storage;
 mod store;
 mod sweeper;
 
+#[cfg(feature = "http")]
+pub mod http;
+
 pub use builder::{Durability, StoreBuilder};
 pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -1,0 +1,198 @@
+//! The claim's life inside one request: every store call made off the async runtime's worker
+//! threads, and what happens to a claim when the request's future is dropped half-way.
+//!
+//! Store calls can wait for an fsync (a claim, a complete) or for another request (a claim
+//! that waits for the first request with its key), so each runs on tokio's blocking pool with
+//! [`spawn_blocking`](tokio::task::spawn_blocking) and the request's future awaits it. A
+//! blocking call, once started, runs to its end even if the request is dropped meanwhile, so a
+//! `complete` or `release` that was begun is never lost half-way.
+
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::claim::{Claim, ClaimOptions, Ticket};
+use crate::error::Error;
+use crate::key::Key;
+use crate::store::Store;
+
+use super::layer::InFlight;
+
+/// A store call that could not give its answer.
+#[derive(Debug)]
+pub(crate) enum StoreFailure {
+    /// The store refused or failed.
+    Error(Error),
+    /// The blocking task never answered: the runtime is shutting down.
+    Interrupted,
+}
+
+impl std::fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreFailure::Error(err) => err.fmt(f),
+            StoreFailure::Interrupted => f.write_str("the store call was interrupted"),
+        }
+    }
+}
+
+/// Runs `work` on the runtime's blocking pool, detached; on a thread with no runtime (a drop
+/// outside of one), right here, where blocking harms no one.
+fn detach(work: impl FnOnce() + Send + 'static) {
+    match Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(work)),
+        Err(_) => work(),
+    }
+}
+
+/// Runs `work` on the blocking pool and waits for its answer without blocking a worker.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, StoreFailure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(StoreFailure::Error(err)),
+        Err(_) => Err(StoreFailure::Interrupted),
+    }
+}
+
+/// Claims `key`, waiting for a first request in flight when `in_flight` says so.
+///
+/// If the request is dropped while the claim is being made, the claim may still be acquired
+/// on the blocking pool after nobody is left to run the handler. The answer travels over a
+/// oneshot channel whose two ends settle who gives such a key back: the sender when the
+/// receiver was already gone, the receiver's drop when the answer had already arrived. Nothing
+/// ran, so the key is released and the client's retry can claim it at once.
+pub(crate) async fn claim(
+    store: &Store,
+    key: Key,
+    options: ClaimOptions,
+    in_flight: InFlight,
+) -> Result<Claim, StoreFailure> {
+    let (answer, receiver) = oneshot::channel();
+    let worker = store.clone();
+    detach(move || {
+        let claim = match in_flight {
+            InFlight::Wait(timeout) => worker.claim_or_wait(&key, &options, timeout),
+            InFlight::Reject => worker.claim_with(&key, &options),
+        };
+        if let Err(Ok(Claim::Acquired(ticket))) = answer.send(claim) {
+            let _ = worker.release(&ticket);
+        }
+    });
+    let mut pending = PendingClaim {
+        store: store.clone(),
+        receiver: Some(receiver),
+    };
+    pending.answer().await
+}
+
+struct PendingClaim {
+    store: Store,
+    receiver: Option<oneshot::Receiver<crate::Result<Claim>>>,
+}
+
+impl PendingClaim {
+    async fn answer(&mut self) -> Result<Claim, StoreFailure> {
+        let Some(receiver) = self.receiver.as_mut() else {
+            return Err(StoreFailure::Interrupted);
+        };
+        let answer = receiver.await;
+        self.receiver = None;
+        match answer {
+            Ok(Ok(claim)) => Ok(claim),
+            Ok(Err(err)) => Err(StoreFailure::Error(err)),
+            Err(_) => Err(StoreFailure::Interrupted),
+        }
+    }
+}
+
+impl Drop for PendingClaim {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.receiver.take() else {
+            return;
+        };
+        receiver.close();
+        if let Ok(Ok(Claim::Acquired(ticket))) = receiver.try_recv() {
+            let store = self.store.clone();
+            detach(move || {
+                let _ = store.release(&ticket);
+            });
+        }
+    }
+}
+
+/// The ticket of a claim whose handler is running, and what becomes of it if the request ends
+/// without an answer to store: the client disconnected and the server dropped the request's
+/// future, a timeout layer outside cancelled it, or the handler panicked.
+///
+/// Such an attempt is *abandoned*: its lease is cut to a millisecond (the record stays), so the
+/// client's retry takes the key over at once, as the next attempt, with
+/// [`Ticket::is_takeover`] set and the attempt's checkpoints in its ticket. The two obvious
+/// alternatives are both worse:
+///
+/// - Releasing the key would let the retry run as a fresh attempt 1, with no sign that a
+///   handler cancelled half-way may already have charged the card; the takeover flag is how
+///   the next attempt knows to check.
+/// - Leaving the lease to run out would answer every retry `409` for up to the whole lease
+///   (30 s by default) after a plain disconnect, the most common failure there is.
+///
+/// The cut runs on the blocking pool, detached, since a drop cannot wait. If it never runs (the
+/// runtime is shutting down, the store fails), the lease still ends the claim on time.
+pub(crate) struct ClaimGuard {
+    store: Store,
+    ticket: Option<Ticket>,
+}
+
+/// How long an abandoned attempt keeps its key: the shortest lease the store takes.
+const ABANDONED_LEASE: Duration = Duration::from_millis(1);
+
+impl ClaimGuard {
+    pub(crate) fn new(store: Store, ticket: Ticket) -> ClaimGuard {
+        ClaimGuard {
+            store,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// The ticket, for the handler's request extensions.
+    pub(crate) fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    /// Completes the claim with `response`. The attempt is over either way: a failure (a
+    /// storage error, a takeover after the lease ran out) leaves the record to its lease.
+    pub(crate) async fn complete(mut self, response: Vec<u8>, ttl: Option<Duration>) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        let _ = blocking(move || match ttl {
+            Some(ttl) => store.complete_with_ttl(&ticket, response, ttl),
+            None => store.complete(&ticket, response),
+        })
+        .await;
+    }
+
+    /// Gives the key back so the client may retry: the handler failed in a way it reported.
+    pub(crate) async fn release(mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        let _ = blocking(move || store.release(&ticket)).await;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let Some(mut ticket) = self.ticket.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        detach(move || {
+            let _ = store.extend(&mut ticket, ABANDONED_LEASE);
+        });
+    }
+}

@@ -1,0 +1,417 @@
+//! [`IdempotencyLayer`] and its builder: every setting of the middleware, with its default,
+//! validated once in [`IdempotencyLayerBuilder::build`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::request::Parts;
+use ::http::{HeaderName, Method};
+use tower::Layer;
+
+use crate::error::{Error, Result};
+use crate::limits;
+use crate::store::Store;
+
+use super::problem::header_title;
+use super::service::IdempotencyService;
+
+/// The request header that carries the client's key, by default.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The response header that marks a replayed response, by default (its value is `true`).
+pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
+
+/// The longest `Idempotency-Key` value accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The default cap on a buffered request body: 1 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
+
+/// What a request gets when the first request with its key is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum InFlight {
+    /// Answer `409 Conflict` at once, with a `Retry-After` header (whole seconds until the
+    /// first request's lease ends, never negative). The default.
+    #[default]
+    Reject,
+    /// Wait up to this long for the first request to finish, then replay its response (or run
+    /// the handler, if the first request failed and gave the key back). Still running after
+    /// the wait: `409`, as for `Reject`.
+    ///
+    /// Each waiting request holds one thread of tokio's blocking pool (512 by default) for up
+    /// to the wait, so keep it short: a few seconds, not minutes.
+    Wait(Duration),
+}
+
+type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
+
+/// The settings an [`IdempotencyService`] runs with, validated.
+pub(crate) struct Config {
+    pub store: Store,
+    pub methods: Vec<Method>,
+    pub key_header: HeaderName,
+    /// The key header's name as messages show it.
+    pub key_header_title: String,
+    pub replayed_header: HeaderName,
+    pub require_key: bool,
+    pub scope: Option<Arc<ScopeFn>>,
+    pub stored_headers: Vec<HeaderName>,
+    pub max_request_body: usize,
+    pub max_response_body: usize,
+    /// The store's own cap on a stored response, which the encoded response must fit.
+    pub max_stored_response: usize,
+    pub in_flight: InFlight,
+    pub store_server_errors: bool,
+    pub ttl: Option<Duration>,
+    pub lease: Option<Duration>,
+}
+
+impl Config {
+    pub(crate) fn applies_to(&self, method: &Method) -> bool {
+        self.methods.contains(method)
+    }
+
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
+        match &self.scope {
+            Some(scope) => scope(parts),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// A tower [`Layer`] that makes unsafe HTTP requests idempotent with an `Idempotency-Key`
+/// header, on a [`Store`]. See [the module docs](crate::http) for the behaviour.
+///
+/// Cheap to clone: clones share one configuration and one store.
+///
+/// ```
+/// use dedupe_store::Store;
+/// use dedupe_store::http::IdempotencyLayer;
+///
+/// let store = Store::in_memory()?;
+/// let app: axum::Router = axum::Router::new()
+///     .route("/charges", axum::routing::post(|| async { "charged" }))
+///     .layer(IdempotencyLayer::new(store));
+/// # Ok::<(), dedupe_store::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.config.store)
+            .field("methods", &self.config.methods)
+            .field("key_header", &self.config.key_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// The layer with every default (see [`IdempotencyLayerBuilder`]).
+    pub fn new(store: Store) -> IdempotencyLayer {
+        let max_stored_response = store.engine().config.max_response_bytes;
+        // The defaults are valid by construction, so this skips `build`'s checks.
+        IdempotencyLayer::builder(store).finish(max_stored_response, max_stored_response)
+    }
+
+    /// A builder for every setting, each with a documented default.
+    pub fn builder(store: Store) -> IdempotencyLayerBuilder {
+        IdempotencyLayerBuilder {
+            store,
+            methods: vec![Method::POST, Method::PATCH],
+            key_header: IDEMPOTENCY_KEY,
+            replayed_header: IDEMPOTENCY_REPLAYED,
+            require_key: false,
+            scope: None,
+            stored_headers: default_stored_headers(),
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            max_response_body: None,
+            in_flight: InFlight::Reject,
+            store_server_errors: false,
+            ttl: None,
+            lease: None,
+        }
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> IdempotencyService<S> {
+        IdempotencyService::new(inner, self.config.clone())
+    }
+}
+
+fn default_stored_headers() -> Vec<HeaderName> {
+    use ::http::header;
+    vec![
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+        header::LOCATION,
+    ]
+}
+
+/// Builds an [`IdempotencyLayer`]. Every setter states its default; [`build`](Self::build)
+/// checks them all.
+///
+/// ```
+/// use std::time::Duration;
+/// use dedupe_store::Store;
+/// use dedupe_store::http::{IdempotencyLayer, InFlight};
+///
+/// let store = Store::in_memory()?;
+/// let layer = IdempotencyLayer::builder(store)
+///     .require_key(true)
+///     // One tenant's keys never block another's.
+///     .scope(|request: &http::request::Parts| {
+///         request.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+///     })
+///     .in_flight(InFlight::Wait(Duration::from_secs(5)))
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .build()?;
+/// # Ok::<(), dedupe_store::Error>(())
+/// ```
+#[must_use = "a builder does nothing until build()"]
+pub struct IdempotencyLayerBuilder {
+    store: Store,
+    methods: Vec<Method>,
+    key_header: HeaderName,
+    replayed_header: HeaderName,
+    require_key: bool,
+    scope: Option<Arc<ScopeFn>>,
+    stored_headers: Vec<HeaderName>,
+    max_request_body: usize,
+    max_response_body: Option<usize>,
+    in_flight: InFlight,
+    store_server_errors: bool,
+    ttl: Option<Duration>,
+    lease: Option<Duration>,
+}
+
+impl fmt::Debug for IdempotencyLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayerBuilder")
+            .field("methods", &self.methods)
+            .field("key_header", &self.key_header)
+            .field("replayed_header", &self.replayed_header)
+            .field("require_key", &self.require_key)
+            .field("scoped", &self.scope.is_some())
+            .field("stored_headers", &self.stored_headers)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_response_body", &self.max_response_body)
+            .field("in_flight", &self.in_flight)
+            .field("store_server_errors", &self.store_server_errors)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayerBuilder {
+    /// The methods the layer applies to; requests with other methods pass through untouched.
+    /// Default: `POST` and `PATCH` (`PUT` and `DELETE` are idempotent by definition).
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// The request header that carries the client's key. Default: `Idempotency-Key`.
+    pub fn key_header(mut self, name: HeaderName) -> Self {
+        self.key_header = name;
+        self
+    }
+
+    /// The response header set to `true` on a replayed response. Default:
+    /// `Idempotency-Replayed`.
+    pub fn replayed_header(mut self, name: HeaderName) -> Self {
+        self.replayed_header = name;
+        self
+    }
+
+    /// Whether a request without the key header is refused with `400` (problem type
+    /// `urn:dedupe-store:idempotency:missing-key`) instead of passing through. Default: false,
+    /// it passes through.
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.require_key = required;
+        self
+    }
+
+    /// A function of the request (its head: method, URI, headers and the extensions an
+    /// authentication layer put there) that names whose key it is, such as the tenant. The
+    /// stored key is [`scoped_key`](super::scoped_key)`(scope, method, path, key)`, so one
+    /// tenant's keys never block another's. Default: one scope shared by every request, the
+    /// empty string.
+    pub fn scope<F, S>(mut self, scope: F) -> Self
+    where
+        F: Fn(&Parts) -> S + Send + Sync + 'static,
+        S: AsRef<[u8]>,
+    {
+        self.scope = Some(Arc::new(move |parts: &Parts| {
+            scope(parts).as_ref().to_vec()
+        }));
+        self
+    }
+
+    /// The response headers stored with the status and body and replayed to retries (every
+    /// value of each, in order). Others are sent with the first response only. Default:
+    /// `Content-Type`, `Content-Encoding`, `Content-Language` and `Location`.
+    pub fn stored_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.stored_headers = names.into_iter().collect();
+        self
+    }
+
+    /// The largest request body the layer buffers to fingerprint, in bytes. A larger one gets
+    /// `413` (problem type `urn:dedupe-store:idempotency:request-too-large`) before the handler
+    /// runs. Default: [`DEFAULT_MAX_REQUEST_BODY`] (1 MiB).
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.max_request_body = bytes;
+        self
+    }
+
+    /// The largest response body the layer buffers to store, in bytes; at most the store's
+    /// [`max_response_bytes`](crate::StoreBuilder::max_response_bytes), which the whole encoded
+    /// response (status, stored headers, body) must also fit. A first response over it is still
+    /// sent in full to its client, but cannot be replayed: retries get `500` (problem type
+    /// `urn:dedupe-store:idempotency:response-not-replayable`) and the handler does not run
+    /// again. Default: the store's `max_response_bytes` (1 MiB unless set).
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.max_response_body = Some(bytes);
+        self
+    }
+
+    /// What a request gets while the first request with its key still runs. Default:
+    /// [`InFlight::Reject`] (`409`).
+    pub fn in_flight(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = in_flight;
+        self
+    }
+
+    /// Whether `5xx` responses are stored and replayed like any other (Stripe's choice).
+    /// Default: false: a `5xx` response, like an error from the inner service, releases the
+    /// key so the client may retry and run the handler again.
+    pub fn store_server_errors(mut self, store: bool) -> Self {
+        self.store_server_errors = store;
+        self
+    }
+
+    /// How long a completed response is replayed (and a key is remembered). Default: the
+    /// store's [`ttl`](crate::StoreBuilder::ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long the first request owns its key before a retry may take over, should it hang
+    /// or its process die. Default: the store's [`lease`](crate::StoreBuilder::lease).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Checks the settings and builds the layer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDuration`] for a zero or huge `ttl`, `lease` or [`InFlight::Wait`];
+    /// [`Error::InvalidConfig`] for an empty method list or a `max_response_body` over the
+    /// store's `max_response_bytes`.
+    pub fn build(self) -> Result<IdempotencyLayer> {
+        if let Some(ttl) = self.ttl {
+            limits::duration_millis("ttl", ttl)?;
+        }
+        if let Some(lease) = self.lease {
+            limits::duration_millis("lease", lease)?;
+        }
+        if let InFlight::Wait(wait) = self.in_flight {
+            limits::duration_millis("in-flight wait", wait)?;
+        }
+        if self.methods.is_empty() {
+            return Err(Error::InvalidConfig {
+                reason: "the idempotency layer needs at least one method".to_string(),
+            });
+        }
+        let max_stored_response = self.store.engine().config.max_response_bytes;
+        let max_response_body = self.max_response_body.unwrap_or(max_stored_response);
+        if max_response_body > max_stored_response {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "max_response_body is {max_response_body}, over the store's \
+                     max_response_bytes of {max_stored_response}"
+                ),
+            });
+        }
+        Ok(self.finish(max_response_body, max_stored_response))
+    }
+
+    fn finish(self, max_response_body: usize, max_stored_response: usize) -> IdempotencyLayer {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                store: self.store,
+                methods: self.methods,
+                key_header_title: header_title(&self.key_header),
+                key_header: self.key_header,
+                replayed_header: self.replayed_header,
+                require_key: self.require_key,
+                scope: self.scope,
+                stored_headers: self.stored_headers,
+                max_request_body: self.max_request_body,
+                max_response_body,
+                max_stored_response,
+                in_flight: self.in_flight,
+                store_server_errors: self.store_server_errors,
+                ttl: self.ttl,
+                lease: self.lease,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_refuses_bad_settings_with_typed_errors() -> Result<()> {
+        let store = Store::builder().max_response_bytes(4096).in_memory()?;
+        let builder = || IdempotencyLayer::builder(store.clone());
+        assert!(matches!(
+            builder().ttl(Duration::ZERO).build(),
+            Err(Error::InvalidDuration { what: "ttl", .. })
+        ));
+        assert!(matches!(
+            builder().lease(Duration::MAX).build(),
+            Err(Error::InvalidDuration { what: "lease", .. })
+        ));
+        assert!(matches!(
+            builder().in_flight(InFlight::Wait(Duration::ZERO)).build(),
+            Err(Error::InvalidDuration { .. })
+        ));
+        assert!(matches!(
+            builder().methods([]).build(),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(matches!(
+            builder().max_response_body(4097).build(),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let layer = builder().max_response_body(4096).build()?;
+        assert_eq!(layer.config.max_response_body, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn the_defaults_follow_the_store() -> Result<()> {
+        let store = Store::builder().max_response_bytes(2048).in_memory()?;
+        let layer = IdempotencyLayer::new(store);
+        assert_eq!(layer.config.max_response_body, 2048);
+        assert_eq!(layer.config.methods, [Method::POST, Method::PATCH]);
+        assert_eq!(layer.config.key_header_title, "Idempotency-Key");
+        assert_eq!(layer.config.in_flight, InFlight::Reject);
+        Ok(())
+    }
+}

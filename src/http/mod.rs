@@ -1,0 +1,92 @@
+//! HTTP `Idempotency-Key` middleware: a tower [`Layer`](tower::Layer) that gives an axum or
+//! hyper service safe retries (the Stripe pattern, and the IETF httpapi draft "The
+//! Idempotency-Key HTTP Header Field"). Behind the cargo feature `http`.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use dedupe_store::Store;
+//! use dedupe_store::http::IdempotencyLayer;
+//!
+//! # let dir = tempfile::tempdir()?;
+//! let store = Store::open(dir.path().join("idempotency.redb"))?;
+//! let app: Router = Router::new()
+//!     .route("/charges", post(|body: String| async move { format!("charged {body}") }))
+//!     .layer(IdempotencyLayer::new(store));
+//! // axum::serve(listener, app).await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # What a request gets
+//!
+//! The layer applies to the [configured methods](IdempotencyLayerBuilder::methods) (`POST` and
+//! `PATCH` by default); other requests pass through untouched. For those it applies to:
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | no `Idempotency-Key` header | passed through; or `400 missing-key` when [required](IdempotencyLayerBuilder::require_key) |
+//! | a key that is empty, over 255 bytes, not visible ASCII, or repeated | `400 invalid-key` |
+//! | a body over [the limit](IdempotencyLayerBuilder::max_request_body) | `413 request-too-large`, before the handler runs |
+//! | a new key | the handler runs once; its status, [stored headers](IdempotencyLayerBuilder::stored_headers) and body are stored, then sent |
+//! | a key whose request completed | the stored status, headers and body, plus `Idempotency-Replayed: true` |
+//! | a key whose first request still runs | `409 key-in-use` with `Retry-After`; or, [when configured](InFlight::Wait), the first request's answer once it is stored |
+//! | a key first used with another method, path, query or body | `422 key-reused` |
+//! | a store that fails | `503 store-unavailable` |
+//!
+//! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
+//! `urn:dedupe-store:idempotency:` and the name in the table.
+//!
+//! # Keys
+//!
+//! A client's key is scoped by a [function of the request](IdempotencyLayerBuilder::scope)
+//! (the tenant, say), its method and its path: the stored key is
+//! [`scoped_key`]`(scope, method, path, key)`, so one tenant's keys never block another's. The
+//! request's fingerprint is SHA-256 over its method, path and query, and body; the same key with
+//! another fingerprint is `422`.
+//!
+//! # Failures
+//!
+//! - **The handler reports a failure** (the inner service returns an error, or a `5xx`
+//!   response): the key is released, so the client may retry and run the handler again.
+//!   [`store_server_errors`](IdempotencyLayerBuilder::store_server_errors) keeps `5xx`
+//!   responses instead, as Stripe does.
+//! - **The request ends without an answer** (the client disconnects and the server drops the
+//!   request, a timeout layer cancels it, the handler panics): the attempt is *abandoned*. Its
+//!   lease is cut short at once, so the retry takes the key over as the next attempt with
+//!   [`Ticket::is_takeover`](crate::Ticket::is_takeover) set, since the handler may have done
+//!   part of its work. Nothing stays claimed beyond the lease in any case.
+//! - **The response is too large to store**: its client still gets all of it; later retries get
+//!   `500 response-not-replayable`, and the handler does not run again.
+//! - **The process dies**: what was stored is replayed after the restart; a request that was
+//!   running is taken over by its retry once its lease has passed.
+//!
+//! The handler finds the claim's [`Ticket`](crate::Ticket) in its request extensions
+//! (`axum::Extension<Ticket>`): the attempt number, the takeover flag, the checkpoints of an
+//! abandoned attempt, and the fencing token to pass to downstream systems.
+//!
+//! # The runtime
+//!
+//! Store calls wait for fsyncs (and, with [`InFlight::Wait`], for the first request), so the
+//! layer makes every one on tokio's blocking pool and awaits it: the runtime's worker threads
+//! never block on the store. The layer needs a tokio runtime.
+//!
+//! # The stored response
+//!
+//! A completed key's response bytes hold the status, the stored headers and the body in an
+//! explicit, versioned encoding, described in `docs/FORMAT.md`; an empty response marks one
+//! that was too large to keep.
+
+mod body;
+mod claim;
+mod layer;
+mod problem;
+mod request;
+mod service;
+mod stored;
+
+pub use body::ResponseBody;
+pub use layer::{
+    DEFAULT_MAX_REQUEST_BODY, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, IdempotencyLayer,
+    IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
+};
+pub use request::scoped_key;
+pub use service::{IdempotencyService, ResponseFuture};

@@ -1,0 +1,210 @@
+//! What the layer takes from a request: the client's key (checked), the stored key it is
+//! scoped to, the request body (bounded) and the request's fingerprint.
+//!
+//! The fingerprint is SHA-256: a collision would let one request replay another's response
+//! under the same key, so the hash must resist clients who try to craft one, and SHA-256 is the
+//! digest other systems (and the IETF `Idempotency-Key` draft's examples) already use, pure
+//! Rust, hardware-accelerated where the CPU has SHA extensions. Bodies are capped at a few MiB,
+//! so BLAKE3's extra speed would not show next to an fsync.
+
+use ::http::{HeaderMap, HeaderName, Method, Uri};
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use sha2::{Digest, Sha256};
+
+use crate::key::Key;
+
+use super::layer::MAX_IDEMPOTENCY_KEY_LEN;
+
+/// Scope, method and path parts longer than this are replaced by their digest in the stored
+/// key, so that the four parts always fit [`MAX_KEY_LEN`](crate::MAX_KEY_LEN): at most
+/// 4 × (200 + 4) = 816 bytes.
+const MAX_KEY_PART: usize = 200;
+
+/// The stored key for a request: [`Key::scoped`] over `scope`, the method, the URI path (not
+/// the query) and the client's key, so equal client keys in different scopes, on different
+/// methods or on different paths never meet.
+///
+/// A part longer than 200 bytes is replaced by `sha256:` and the lowercase hex SHA-256 of the
+/// part, so the key always fits [`MAX_KEY_LEN`](crate::MAX_KEY_LEN). Use it to look a
+/// request's key up in the store, or to [`expire`](crate::Store::expire) it.
+///
+/// ```
+/// use dedupe_store::{Key, http::scoped_key};
+///
+/// let key = scoped_key(b"tenant-7", &http::Method::POST, "/charges", b"abc");
+/// assert_eq!(key, Key::scoped(["tenant-7", "POST", "/charges", "abc"]));
+/// ```
+pub fn scoped_key(scope: &[u8], method: &Method, path: &str, idempotency_key: &[u8]) -> Key {
+    Key::scoped([
+        key_part(scope),
+        key_part(method.as_str().as_bytes()),
+        key_part(path.as_bytes()),
+        key_part(idempotency_key),
+    ])
+}
+
+fn key_part(part: &[u8]) -> Vec<u8> {
+    if part.len() <= MAX_KEY_PART {
+        return part.to_vec();
+    }
+    let mut digest = b"sha256:".to_vec();
+    for byte in Sha256::digest(part).as_slice() {
+        digest.extend_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    digest
+}
+
+/// The client's key from the `name` header (`shown` as `name` in messages): `Ok(None)` when
+/// there is none, `Err` with the reason when it is not a usable key: repeated, empty, longer
+/// than 255 bytes, or not all visible ASCII (`!` to `~`).
+pub(crate) fn idempotency_key<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+    shown: &str,
+) -> Result<Option<&'h [u8]>, String> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(format!("The request has more than one {shown} header."));
+    }
+    let key = value.as_bytes();
+    if key.is_empty() {
+        return Err(format!("The {shown} header is empty."));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(format!(
+            "The {shown} header is {} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}.",
+            key.len()
+        ));
+    }
+    if let Some(bad) = key.iter().find(|byte| !(0x21..=0x7e).contains(*byte)) {
+        return Err(format!(
+            "The {shown} header must be visible ASCII (0x21 to 0x7e); it has byte 0x{bad:02x}."
+        ));
+    }
+    Ok(Some(key))
+}
+
+/// Why a request body could not be buffered.
+pub(crate) enum BodyError {
+    /// It is longer than the limit.
+    TooLarge,
+    /// Reading it failed (the client went away, a decoding layer failed).
+    Unreadable(String),
+}
+
+/// The whole request body, or an error once it passes `limit` bytes: never more than `limit`
+/// bytes are held. A `Content-Length` over the limit is refused before anything is read.
+pub(crate) async fn buffer_request<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, BodyError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(err) => Err(BodyError::Unreadable(err.to_string())),
+    }
+}
+
+/// The request's fingerprint: SHA-256 over the method, the path with its query, and the body,
+/// each length-prefixed so that no two different requests hash the same input.
+pub(crate) fn fingerprint(method: &Method, uri: &Uri, body: &[u8]) -> [u8; 32] {
+    let target = uri.path_and_query().map_or("/", |target| target.as_str());
+    let mut hasher = Sha256::new();
+    hasher.update(b"dedupe-store http fingerprint v1");
+    for field in [method.as_str().as_bytes(), target.as_bytes(), body] {
+        hasher.update((field.len() as u64).to_le_bytes());
+        hasher.update(field);
+    }
+    hasher.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MAX_KEY_LEN;
+    use ::http::HeaderValue;
+
+    fn headers(values: &[&[u8]]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for value in values {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                map.append("idempotency-key", value);
+            }
+        }
+        map
+    }
+
+    fn check(values: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
+        let name = HeaderName::from_static("idempotency-key");
+        idempotency_key(&headers(values), &name, "Idempotency-Key")
+            .map(|key| key.map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn keys_are_visible_ascii_up_to_255_bytes() {
+        assert_eq!(check(&[]), Ok(None));
+        assert_eq!(check(&[b"abc-123"]), Ok(Some(b"abc-123".to_vec())));
+        let longest = vec![b'k'; 255];
+        assert_eq!(check(&[&longest]), Ok(Some(longest.clone())));
+        assert!(check(&[&[b'k'; 256]]).is_err());
+        assert!(check(&[b""]).is_err());
+        assert!(check(&[b"a b"]).is_err());
+        assert!(check(&[b"a\tb"]).is_err());
+        assert!(check(&["caf\u{e9}".as_bytes()]).is_err());
+        assert!(check(&[b"one", b"two"]).is_err());
+    }
+
+    #[test]
+    fn scoped_keys_keep_parts_apart_and_always_fit() {
+        let a = scoped_key(b"t1", &Method::POST, "/a", b"k");
+        assert_ne!(a, scoped_key(b"t2", &Method::POST, "/a", b"k"));
+        assert_ne!(a, scoped_key(b"t1", &Method::PATCH, "/a", b"k"));
+        assert_ne!(a, scoped_key(b"t1", &Method::POST, "/b", b"k"));
+        assert_ne!(a, scoped_key(b"t1", &Method::POST, "/a", b"k2"));
+
+        let long_path = format!("/{}", "p".repeat(5000));
+        let key = scoped_key(&[b's'; 5000], &Method::POST, &long_path, &[b'k'; 255]);
+        assert!(key.as_bytes().len() <= MAX_KEY_LEN);
+        let other_path = format!("/{}", "q".repeat(5000));
+        assert_ne!(
+            key,
+            scoped_key(&[b's'; 5000], &Method::POST, &other_path, &[b'k'; 255])
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_covers_method_target_and_body() -> Result<(), ::http::uri::InvalidUri> {
+        let uri: Uri = "/charges?currency=eur".parse()?;
+        let base = fingerprint(&Method::POST, &uri, b"amount=10");
+        assert_eq!(base, fingerprint(&Method::POST, &uri, b"amount=10"));
+        assert_ne!(base, fingerprint(&Method::PATCH, &uri, b"amount=10"));
+        assert_ne!(
+            base,
+            fingerprint(&Method::POST, &"/charges".parse()?, b"amount=10")
+        );
+        assert_ne!(base, fingerprint(&Method::POST, &uri, b"amount=11"));
+        // Length prefixes: moving bytes between target and body changes the fingerprint.
+        assert_ne!(
+            fingerprint(&Method::POST, &"/ab".parse()?, b"c"),
+            fingerprint(&Method::POST, &"/a".parse()?, b"bc")
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,647 @@
+#![cfg(feature = "http")]
+//! The `Idempotency-Key` layer behind a real axum server on 127.0.0.1, driven by a real HTTP
+//! client: every behaviour of the layer, a retry storm, a panicking handler, a client that
+//! disconnects, and (in `http/restart.rs`) a server process restarted between a request and
+//! its retry.
+
+#[path = "http/restart.rs"]
+mod restart;
+#[path = "http/support.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::Extension;
+use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
+use axum::routing::post;
+use dedupe_store::http::{IdempotencyLayer, InFlight, scoped_key};
+use dedupe_store::{ManualClock, Store, Ticket};
+use tokio::sync::Notify;
+use tower::Layer;
+
+use support::{
+    DropSignal, FailsOnce, Result, Runs, attempts, charges, chunked_post, client, eventually,
+    gated, keyed_post, lease_ended, problem, replayed, serve,
+};
+
+#[tokio::test]
+async fn a_first_request_runs_once_and_its_retry_replays_the_stored_response() -> Result {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path().join("http.redb"))?;
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
+    let client = client()?;
+
+    let first = keyed_post(&client, &format!("{base}/charges"), "order-1", "amount=10").await?;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(!replayed(&first));
+    assert_eq!(first.headers()["x-run"], "1");
+    let location = first.headers()[header::LOCATION].clone();
+    let body = first.text().await?;
+
+    let retry = keyed_post(&client, &format!("{base}/charges"), "order-1", "amount=10").await?;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert!(replayed(&retry));
+    assert_eq!(retry.headers()[header::LOCATION], location);
+    assert_eq!(retry.headers()[header::CONTENT_TYPE], "application/json");
+    assert!(
+        retry.headers().get("x-run").is_none(),
+        "x-run is not a stored header"
+    );
+    assert_eq!(retry.text().await?, body);
+    assert_eq!(runs.get(), 1);
+
+    let key = scoped_key(b"", &Method::POST, "/charges", b"order-1");
+    assert!(store.get(&key)?.ok_or("the key is stored")?.is_completed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn other_methods_and_keyless_requests_pass_through() -> Result {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(Store::in_memory()?);
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    for method in [Method::GET, Method::PUT] {
+        for _ in 0..2 {
+            let response = client
+                .request(method.clone(), &url)
+                .header("idempotency-key", "k")
+                .send()
+                .await?;
+            assert!(!replayed(&response));
+        }
+    }
+    for _ in 0..2 {
+        assert!(!replayed(&client.post(&url).body("no key").send().await?));
+    }
+    assert_eq!(runs.get(), 6);
+    // PATCH is covered by default.
+    for _ in 0..2 {
+        client
+            .patch(&url)
+            .header("idempotency-key", "k")
+            .send()
+            .await?;
+    }
+    assert_eq!(runs.get(), 7);
+    Ok(())
+}
+
+#[tokio::test]
+async fn methods_header_names_and_ttl_are_configurable() -> Result {
+    let runs = Runs::default();
+    let clock = ManualClock::new(1_000_000);
+    let store = Store::builder().clock(clock.clone()).in_memory()?;
+    let layer = IdempotencyLayer::builder(store)
+        .methods([Method::PUT])
+        .key_header(HeaderName::from_static("x-request-id"))
+        .replayed_header(HeaderName::from_static("x-replayed"))
+        .ttl(Duration::from_secs(60))
+        .build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    let put = || client.put(&url).header("x-request-id", "r1").send();
+    assert!(put().await?.headers().get("x-replayed").is_none());
+    assert_eq!(put().await?.headers()["x-replayed"], "true");
+    assert_eq!(runs.get(), 1);
+    // POST is no longer covered, and the default header name means nothing now.
+    for _ in 0..2 {
+        keyed_post(&client, &url, "r1", "").await?;
+    }
+    assert_eq!(runs.get(), 3);
+    // The response is forgotten once its TTL passes.
+    clock.advance(Duration::from_secs(60));
+    assert!(put().await?.headers().get("x-replayed").is_none());
+    assert_eq!(runs.get(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_required_key_is_enforced_and_bad_keys_are_refused() -> Result {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .require_key(true)
+        .build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+
+    let missing = client.post(&url).body("x").send().await?;
+    assert_eq!(
+        problem(missing).await?,
+        (StatusCode::BAD_REQUEST, "missing-key".into())
+    );
+    let too_long = "k".repeat(256);
+    for bad in [&too_long[..], "", "a b", "tab\there"] {
+        let response = keyed_post(&client, &url, bad, "x").await?;
+        assert_eq!(
+            problem(response).await?,
+            (StatusCode::BAD_REQUEST, "invalid-key".into()),
+            "{bad:?}"
+        );
+    }
+    let latin1 = client
+        .post(&url)
+        .header("idempotency-key", HeaderValue::from_bytes(b"caf\xe9")?)
+        .send()
+        .await?;
+    assert_eq!(problem(latin1).await?.1, "invalid-key");
+    let twice = client
+        .post(&url)
+        .header("idempotency-key", "a")
+        .header("idempotency-key", "b")
+        .send()
+        .await?;
+    assert_eq!(problem(twice).await?.1, "invalid-key");
+    assert_eq!(runs.get(), 0, "no bad request reached the handler");
+
+    let longest = "k".repeat(255);
+    assert_eq!(
+        keyed_post(&client, &url, &longest, "x").await?.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        client.get(&url).send().await?.status(),
+        StatusCode::CREATED,
+        "GET needs no key"
+    );
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
+    let runs = Runs::default();
+    let store = Store::in_memory()?;
+    let layer = IdempotencyLayer::builder(store.clone())
+        .scope(|request: &axum::http::request::Parts| {
+            request
+                .headers
+                .get("x-tenant")
+                .map(|t| t.as_bytes().to_vec())
+                .unwrap_or_default()
+        })
+        .build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let send = |tenant: &'static str, path: &'static str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("x-tenant", tenant)
+            .header("idempotency-key", "same")
+            .body("x")
+            .send()
+    };
+    assert!(!replayed(&send("acme", "/charges").await?));
+    assert!(
+        !replayed(&send("globex", "/charges").await?),
+        "another tenant's key is its own"
+    );
+    assert!(
+        !replayed(&send("acme", "/refunds").await?),
+        "another path's key is its own"
+    );
+    assert!(replayed(&send("acme", "/charges").await?));
+    assert_eq!(runs.get(), 3);
+    assert!(
+        store
+            .get(scoped_key(b"globex", &Method::POST, "/charges", b"same"))?
+            .is_some()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_key_with_another_request_is_422() -> Result {
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(Store::in_memory()?))).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    assert_eq!(
+        keyed_post(&client, &url, "k", "amount=10").await?.status(),
+        StatusCode::CREATED
+    );
+    let other_body = keyed_post(&client, &url, "k", "amount=99").await?;
+    assert_eq!(
+        problem(other_body).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into())
+    );
+    let other_query = keyed_post(&client, &format!("{url}?currency=usd"), "k", "amount=10").await?;
+    assert_eq!(
+        problem(other_query).await?.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert!(replayed(
+        &keyed_post(&client, &url, "k", "amount=10").await?
+    ));
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_while_the_first_runs_is_409_with_retry_after() -> Result {
+    let (runs, entered, open) = (
+        Runs::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .lease(Duration::from_secs(30))
+        .build()?;
+    let base = serve(gated(&runs, &entered, &open).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/slow");
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    entered.notified().await;
+
+    let conflict = keyed_post(&client, &url, "k", "").await?;
+    let retry_after: u64 = conflict.headers()[header::RETRY_AFTER].to_str()?.parse()?;
+    assert!((1..=30).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(
+        problem(conflict).await?,
+        (StatusCode::CONFLICT, "key-in-use".into())
+    );
+
+    open.notify_one();
+    let first = first.await??;
+    assert_eq!(first.text().await?, "run 1");
+    let replay = keyed_post(&client, &url, "k", "").await?;
+    assert!(replayed(&replay));
+    assert_eq!(replay.text().await?, "run 1");
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_identical_posts_run_the_handler_once() -> Result {
+    let runs = Runs::default();
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path().join("storm.redb"))?;
+    let layer = IdempotencyLayer::builder(store)
+        .in_flight(InFlight::Wait(Duration::from_secs(20)))
+        .build()?;
+    let handler_runs = runs.clone();
+    let app = Router::new().route(
+        "/pay",
+        post(move |body: String| async move {
+            let run = handler_runs.next();
+            // Long enough for the other 49 to arrive while it runs.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            format!("paid {body} in run {run}")
+        }),
+    );
+    let base = serve(app.layer(layer)).await?;
+    let client = client()?;
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("{base}/pay"));
+            tokio::spawn(async move {
+                let response = keyed_post(&client, &url, "storm", "42").await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+                    response.status(),
+                    replayed(&response),
+                    response.text().await?,
+                ))
+            })
+        })
+        .collect();
+    let mut fresh = 0;
+    for request in requests {
+        let (status, was_replayed, body) = request.await??;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "paid 42 in run 1")
+        );
+        fresh += usize::from(!was_replayed);
+    }
+    assert_eq!(runs.get(), 1, "the handler ran once");
+    assert_eq!(fresh, 1, "one answer is the original, 49 are replays");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_first_request_gives_up_with_409() -> Result {
+    let (runs, entered, open) = (
+        Runs::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .in_flight(InFlight::Wait(Duration::from_millis(200)))
+        .build()?;
+    let base = serve(gated(&runs, &entered, &open).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/slow");
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    entered.notified().await;
+    assert_eq!(
+        problem(keyed_post(&client, &url, "k", "").await?).await?.0,
+        StatusCode::CONFLICT
+    );
+    open.notify_one();
+    assert_eq!(first.await??.status(), StatusCode::CREATED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Result {
+    for store_server_errors in [false, true] {
+        let runs = Runs::default();
+        let handler_runs = runs.clone();
+        let app = Router::new().route(
+            "/flaky",
+            post(move || async move {
+                match handler_runs.next() {
+                    1 => (StatusCode::SERVICE_UNAVAILABLE, "bank down"),
+                    _ => (StatusCode::CREATED, "charged"),
+                }
+            }),
+        );
+        let store = Store::in_memory()?;
+        let layer = IdempotencyLayer::builder(store.clone())
+            .store_server_errors(store_server_errors)
+            .build()?;
+        let base = serve(app.layer(layer)).await?;
+        let client = client()?;
+        let url = format!("{base}/flaky");
+        assert_eq!(
+            keyed_post(&client, &url, "k", "").await?.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Released (gone) before the answer left, not merely abandoned to a takeover.
+        let key = scoped_key(b"", &Method::POST, "/flaky", b"k");
+        assert_eq!(store.get(&key)?.is_some(), store_server_errors);
+        let retry = keyed_post(&client, &url, "k", "").await?;
+        if store_server_errors {
+            assert_eq!(
+                (retry.status(), replayed(&retry)),
+                (StatusCode::SERVICE_UNAVAILABLE, true)
+            );
+            assert_eq!(runs.get(), 1);
+        } else {
+            assert_eq!(
+                (retry.status(), replayed(&retry)),
+                (StatusCode::CREATED, false)
+            );
+            assert_eq!(runs.get(), 2);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_inner_service_error_releases_the_key() -> Result {
+    let (runs, store) = (Runs::default(), Store::in_memory()?);
+    let idempotent = IdempotencyLayer::new(store.clone()).layer(FailsOnce(runs.clone()));
+    let service = HandleErrorLayer::new(|err: std::io::Error| async move {
+        (StatusCode::BAD_GATEWAY, err.to_string())
+    })
+    .layer(idempotent);
+    let base = serve(Router::new().route_service("/charge", service)).await?;
+    let client = client()?;
+    let url = format!("{base}/charge");
+    assert_eq!(
+        keyed_post(&client, &url, "k", "").await?.status(),
+        StatusCode::BAD_GATEWAY
+    );
+    let key = scoped_key(b"", &Method::POST, "/charge", b"k");
+    assert!(
+        store.get(&key)?.is_none(),
+        "released before the answer left"
+    );
+    let retry = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(
+        (retry.status(), retry.text().await?),
+        (StatusCode::OK, "charged".to_string())
+    );
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_bodies_over_the_limit_are_413_before_the_handler() -> Result {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .max_request_body(16)
+        .build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    let declared = keyed_post(&client, &url, "k", "seventeen bytes!!").await?;
+    assert_eq!(
+        problem(declared).await?,
+        (StatusCode::PAYLOAD_TOO_LARGE, "request-too-large".into())
+    );
+    let streamed = chunked_post(&base, "/charges", "k", &[b"0123456789", b"0123456789"]).await?;
+    assert_eq!(streamed, "HTTP/1.1 413 Payload Too Large");
+    assert_eq!(runs.get(), 0);
+    // The key was never claimed: the same key with a body in bounds runs.
+    assert_eq!(
+        chunked_post(&base, "/charges", "k", &[b"0123456789", b"012345"]).await?,
+        "HTTP/1.1 201 Created"
+    );
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_response_too_large_to_store_reaches_its_client_and_is_never_rerun() -> Result {
+    let runs = Runs::default();
+    let handler_runs = runs.clone();
+    let app = Router::new().route(
+        "/export",
+        post(move || async move { (StatusCode::CREATED, "x".repeat(5000 + handler_runs.next())) }),
+    );
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .max_response_body(1024)
+        .build()?;
+    let base = serve(app.layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/export");
+    let first = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(
+        first.text().await?.len(),
+        5001,
+        "the first client gets the whole response"
+    );
+    let retry = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(
+        problem(retry).await?,
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-replayable".into()
+        )
+    );
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over() -> Result {
+    let (runs, store) = (Runs::default(), Store::in_memory()?);
+    let layer = IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .build()?;
+    let base = serve(attempts(&runs, "hang").layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/work");
+    // The client gives up once the handler runs: its request future (and connection) is dropped.
+    let gone = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the first attempt runs", || Ok(runs.get() >= 1)).await?;
+    gone.abort();
+    assert!(gone.await.is_err_and(|err| err.is_cancelled()));
+    // With the 30 s lease left alone, the retry would get 409 for 30 s.
+    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    let retry = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(retry.text().await?, "attempt 2 takeover true");
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_abandons_the_attempt() -> Result {
+    let (runs, store) = (Runs::default(), Store::in_memory()?);
+    let layer = IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .build()?;
+    let base = serve(attempts(&runs, "panic").layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/work");
+    assert!(
+        keyed_post(&client, &url, "k", "").await.is_err(),
+        "the connection dies with the handler"
+    );
+    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    let retry = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(retry.text().await?, "attempt 2 takeover true");
+    let replay = keyed_post(&client, &url, "k", "").await?;
+    assert!(replayed(&replay));
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+/// A request that gives up while it waits for the first one must not keep the key: its claim,
+/// acquired on the blocking pool after it left, is given back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_that_disconnects_leaves_no_claim_behind() -> Result {
+    let (runs, entered, open) = (
+        Runs::default(),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let handler_runs = runs.clone();
+    let (handler_entered, handler_open) = (entered.clone(), open.clone());
+    let app = Router::new().route(
+        "/work",
+        post(move |Extension(ticket): Extension<Ticket>| async move {
+            if handler_runs.next() == 1 {
+                handler_entered.notify_one();
+                handler_open.notified().await;
+                return (StatusCode::SERVICE_UNAVAILABLE, "bank down".to_string());
+            }
+            let answer = format!(
+                "attempt {} takeover {}",
+                ticket.attempt(),
+                ticket.is_takeover()
+            );
+            (StatusCode::CREATED, answer)
+        }),
+    );
+    // Counts requests whose future the server dropped (finished or cancelled).
+    let dropped = Runs::default();
+    let count_drops = {
+        let dropped = dropped.clone();
+        axum::middleware::from_fn(
+            move |request: Request<Body>, next: axum::middleware::Next| {
+                let on_drop = DropSignal(dropped.clone());
+                async move {
+                    let _on_drop = on_drop;
+                    next.run(request).await
+                }
+            },
+        )
+    };
+    let store = Store::in_memory()?;
+    let layer = IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .in_flight(InFlight::Wait(Duration::from_secs(5)))
+        .build()?;
+    let base = serve(app.layer(layer).layer(count_drops)).await?;
+    let client = client()?;
+    let url = format!("{base}/work");
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    entered.notified().await;
+    // A second request waits for the first (its claim saw the key in progress), then its
+    // client gives up.
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the second request waits", || {
+        Ok(store.stats()?.in_progress >= 1)
+    })
+    .await?;
+    waiter.abort();
+    assert!(waiter.await.is_err_and(|err| err.is_cancelled()));
+    eventually("the server drops the waiting request", || {
+        Ok(dropped.get() >= 1)
+    })
+    .await?;
+    // The first request fails and gives the key back; the departed waiter's claim takes it.
+    open.notify_one();
+    assert_eq!(first.await??.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Had that claim been kept, this retry would wait 5 s and get 409.
+    let retry = keyed_post(&client, &url, "k", "").await?;
+    assert_eq!(retry.text().await?, "attempt 1 takeover false");
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_store_is_503_and_an_unreadable_answer_500() -> Result {
+    let runs = Runs::default();
+    let store = Store::in_memory()?;
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
+    let url = format!("{base}/charges");
+    // An answer the layer did not write (no version byte it knows) is never misread.
+    let key = scoped_key(b"", &Method::POST, "/charges", b"foreign");
+    let ticket = store.claim(&key)?.ticket().ok_or("claimed")?;
+    store.complete(&ticket, b"\x07not a stored response")?;
+    let foreign = keyed_post(&client()?, &url, "foreign", "").await?;
+    assert_eq!(
+        problem(foreign).await?,
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored-response-corrupt".into()
+        )
+    );
+
+    store.close()?;
+    let response = keyed_post(&client()?, &url, "k", "").await?;
+    assert_eq!(
+        problem(response).await?,
+        (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable".into())
+    );
+    assert_eq!(runs.get(), 0);
+    Ok(())
+}
