@@ -1,0 +1,125 @@
+//! Durable claims of fresh keys at 1, 8, 32 and 64 threads: this store (quick repair on and
+//! off) against raw redb with one durable transaction per claim and against SQLite (WAL,
+//! synchronous=FULL, `INSERT ... ON CONFLICT DO NOTHING`).
+//!
+//! `cargo bench --bench durable_claims` prints criterion's estimates, then a table of ops/s,
+//! the ratio to raw redb at the same thread count, and p50/p99/max per-claim latency.
+//! A criterion filter runs part of it: `cargo bench --bench durable_claims -- /32`.
+
+mod support;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput};
+use dedupe_store::{Claim, Store};
+use support::{Recorder, raw_redb, sqlite};
+
+const THREADS: [usize; 4] = [1, 8, 32, 64];
+const SYSTEMS: [&str; 4] = [
+    "dedupe-store",
+    "dedupe-store, quick repair off",
+    "raw redb",
+    "sqlite",
+];
+
+fn name(system: &str, threads: usize) -> String {
+    format!("{system}/{threads}")
+}
+
+fn bench(c: &mut Criterion, recorder: &Recorder) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = AtomicU64::new(0);
+    let mut group = c.benchmark_group("durable_claims");
+    support::configure(&mut group, Duration::from_secs(4));
+    group.throughput(Throughput::Elements(1));
+    for threads in THREADS {
+        for system in SYSTEMS {
+            let id = name(system, threads);
+            let path = dir
+                .path()
+                .join(format!("{}-{threads}.db", system.replace([' ', ','], "")));
+            match system {
+                "raw redb" => {
+                    let db = raw_redb::create(&path);
+                    group.bench_function(&id, |b| {
+                        b.iter_custom(|iters| {
+                            let run = support::parallel(
+                                threads,
+                                iters,
+                                &ids,
+                                || (),
+                                |(), n| {
+                                    assert!(raw_redb::claim(&db, &support::key(n)));
+                                },
+                            );
+                            let elapsed = run.elapsed;
+                            recorder.record(&id, run);
+                            elapsed
+                        })
+                    });
+                }
+                "sqlite" => {
+                    sqlite::create(&path);
+                    group.bench_function(&id, |b| {
+                        b.iter_custom(|iters| {
+                            let run = support::parallel(
+                                threads,
+                                iters,
+                                &ids,
+                                || sqlite::connect(&path),
+                                |conn, n| assert!(sqlite::claim(conn, &support::key(n), n)),
+                            );
+                            let elapsed = run.elapsed;
+                            recorder.record(&id, run);
+                            elapsed
+                        })
+                    });
+                }
+                _ => {
+                    let quick_repair = system == "dedupe-store";
+                    let store = Store::builder()
+                        .quick_repair(quick_repair)
+                        .open(&path)
+                        .expect("open store");
+                    group.bench_function(&id, |b| {
+                        b.iter_custom(|iters| {
+                            let run = support::parallel(
+                                threads,
+                                iters,
+                                &ids,
+                                || (),
+                                |(), n| {
+                                    let claim = store.claim(support::key(n)).expect("claim");
+                                    assert!(matches!(claim, Claim::Acquired(_)));
+                                },
+                            );
+                            let elapsed = run.elapsed;
+                            recorder.record(&id, run);
+                            elapsed
+                        })
+                    });
+                    store.close().expect("close store");
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+fn main() {
+    let recorder = Recorder::default();
+    let mut criterion = Criterion::default().without_plots().configure_from_args();
+    bench(&mut criterion, &recorder);
+    criterion.final_summary();
+
+    support::print_machine();
+    support::print_header("Durable claims of fresh keys", "raw redb");
+    for threads in THREADS {
+        let baseline = recorder.figures(&name("raw redb", threads));
+        for system in SYSTEMS {
+            let label = format!("{system}, {threads} threads");
+            support::print_row(&label, recorder.figures(&name(system, threads)), baseline);
+        }
+    }
+}
