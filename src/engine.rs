@@ -184,7 +184,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Under `Durability::Immediate`, makes commits durable that a sweep left without an
+    /// fsync, if any. Under `Periodic` the interval's flush covers them.
+    pub(crate) fn flush_if_dirty(&self) -> Result<()> {
+        if self.config.durability == Durability::Immediate && self.dirty.load(Ordering::Acquire) {
+            self.submit(Work::Flush)?;
+        }
+        Ok(())
+    }
+
     fn durable(&self, works: &[Work]) -> bool {
+        // A sweep only removes records that already behave as absent: a crash that loses it
+        // loses nothing a caller could see, and the record is swept again. So a batch of
+        // nothing but sweeps skips the fsync, and a large backlog does not compete with
+        // claims for the disk. The next durable commit (or the flush at the end of the sweep)
+        // persists it.
+        if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
+            return false;
+        }
         match self.config.durability {
             Durability::Immediate => true,
             Durability::Periodic(every) => {

@@ -128,14 +128,24 @@ fn run(
     }
 }
 
-/// Sweeps in batches until nothing is due or `stop()` says so. Returns how many were removed.
+/// Sweeps in batches until nothing is due or `stop()` says so, then makes the removals
+/// durable (sweep batches commit without an fsync of their own). Returns how many were
+/// removed.
 pub(crate) fn sweep_all(engine: &Engine, stop: impl Fn() -> bool) -> Result<usize> {
     let mut total = 0;
-    loop {
-        let (removed, more) = engine.sweep_batch(engine.config.sweep_batch)?;
-        total += removed;
-        if !more || stop() {
-            return Ok(total);
+    let swept = loop {
+        match engine.sweep_batch(engine.config.sweep_batch) {
+            Ok((removed, more)) => {
+                total += removed;
+                if !more || stop() {
+                    break Ok(total);
+                }
+            }
+            Err(err) => break Err(err),
         }
+    };
+    if total > 0 {
+        engine.flush_if_dirty()?;
     }
+    swept
 }

@@ -631,6 +631,8 @@ enum SyncPlan {
 #[derive(Debug, Default)]
 struct Control {
     plans: Vec<SyncPlan>,
+    /// Set by a simulated power cut: nothing reaches the disk any more.
+    cut: bool,
     /// A sync is parked.
     holding: bool,
     /// How the parked sync ends, once set.
@@ -638,10 +640,12 @@ struct Control {
     failures: u64,
 }
 
-/// Memory that outlives the stores opened on it, so a test can reopen.
+/// Memory that outlives the stores opened on it, so a test can reopen; it keeps the image of
+/// the last successful sync too, which is what survives a simulated power cut.
 #[derive(Debug, Clone, Default)]
 struct SharedDisk {
     bytes: Arc<Mutex<Vec<u8>>>,
+    synced: Arc<Mutex<Vec<u8>>>,
     control: Arc<(Mutex<Control>, Condvar)>,
 }
 
@@ -677,6 +681,9 @@ impl StorageBackend for ScriptedBackend {
     fn sync_data(&self) -> io::Result<()> {
         let (control, changed) = &*self.0.control;
         let mut control = control.lock().map_err(poisoned)?;
+        if control.cut {
+            return Err(io::Error::other("the power is off"));
+        }
         let plan = if control.plans.is_empty() {
             SyncPlan::Succeed
         } else {
@@ -698,6 +705,8 @@ impl StorageBackend for ScriptedBackend {
             }
         };
         if succeed {
+            let image = self.0.bytes.lock().map_err(poisoned)?.clone();
+            *self.0.synced.lock().map_err(poisoned)? = image;
             Ok(())
         } else {
             control.failures += 1;
@@ -706,6 +715,9 @@ impl StorageBackend for ScriptedBackend {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.0.control.0.lock().map_err(poisoned)?.cut {
+            return Err(io::Error::other("the power is off"));
+        }
         let mut bytes = self.0.bytes.lock().map_err(poisoned)?;
         let start = usize::try_from(offset).map_err(io::Error::other)?;
         let end = start + data.len();
@@ -742,6 +754,21 @@ impl SharedDisk {
 
     fn failures(&self) -> Result<u64, Box<dyn std::error::Error>> {
         Ok(self.control.0.lock().map_err(|_| "control lock")?.failures)
+    }
+
+    /// Cuts the power: later writes fail, and once the store is gone the disk holds only what
+    /// was synced.
+    fn cut_power(&self) -> Result<(), Box<dyn std::error::Error>> {
+        self.control.0.lock().map_err(|_| "control lock")?.cut = true;
+        Ok(())
+    }
+
+    /// Boots again after [`cut_power`](Self::cut_power): the unsynced writes are gone.
+    fn restore_power(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let image = self.synced.lock().map_err(|_| "synced lock")?.clone();
+        *self.bytes.lock().map_err(|_| "bytes lock")? = image;
+        self.control.0.lock().map_err(|_| "control lock")?.cut = false;
+        Ok(())
     }
 
     fn open(&self, quick_repair: bool) -> Result<Store, Error> {
@@ -868,4 +895,42 @@ fn a_failed_commit_fails_its_batch_and_the_store_goes_on() -> TestResult {
 #[test]
 fn a_failed_commit_fails_its_batch_and_the_store_goes_on_with_quick_repair() -> TestResult {
     commit_failure_fails_only_its_batch(true)
+}
+
+#[test]
+fn a_sweep_is_durable_when_it_returns_though_its_batches_skip_the_fsync() -> TestResult {
+    let disk = SharedDisk::default();
+    let clock = ManualClock::new(START_MS);
+    let open = || {
+        Store::builder()
+            .clock(clock.clone())
+            .ttl(Duration::from_millis(TTL_MS))
+            .sweep_batch_size(64)
+            .without_sweeper()
+            .open_backend(ScriptedBackend(disk.clone()))
+    };
+    let store = open()?;
+    for i in 0..500 {
+        let Claim::Acquired(ticket) = store.claim(format!("old-{i}"))? else {
+            return Err("a fresh key must be acquired".into());
+        };
+        store.complete(&ticket, b"ok")?;
+    }
+    clock.advance(Duration::from_millis(TTL_MS + 1));
+    assert!(store.claim("kept")?.is_acquired());
+    assert_eq!(store.sweep()?, 500);
+
+    disk.cut_power()?;
+    drop(store);
+    disk.restore_power()?;
+
+    let store = open()?;
+    let stats = store.stats()?;
+    assert_eq!(
+        stats.expired_pending, 0,
+        "the sweep was lost in the power cut"
+    );
+    assert_eq!(stats.live_keys, 1);
+    assert!(matches!(store.claim("kept")?, Claim::InProgress { .. }));
+    Ok(())
 }

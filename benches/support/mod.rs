@@ -359,3 +359,54 @@ pub fn median_max(mut samples: Vec<Duration>) -> (Duration, Duration) {
 pub fn human(d: Duration) -> String {
     format_duration(d)
 }
+
+/// Runs `op` from `threads` threads until `duration` has passed, timing each call.
+pub fn parallel_for(
+    threads: usize,
+    duration: Duration,
+    next_id: &AtomicU64,
+    op: impl Fn(u64) + Sync,
+) -> Run {
+    let start_line = Barrier::new(threads);
+    let spans: Vec<(u64, Instant, Instant, Vec<u64>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (op, start_line) = (&op, &start_line);
+                scope.spawn(move || {
+                    let mut latencies = Vec::new();
+                    start_line.wait();
+                    let started = Instant::now();
+                    let deadline = started + duration;
+                    let mut ops = 0u64;
+                    while Instant::now() < deadline {
+                        let id = next_id.fetch_add(1, Ordering::Relaxed);
+                        let before = Instant::now();
+                        op(id);
+                        latencies.push(before.elapsed().as_nanos() as u64);
+                        ops += 1;
+                    }
+                    (ops, started, Instant::now(), latencies)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("bench worker panicked"))
+            .collect()
+    });
+    let first = spans.iter().map(|(_, start, _, _)| *start).min();
+    let last = spans.iter().map(|(_, _, end, _)| *end).max();
+    Run {
+        ops: spans.iter().map(|(ops, _, _, _)| ops).sum(),
+        elapsed: match (first, last) {
+            (Some(first), Some(last)) => last - first,
+            _ => Duration::ZERO,
+        },
+        latencies: spans.into_iter().flat_map(|(_, _, _, l)| l).collect(),
+    }
+}
+
+/// The figures of a single run.
+pub fn figures_of(run: Run) -> Figures {
+    Figures::of(std::slice::from_ref(&run))
+}
