@@ -162,7 +162,9 @@ pub fn key(id: u64) -> String {
 
 fn format_duration(d: Duration) -> String {
     let micros = d.as_secs_f64() * 1e6;
-    if micros < 1_000.0 {
+    if micros < 10.0 {
+        format!("{micros:.2} µs")
+    } else if micros < 1_000.0 {
         format!("{micros:.0} µs")
     } else {
         format!("{:.2} ms", micros / 1_000.0)
