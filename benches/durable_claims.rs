@@ -3,7 +3,9 @@
 //! SQLite (WAL, synchronous=FULL, `INSERT ... ON CONFLICT DO NOTHING`, one transaction per
 //! claim). SQLite runs two ways: one connection shared behind a mutex (writers queue in the
 //! process), and a connection per thread (writers contend for SQLite's lock and back off in
-//! its busy handler, which is what a connection pool does).
+//! its busy handler, as with a connection pool). One more row shows
+//! `Durability::Periodic(100 ms)`, which acknowledges before the fsync: it is not durable per
+//! claim, so no peer compares with it.
 //!
 //! `cargo bench --bench durable_claims` prints criterion's estimates, then a table of ops/s,
 //! the ratio to raw redb at the same thread count, and p50/p99/max per-claim latency.
@@ -15,15 +17,17 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
-use dedupe_store::{Claim, Store};
+use dedupe_store::{Claim, Durability, Store};
 use support::{Recorder, raw_redb, sqlite};
 
 const THREADS: [usize; 4] = [1, 8, 32, 64];
-const SYSTEMS: [&str; 4] = [
+const SYSTEMS: [&str; 6] = [
     "dedupe-store",
-    "dedupe-store, quick repair off",
+    "dedupe-store, quick repair on",
+    "dedupe-store, Periodic(100 ms)",
     "raw redb",
-    "sqlite",
+    "sqlite, shared connection",
+    "sqlite, connection per thread",
 ];
 
 fn name(system: &str, threads: usize) -> String {
@@ -101,11 +105,11 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
                     });
                 }
                 _ => {
-                    let builder = Store::builder();
-                    let builder = if system == "dedupe-store, quick repair on" {
-                        builder.quick_repair(true)
-                    } else {
-                        builder
+                    let builder = match system {
+                        "dedupe-store, quick repair on" => Store::builder().quick_repair(true),
+                        "dedupe-store, Periodic(100 ms)" => Store::builder()
+                            .durability(Durability::Periodic(Duration::from_millis(100))),
+                        _ => Store::builder(),
                     };
                     let store = builder.open(&path).expect("open store");
                     group.bench_function(&id, |b| {

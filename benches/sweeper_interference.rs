@@ -5,7 +5,9 @@
 //! are the same; only the clock differs (before or after the keys' expiry). Each run claims
 //! fresh keys for a fixed time and records every claim's latency. Criterion's iteration model
 //! does not fit (a sweep consumes its backlog), so this bench prints its own figures:
-//! `cargo bench --bench sweeper_interference`. `DEDUPE_BENCH_KEYS` changes the backlog size.
+//! `cargo bench --bench sweeper_interference`. `DEDUPE_BENCH_KEYS` changes the backlog size,
+//! `DEDUPE_BENCH_SWEEP_BATCH` the sweeper's batch size. Keys are scattered over the tree, as
+//! real idempotency keys are, so each sweep batch rewrites many leaf pages.
 
 mod support;
 
@@ -30,15 +32,22 @@ fn run(
     } else {
         START_MS
     };
-    let store = Store::builder()
+    let mut builder = Store::builder()
         .clock(ManualClock::new(now))
-        .sweep_interval(Duration::from_millis(10))
-        .open(work)
-        .expect("open the copy");
+        .sweep_interval(Duration::from_millis(10));
+    if let Some(batch) = std::env::var("DEDUPE_BENCH_SWEEP_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.sweep_batch_size(batch);
+    }
+    let store = builder.open(work).expect("open the copy");
     let ids = AtomicU64::new(0);
     let started = Instant::now();
     let run = support::parallel_for(threads, RUN, &ids, |n| {
-        let claim = store.claim(format!("interference/{n}")).expect("claim");
+        let claim = store
+            .claim(format!("interference/{:016x}", support::scatter(n)))
+            .expect("claim");
         assert!(matches!(claim, Claim::Acquired(_)));
     });
     let elapsed = started.elapsed();

@@ -136,9 +136,12 @@ impl Engine {
     /// Queues `work` for the next commit and waits for its answer.
     pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
         let weight = work.weight();
+        // A sweep batch commits alone, so that no claim waits for its hundreds of removals.
+        let solo = matches!(work, Work::Sweep(_));
         self.batcher.submit(
             work,
             weight,
+            solo,
             |works| self.execute(works),
             || {
                 Err(Error::from(redb::Error::Io(std::io::Error::other(

@@ -330,14 +330,25 @@ pub fn print_machine() {
     println!("\nmachine: {cpus} CPUs, {model}");
 }
 
-/// Fills `store` with `count` keys (`"seed/<n>"`) through `mark_seen_many`, in large atomic
+/// A bijective scramble of `n` (splitmix64's finaliser), so that consecutive numbers make keys
+/// scattered over the tree, as real idempotency keys (UUIDs, hashes) are.
+pub fn scatter(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Fills `store` with `count` scattered keys through `mark_seen_many`, in large atomic
 /// batches, each kept for `ttl` from the store clock's now.
 pub fn fill(store: &dedupe_store::Store, count: u64, ttl: Duration) {
     const BATCH: u64 = 10_000;
     let mut next = 0;
     while next < count {
         let end = (next + BATCH).min(count);
-        let keys: Vec<String> = (next..end).map(|n| format!("seed/{n:010}")).collect();
+        let keys: Vec<String> = (next..end)
+            .map(|n| format!("seed/{:016x}", scatter(n)))
+            .collect();
         let fresh = store.mark_seen_many_with_ttl(&keys, ttl).expect("fill");
         assert!(fresh.iter().all(|&f| f), "fill keys must be fresh");
         next = end;
