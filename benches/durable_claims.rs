@@ -1,5 +1,5 @@
 //! Durable claims of fresh keys at 1, 8, 32 and 64 threads: this store (with its defaults, and
-//! with quick repair on) against raw redb with one durable transaction per claim and against
+//! with quick repair off) against raw redb with one durable transaction per claim and against
 //! SQLite (WAL, synchronous=FULL, `INSERT ... ON CONFLICT DO NOTHING`, one transaction per
 //! claim). SQLite runs two ways: one connection shared behind a mutex (writers queue in the
 //! process), and a connection per thread (writers contend for SQLite's lock and back off in
@@ -23,7 +23,7 @@ use support::{Recorder, raw_redb, sqlite};
 const THREADS: [usize; 4] = [1, 8, 32, 64];
 const SYSTEMS: [&str; 6] = [
     "dedupe-store",
-    "dedupe-store, quick repair on",
+    "dedupe-store, quick repair off",
     "dedupe-store, Periodic(100 ms)",
     "raw redb",
     "sqlite, shared connection",
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
                 }
                 _ => {
                     let builder = match system {
-                        "dedupe-store, quick repair on" => Store::builder().quick_repair(true),
+                        "dedupe-store, quick repair off" => Store::builder().quick_repair(false),
                         "dedupe-store, Periodic(100 ms)" => Store::builder()
                             .durability(Durability::Periodic(Duration::from_millis(100))),
                         _ => Store::builder(),

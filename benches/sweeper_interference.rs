@@ -88,7 +88,7 @@ fn main() {
             println!(
                 "| {threads} | {} | {:.0} | {} | {} | {} | {swept} |",
                 if due {
-                    "1M due, sweeper busy"
+                    "all due, sweeper busy"
                 } else {
                     "none due"
                 },

@@ -67,8 +67,7 @@ pub struct StoreBuilder {
     max_response_bytes: usize,
     clock: Arc<dyn Clock>,
     durability: Durability,
-    /// `None`: the default for the durability chosen.
-    quick_repair: Option<bool>,
+    quick_repair: bool,
     cache_size: usize,
 }
 
@@ -82,7 +81,7 @@ impl Default for StoreBuilder {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             clock: Arc::new(SystemClock),
             durability: Durability::Immediate,
-            quick_repair: None,
+            quick_repair: true,
             cache_size: 64 * 1024 * 1024,
         }
     }
@@ -165,29 +164,28 @@ impl StoreBuilder {
     }
 
     /// Whether each durable commit also saves redb's allocator state (redb's "quick repair"),
-    /// so that reopening after a crash loads it instead of walking the whole file.
+    /// so that reopening after a crash loads it instead of checking and walking every page of
+    /// the file. Default: on.
     ///
-    /// Default: **off** with [`Durability::Immediate`], **on** with [`Durability::Periodic`].
+    /// It makes every durable commit two-phase (two fsyncs instead of one) and writes the
+    /// allocator state, which grows with the file; group commit shares both among the
+    /// commit's callers. Measured on a 2-core VM for a store of one million scattered keys
+    /// (257 MiB; `cargo bench --bench crash_reopen`, all figures in `BENCHMARKS.md`):
     ///
-    /// Quick repair makes every durable commit a two-phase commit (two fsyncs instead of one)
-    /// and writes the allocator state, which grows with the file. Measured on a 2-core VM
-    /// (`cargo bench --bench crash_reopen`, figures in `BENCHMARKS.md`), for a store of one
-    /// million keys (128 MiB):
-    ///
-    /// | | quick repair off | quick repair on |
+    /// | | on (default) | off |
     /// | --- | --- | --- |
-    /// | reopen after `kill -9` (page cache warm) | about 0.1–0.2 s | about 2 ms |
-    /// | reopen after a power cut (page cache cold) | about 0.5 s | about 2 ms |
-    /// | durable claims, 1 thread | one fsync each | about half as many per second |
-    /// | durable claims, 32 threads | | about 30–60% fewer per second |
+    /// | reopen after `kill -9`, page cache warm | 3–9 ms | 0.3–0.6 s |
+    /// | reopen after a power cut, page cache cold | 7–16 ms | 1.2–1.4 s |
+    /// | durable claims, 1 thread | about 0.5–0.7× of off | one fsync each |
+    /// | durable claims, 32 threads | about 0.5× of off | |
     ///
-    /// Without it, the reopen after a crash takes time in proportion to the file (redb checks
-    /// and walks every page: roughly 0.1 s per 128 MiB from the page cache, 0.5 s from disk).
-    /// Turn it on when the store is much larger than a million keys or a fast restart after a
-    /// crash matters more than commit latency. Under [`Durability::Periodic`] only the
-    /// periodic durable commit pays for it, so it is on by default there.
+    /// The reopen time without it grows with the file, so it stays on by default: a crash
+    /// must not cost a restart of seconds. Turn it off for small stores, or when commit
+    /// latency matters more than restart time after a crash (a clean close needs no repair
+    /// either way). Under [`Durability::Periodic`] only the periodic durable commit pays for
+    /// it.
     pub fn quick_repair(mut self, enabled: bool) -> StoreBuilder {
-        self.quick_repair = Some(enabled);
+        self.quick_repair = enabled;
         self
     }
 
@@ -280,9 +278,7 @@ impl StoreBuilder {
             sweep_batch: self.sweep_batch,
             max_response_bytes: self.max_response_bytes,
             durability: self.durability,
-            quick_repair: self
-                .quick_repair
-                .unwrap_or(matches!(self.durability, Durability::Periodic(_))),
+            quick_repair: self.quick_repair,
             cache_size: self.cache_size,
         })
     }
