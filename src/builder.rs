@@ -174,10 +174,10 @@ impl StoreBuilder {
     ///
     /// | | on (default) | off |
     /// | --- | --- | --- |
-    /// | reopen after `kill -9`, page cache warm | 3–9 ms | 0.3–0.6 s |
-    /// | reopen after a power cut, page cache cold | 7–16 ms | 1.2–1.4 s |
-    /// | durable claims, 1 thread | about 0.5–0.7× of off | one fsync each |
-    /// | durable claims, 32 threads | about 0.5× of off | |
+    /// | reopen after `kill -9`, page cache warm | 1–9 ms | 0.2–0.6 s |
+    /// | reopen after a power cut, page cache cold | 7–16 ms | 0.9–1.4 s |
+    /// | durable claims, 1 thread | 0.5–0.7× of off | one fsync each |
+    /// | durable claims, 32 threads | 0.5–0.95× of off | |
     ///
     /// The reopen time without it grows with the file, so it stays on by default: a crash
     /// must not cost a restart of seconds. Turn it off for small stores, or when commit
