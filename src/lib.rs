@@ -106,6 +106,11 @@ mod storage;
 mod store;
 mod sweeper;
 
+/// Test support for the reliability tests and fuzz targets; see `src/testing/mod.rs`.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
+
 pub use builder::{Durability, StoreBuilder};
 pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};

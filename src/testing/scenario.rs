@@ -1,0 +1,688 @@
+//! Runs a sequence of [`Step`]s against a real [`Store`] on a [`SimDisk`] and against the
+//! [`Model`] side by side, and reports the first place they disagree.
+//!
+//! Faults (failed I/O calls, power cuts) make some calls fail. A failed call was not
+//! acknowledged, so it may or may not have happened: the runner reads the keys it touched and
+//! accepts either outcome, but nothing else. A power cut may lose what was written since the
+//! last durable commit and nothing before it: the reopened store must equal the model as of
+//! the last durable commit, the model now, or the model with the interrupted call applied.
+
+use std::time::Duration;
+
+use crate::{ClaimOptions, Error, ManualClock, Store, Ticket};
+
+use super::disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SimDisk};
+use super::model::{Model, Refusal};
+
+/// The clock's reading when a run starts: 2023-11-14, far from either end of `u64`.
+pub const START_MILLIS: u64 = 1_700_000_000_000;
+/// The store's default lease in these runs.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// The store's default TTL in these runs.
+pub const TTL: Duration = Duration::from_secs(3600);
+/// Steps past this many are ignored, so a fuzz input stays quick to run.
+pub const MAX_STEPS: usize = 96;
+const KEYS: u8 = 6;
+const MAX_TICKETS: usize = 12;
+const RETRIES: usize = 64;
+
+/// One thing a run does. Numbers are folded into small ranges, so every value is meaningful.
+#[derive(Debug, Clone, PartialEq, Eq, arbitrary::Arbitrary)]
+pub enum Step {
+    /// `claim_with`: `fingerprint` 0 is none; `lease` and `ttl` 0 are the store's defaults.
+    Claim {
+        /// Which of the few keys.
+        key: u8,
+        /// Which of three fingerprints, or none.
+        fingerprint: u8,
+        /// Per-call lease in seconds (1 to 60), or the default.
+        lease: u8,
+        /// Per-call TTL (5 s to 10 min), or the default.
+        ttl: u8,
+    },
+    /// `complete` (or `complete_with_ttl`) with one of the tickets acquired so far.
+    Complete {
+        /// Which ticket.
+        ticket: u8,
+        /// Which response; 250 and above are 5 KiB, spanning redb pages.
+        response: u8,
+        /// Per-call TTL, or the default.
+        ttl: u8,
+    },
+    /// `release`.
+    Release {
+        /// Which ticket.
+        ticket: u8,
+    },
+    /// `extend`.
+    Extend {
+        /// Which ticket.
+        ticket: u8,
+        /// Seconds (1 to 60).
+        lease: u8,
+    },
+    /// `expire`.
+    Expire {
+        /// Which key.
+        key: u8,
+    },
+    /// `mark_seen` (or `mark_seen_with_ttl`).
+    MarkSeen {
+        /// Which key.
+        key: u8,
+        /// Per-call TTL, or the default.
+        ttl: u8,
+    },
+    /// `mark_seen_many` over three keys (repeats allowed).
+    MarkSeenMany {
+        /// Which keys.
+        keys: [u8; 3],
+    },
+    /// `get`.
+    Get {
+        /// Which key.
+        key: u8,
+    },
+    /// `sweep`.
+    Sweep,
+    /// The clock moves forward by up to 255 seconds.
+    Tick {
+        /// Seconds.
+        secs: u8,
+    },
+    /// The clock jumps: a day forward, an hour back, or a minute back.
+    Leap {
+        /// Which jump.
+        kind: u8,
+    },
+    /// `close`, then open the same disk again.
+    Reopen,
+    /// Fail an upcoming I/O call (honoured only when faults are on).
+    Fail {
+        /// Which kind of call.
+        call: IoCall,
+        /// The how-manieth such call from now (1 to 16).
+        nth: u8,
+        /// How many in a row (1 to 3).
+        times: u8,
+        /// EIO or ENOSPC.
+        failure: IoFailure,
+    },
+    /// Cut the power now or at an upcoming sync (honoured only when faults are on).
+    PowerCut {
+        /// 0 now, else at the how-manieth sync from now (1 to 7).
+        at_sync: u8,
+        /// What happens to the unsynced writes.
+        seed: u8,
+    },
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Steps run.
+    pub steps: usize,
+    /// Calls that failed with a storage error (and were checked to have happened or not).
+    pub failed_calls: usize,
+    /// Power cuts survived.
+    pub power_cuts: usize,
+    /// Closes and reopens.
+    pub reopens: usize,
+    /// I/O calls made on the disk the run started on, up to its power cut if any.
+    pub io: IoCounts,
+}
+
+/// A fault armed before the store is first opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    /// No fault.
+    Nothing,
+    /// Fail a call.
+    Fault(Fault),
+    /// Cut the power at the `n`th sync, counting from the store's creation.
+    PowerCut(u64, Fate),
+}
+
+/// Runs `steps` with the store on a fresh [`SimDisk`]. With `faults` off, `Fail` and
+/// `PowerCut` steps are skipped and any storage error is a failure.
+///
+/// # Errors
+/// A description of the first disagreement between store and model.
+pub fn run(steps: &[Step], faults: bool) -> Result<Report, String> {
+    run_armed(steps, faults, Arm::Nothing)
+}
+
+/// [`run`] with a fault armed before the store is created.
+///
+/// # Errors
+/// As for [`run`].
+pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, String> {
+    let disk = SimDisk::new();
+    let armed = !matches!(arm, Arm::Nothing);
+    match arm {
+        Arm::Nothing => {}
+        Arm::Fault(fault) => disk.arm(fault),
+        Arm::PowerCut(nth, fate) => disk.cut_power_at_sync(nth, fate),
+    }
+    let mut runner = Runner {
+        clock: ManualClock::new(START_MILLIS),
+        first_disk: disk.clone(),
+        disk,
+        store: None,
+        model: Model::default(),
+        durable: Model::default(),
+        tickets: Vec::new(),
+        sweep_exact: true,
+        faults: faults || armed,
+        honour_steps: faults,
+        report: Report::default(),
+    };
+    runner.open_store()?;
+    for (index, step) in steps.iter().take(MAX_STEPS).enumerate() {
+        runner
+            .step(step)
+            .map_err(|err| format!("step {index} ({step:?}): {err}"))?;
+        runner.report.steps += 1;
+    }
+    runner.finish()?;
+    runner.report.io = runner.first_disk.counts();
+    Ok(runner.report)
+}
+
+struct Runner {
+    clock: ManualClock,
+    first_disk: SimDisk,
+    disk: SimDisk,
+    store: Option<Store>,
+    /// What the store holds now.
+    model: Model,
+    /// What it held after its last commit that changed something (and so was fsynced).
+    durable: Model,
+    tickets: Vec<Ticket>,
+    /// Whether the model's expired-but-unswept records match the store's; after a failure
+    /// they may not, and sweep counts are not compared until the next sweep.
+    sweep_exact: bool,
+    faults: bool,
+    honour_steps: bool,
+    report: Report,
+}
+
+fn key_of(key: u8) -> Vec<u8> {
+    format!("key-{}", key % KEYS).into_bytes()
+}
+
+fn fingerprint_of(fingerprint: u8) -> Option<Vec<u8>> {
+    (fingerprint != 0).then(|| format!("fp-{}", fingerprint % 3).into_bytes())
+}
+
+fn lease_of(lease: u8) -> Option<Duration> {
+    (lease != 0).then(|| Duration::from_secs(u64::from(lease % 60) + 1))
+}
+
+fn ttl_of(ttl: u8) -> Option<Duration> {
+    (ttl != 0).then(|| Duration::from_secs((u64::from(ttl % 120) + 1) * 5))
+}
+
+fn response_of(response: u8) -> Vec<u8> {
+    if response >= 250 {
+        vec![response; 5 * 1024]
+    } else {
+        format!("response-{response}").into_bytes()
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn fate_of(seed: u8) -> Fate {
+    match seed % 3 {
+        0 => Fate::DropAll,
+        1 => Fate::KeepAll,
+        _ => Fate::Random(u64::from(seed)),
+    }
+}
+
+impl Runner {
+    fn store(&self) -> Result<&Store, String> {
+        self.store.as_ref().ok_or_else(|| "no store is open".to_string())
+    }
+
+    fn store_id(&self) -> Result<u64, String> {
+        Ok(self.store()?.engine().storage.store_id())
+    }
+
+    fn is_fault(&self, err: &Error) -> bool {
+        self.faults && (err.is_storage() || matches!(err, Error::Closed))
+    }
+
+    fn open_store(&mut self) -> Result<(), String> {
+        let mut last = String::new();
+        for _ in 0..RETRIES {
+            let opened = Store::builder()
+                .clock(self.clock.clone())
+                .lease(LEASE)
+                .ttl(TTL)
+                .without_sweeper()
+                .open_backend(self.disk.clone());
+            match opened {
+                Ok(store) => {
+                    self.store = Some(store);
+                    return Ok(());
+                }
+                Err(_) if self.disk.is_cut() => self.replace_disk()?,
+                Err(err) if self.is_fault(&err) => {
+                    self.report.failed_calls += 1;
+                    last = format!("{err:?}");
+                }
+                Err(err) => return Err(format!("the store did not open: {err}")),
+            }
+        }
+        Err(format!("the store did not open after repeated attempts: {last}"))
+    }
+
+    /// Puts what the power cut left on a fresh disk, as a machine coming back up would find it.
+    fn replace_disk(&mut self) -> Result<(), String> {
+        let image = self
+            .disk
+            .power_cut_image()
+            .ok_or_else(|| "no power cut to recover from".to_string())?;
+        drop(self.store.take());
+        self.disk = SimDisk::from_image(image);
+        self.report.power_cuts += 1;
+        self.sweep_exact = false;
+        Ok(())
+    }
+
+    /// After a power cut: reopen, and find which allowed state the store came back in.
+    fn recover(&mut self, interrupted: Option<Model>) -> Result<(), String> {
+        self.replace_disk()?;
+        self.open_store()?;
+        let now = self.clock.now();
+        let actual = self
+            .store()?
+            .list(b"", usize::MAX)
+            .map_err(|err| format!("list after a power cut: {err}"))?;
+        let candidates = [interrupted, Some(self.model.clone()), Some(self.durable.clone())];
+        let Some(found) = candidates
+            .into_iter()
+            .flatten()
+            .find(|model| model.entries(now) == actual)
+        else {
+            return Err(format!(
+                "after a power cut the store holds {actual:#?}\nbut the last durable state was \
+                 {:#?}\nand the state before the cut {:#?}",
+                self.durable.entries(now),
+                self.model.entries(now)
+            ));
+        };
+        self.model = found.clone();
+        self.durable = found;
+        self.store()?
+            .verify()
+            .map_err(|err| format!("verify after a power cut: {err}"))?;
+        Ok(())
+    }
+
+    /// Takes the answer of a call that succeeded.
+    fn accept(&mut self, next: Model) {
+        if next != self.model {
+            self.durable = next.clone();
+        }
+        self.model = next;
+    }
+
+    /// A call failed with a storage error: it was not acknowledged, so it may have happened or
+    /// not. Reads the keys it touched to find out; anything else is a failure.
+    fn failed(&mut self, err: &Error, next: Model, keys: &[Vec<u8>]) -> Result<(), String> {
+        if !self.is_fault(err) {
+            return Err(format!("unexpected error: {err:?}"));
+        }
+        self.report.failed_calls += 1;
+        self.sweep_exact = false;
+        if self.disk.is_cut() {
+            return self.recover(Some(next));
+        }
+        for _ in 0..RETRIES {
+            let now = self.clock.now();
+            let store = self.store()?;
+            let views: Result<Vec<_>, Error> = keys.iter().map(|key| store.get(key)).collect();
+            match views {
+                Ok(views) => {
+                    let view_of =
+                        |model: &Model| keys.iter().map(|key| model.entry(key, now)).collect();
+                    let (current, after): (Vec<_>, Vec<_>) = (view_of(&self.model), view_of(&next));
+                    if views == current {
+                        return Ok(());
+                    }
+                    if views == after {
+                        // It happened, though possibly not durably: `durable` stays as it was.
+                        self.model = next;
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "after a failed call ({err}) the store shows {views:#?}\nwhich is \
+                         neither the state before {current:#?}\nnor after {after:#?}"
+                    ));
+                }
+                Err(_) if self.disk.is_cut() => return self.recover(Some(next)),
+                Err(read_err) if self.is_fault(&read_err) => self.report.failed_calls += 1,
+                Err(read_err) => return Err(format!("unexpected error reading back: {read_err}")),
+            }
+        }
+        Err("the store did not recover from a failed commit".to_string())
+    }
+
+    fn ticket(&self, index: u8) -> Option<Ticket> {
+        if self.tickets.is_empty() {
+            return None;
+        }
+        self.tickets
+            .get(usize::from(index) % self.tickets.len())
+            .cloned()
+    }
+
+    fn remember(&mut self, ticket: Ticket) {
+        if self.tickets.len() >= MAX_TICKETS {
+            self.tickets.remove(0);
+        }
+        self.tickets.push(ticket);
+    }
+
+    fn step(&mut self, step: &Step) -> Result<(), String> {
+        let now = self.clock.now();
+        let mut next = self.model.clone();
+        match *step {
+            Step::Claim {
+                key,
+                fingerprint,
+                lease,
+                ttl,
+            } => {
+                let key = key_of(key);
+                let fingerprint = fingerprint_of(fingerprint);
+                let (lease, ttl) = (lease_of(lease), ttl_of(ttl));
+                let mut options = ClaimOptions::new();
+                if let Some(fp) = &fingerprint {
+                    options = options.fingerprint(fp);
+                }
+                if let Some(lease) = lease {
+                    options = options.lease(lease);
+                }
+                if let Some(ttl) = ttl {
+                    options = options.ttl(ttl);
+                }
+                let expected = next.claim(
+                    &key,
+                    fingerprint.as_deref(),
+                    millis(lease.unwrap_or(LEASE)),
+                    millis(ttl.unwrap_or(TTL)),
+                    now,
+                    self.store_id()?,
+                );
+                match self.store()?.claim_with(&key, &options) {
+                    Ok(claim) if claim == expected => {
+                        if let Some(ticket) = claim.ticket() {
+                            self.remember(ticket);
+                        }
+                        self.accept(next);
+                        Ok(())
+                    }
+                    Ok(claim) => Err(format!("claim answered {claim:?}, expected {expected:?}")),
+                    Err(err) => self.failed(&err, next, &[key]),
+                }
+            }
+            Step::Complete {
+                ticket,
+                response,
+                ttl,
+            } => {
+                let Some(ticket) = self.ticket(ticket) else {
+                    return Ok(());
+                };
+                let key = ticket.key().as_bytes().to_vec();
+                let response = response_of(response);
+                let ttl = ttl_of(ttl);
+                let expected = next.complete(
+                    &key,
+                    ticket.fencing_token(),
+                    &response,
+                    millis(ttl.unwrap_or(TTL)),
+                    now,
+                );
+                let store = self.store()?;
+                let result = match ttl {
+                    Some(ttl) => store.complete_with_ttl(&ticket, &response, ttl),
+                    None => store.complete(&ticket, &response),
+                };
+                self.owner_call(result.map(|()| ()), expected.map(|()| ()), next, key)
+            }
+            Step::Release { ticket } => {
+                let Some(ticket) = self.ticket(ticket) else {
+                    return Ok(());
+                };
+                let key = ticket.key().as_bytes().to_vec();
+                let expected = next.release(&key, ticket.fencing_token(), now);
+                let result = self.store()?.release(&ticket);
+                self.owner_call(result, expected, next, key)
+            }
+            Step::Extend { ticket, lease } => {
+                let Some(mut ticket) = self.ticket(ticket) else {
+                    return Ok(());
+                };
+                let key = ticket.key().as_bytes().to_vec();
+                let lease = lease_of(lease.max(1)).unwrap_or(LEASE);
+                let expected = next.extend(&key, ticket.fencing_token(), millis(lease), now);
+                let result = self.store()?.extend(&mut ticket, lease);
+                if let (Ok(()), Ok(lease_until)) = (&result, &expected)
+                    && ticket.lease_until() != *lease_until
+                {
+                    return Err(format!(
+                        "extend set lease_until {}, expected {lease_until}",
+                        ticket.lease_until()
+                    ));
+                }
+                if result.is_ok() {
+                    let fencing_token = ticket.fencing_token();
+                    if let Some(held) = self
+                        .tickets
+                        .iter_mut()
+                        .find(|held| held.fencing_token() == fencing_token)
+                    {
+                        *held = ticket;
+                    }
+                }
+                self.owner_call(result, expected.map(|_| ()), next, key)
+            }
+            Step::Expire { key } => {
+                let key = key_of(key);
+                let expected = next.expire(&key, now);
+                match self.store()?.expire(&key) {
+                    Ok(was_live) if was_live == expected => {
+                        self.accept(next);
+                        Ok(())
+                    }
+                    Ok(was_live) => Err(format!("expire answered {was_live}, expected {expected}")),
+                    Err(err) => self.failed(&err, next, &[key]),
+                }
+            }
+            Step::MarkSeen { key, ttl } => {
+                let key = key_of(key);
+                let ttl = ttl_of(ttl);
+                let expected = next.mark_seen(&key, millis(ttl.unwrap_or(TTL)), now);
+                let store = self.store()?;
+                let result = match ttl {
+                    Some(ttl) => store.mark_seen_with_ttl(&key, ttl),
+                    None => store.mark_seen(&key),
+                };
+                match result {
+                    Ok(first) if first == expected => {
+                        self.accept(next);
+                        Ok(())
+                    }
+                    Ok(first) => Err(format!("mark_seen answered {first}, expected {expected}")),
+                    Err(err) => self.failed(&err, next, &[key]),
+                }
+            }
+            Step::MarkSeenMany { keys } => {
+                let keys: Vec<Vec<u8>> = keys.iter().map(|key| key_of(*key)).collect();
+                let expected: Vec<bool> = keys
+                    .iter()
+                    .map(|key| next.mark_seen(key, millis(TTL), now))
+                    .collect();
+                match self.store()?.mark_seen_many(&keys) {
+                    Ok(answers) if answers == expected => {
+                        self.accept(next);
+                        Ok(())
+                    }
+                    Ok(answers) => Err(format!(
+                        "mark_seen_many answered {answers:?}, expected {expected:?}"
+                    )),
+                    Err(err) => self.failed(&err, next, &keys),
+                }
+            }
+            Step::Get { key } => {
+                let key = key_of(key);
+                let expected = self.model.entry(&key, now);
+                match self.store()?.get(&key) {
+                    Ok(entry) if entry == expected => Ok(()),
+                    Ok(entry) => Err(format!("get answered {entry:#?}, expected {expected:#?}")),
+                    Err(err) => self.failed(&err, next, &[]),
+                }
+            }
+            Step::Sweep => {
+                let expected = next.sweep(now);
+                match self.store()?.sweep() {
+                    Ok(removed) if removed == expected || !self.sweep_exact => {
+                        self.sweep_exact = true;
+                        self.accept(next);
+                        Ok(())
+                    }
+                    Ok(removed) => Err(format!("sweep removed {removed}, expected {expected}")),
+                    Err(err) => self.failed(&err, next, &[]),
+                }
+            }
+            Step::Tick { secs } => {
+                self.clock.advance(Duration::from_secs(u64::from(secs)));
+                Ok(())
+            }
+            Step::Leap { kind } => {
+                match kind % 3 {
+                    0 => self.clock.advance(Duration::from_secs(24 * 3600)),
+                    1 => self.clock.rewind(Duration::from_secs(3600)),
+                    _ => self.clock.rewind(Duration::from_secs(60)),
+                }
+                Ok(())
+            }
+            Step::Reopen => self.reopen(),
+            Step::Fail {
+                call,
+                nth,
+                times,
+                failure,
+            } => {
+                if self.honour_steps {
+                    self.disk.arm(Fault {
+                        call,
+                        nth: u64::from(nth % 16) + 1,
+                        times: u64::from(times % 3) + 1,
+                        failure,
+                    });
+                }
+                Ok(())
+            }
+            Step::PowerCut { at_sync, seed } => {
+                if !self.honour_steps {
+                    return Ok(());
+                }
+                let fate = fate_of(seed);
+                if at_sync % 8 == 0 {
+                    self.disk.cut_power(fate);
+                    self.recover(None)
+                } else {
+                    self.disk.cut_power_at_sync(u64::from(at_sync % 8), fate);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `complete`, `release` and `extend`: the owner check decides; refusals change nothing.
+    fn owner_call(
+        &mut self,
+        result: crate::Result<()>,
+        expected: Result<(), Refusal>,
+        next: Model,
+        key: Vec<u8>,
+    ) -> Result<(), String> {
+        match (result, expected) {
+            (Ok(()), Ok(())) => {
+                self.accept(next);
+                Ok(())
+            }
+            (Err(Error::LeaseLost { .. }), Err(Refusal::LeaseLost)) => Ok(()),
+            (Err(err), _) if err.is_storage() || matches!(err, Error::Closed) => {
+                self.failed(&err, next, &[key])
+            }
+            (result, expected) => Err(format!("answered {result:?}, expected {expected:?}")),
+        }
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        self.report.reopens += 1;
+        if let Some(store) = self.store.take() {
+            match store.close() {
+                Ok(()) => self.durable = self.model.clone(),
+                Err(_) if self.disk.is_cut() => return self.recover(None),
+                Err(err) if self.is_fault(&err) => self.report.failed_calls += 1,
+                Err(err) => return Err(format!("close failed: {err}")),
+            }
+        }
+        self.open_store()?;
+        self.compare_all()
+    }
+
+    /// The store's live entries against the model's.
+    fn compare_all(&mut self) -> Result<(), String> {
+        for _ in 0..RETRIES {
+            let now = self.clock.now();
+            match self.store()?.list(b"", usize::MAX) {
+                Ok(actual) => {
+                    let expected = self.model.entries(now);
+                    if actual != expected {
+                        return Err(format!(
+                            "the store holds {actual:#?}\nthe model {expected:#?}"
+                        ));
+                    }
+                    return Ok(());
+                }
+                Err(_) if self.disk.is_cut() => return self.recover(None),
+                Err(err) if self.is_fault(&err) => self.report.failed_calls += 1,
+                Err(err) => return Err(format!("list failed: {err}")),
+            }
+        }
+        Err("the store did not recover".to_string())
+    }
+
+    /// Ends a run: faults off, the whole state compared, the file verified, then one last
+    /// power cut that keeps only what is durable, which must hold everything acknowledged.
+    fn finish(&mut self) -> Result<(), String> {
+        self.disk.disarm();
+        self.compare_all()?;
+        let verified = self.store()?.verify();
+        if let Err(err) = verified {
+            if !self.is_fault(&err) {
+                return Err(format!("verify failed: {err}"));
+            }
+            self.compare_all()?;
+        }
+        self.disk.cut_power(Fate::DropAll);
+        self.recover(None)?;
+        if let Some(store) = self.store.take() {
+            store
+                .close()
+                .map_err(|err| format!("the final close failed: {err}"))?;
+        }
+        Ok(())
+    }
+}
