@@ -135,7 +135,8 @@ impl Storage {
         path: Option<PathBuf>,
         cache_size: usize,
     ) -> Result<Storage> {
-        let opened = open_database(&backend, path.as_deref(), cache_size)
+        let opened = discard_interrupted_creation(backend.as_ref(), path.as_deref())
+            .and_then(|()| open_database(&backend, path.as_deref(), cache_size))
             .and_then(|db| init_or_check(&db, path.as_deref()).map(|id| (db, id)));
         match opened {
             Ok((db, store_id)) => Ok(Storage {
@@ -291,6 +292,53 @@ impl Drop for Storage {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// redb's header size: its magic number, god byte and both commit slots.
+const REDB_HEADER_LEN: usize = 320;
+
+/// The largest file [`discard_interrupted_creation`] reads through; a larger one is never an
+/// interrupted creation (redb creates files of a few hundred KiB).
+const MAX_CREATION_LEN: u64 = 64 * 1024 * 1024;
+
+/// Empties a file whose creation was cut short, so it is created again.
+///
+/// redb initialises a new file by sizing it, writing its header without the magic number,
+/// syncing, and only then writing the magic number. A crash (or power loss) before that last
+/// write leaves a non-empty file without the magic number, which redb then refuses to open,
+/// forever. Such a file holds nothing: no byte past the header is set and the magic number is
+/// all zeros. Only a file in exactly that state is emptied; anything else is left to redb,
+/// which reports what it finds.
+fn discard_interrupted_creation(backend: &dyn StorageBackend, path: Option<&Path>) -> Result<()> {
+    let io = |err: std::io::Error| match path {
+        Some(path) => Error::Io {
+            path: path.to_path_buf(),
+            source: Arc::new(err),
+        },
+        None => Error::from(redb::Error::Io(err)),
+    };
+    let len = backend.len().map_err(io)?;
+    if len == 0 || len > MAX_CREATION_LEN {
+        return Ok(());
+    }
+    let mut head = [0u8; 9];
+    let head_len = head.len().min(len as usize);
+    backend.read(0, &mut head[..head_len]).map_err(io)?;
+    if head != [0u8; 9] {
+        return Ok(());
+    }
+    let mut offset = REDB_HEADER_LEN as u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while offset < len {
+        let take = chunk.len().min((len - offset) as usize);
+        backend.read(offset, &mut chunk[..take]).map_err(io)?;
+        if chunk[..take].iter().any(|&byte| byte != 0) {
+            return Ok(());
+        }
+        offset += take as u64;
+    }
+    backend.set_len(0).map_err(io)?;
+    backend.sync_data().map_err(io)
 }
 
 fn open_database(
