@@ -93,6 +93,8 @@ pub struct IoCounts {
     pub set_lens: u64,
     /// Calls to `sync_data`.
     pub syncs: u64,
+    /// Calls an armed fault failed.
+    pub failed: u64,
 }
 
 impl IoCounts {
@@ -251,7 +253,9 @@ impl SimDisk {
             }
             let first = base.saturating_add(fault.nth.max(1));
             if seen >= first && seen < first.saturating_add(fault.times.max(1)) {
-                return Err(fault.failure.error(call));
+                let error = fault.failure.error(call);
+                state.counts.failed += 1;
+                return Err(error);
             }
         }
         Ok(())

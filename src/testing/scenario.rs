@@ -674,6 +674,7 @@ impl Runner {
             if !self.is_fault(&err) {
                 return Err(format!("verify failed: {err}"));
             }
+            self.report.failed_calls += 1;
             self.compare_all()?;
         }
         self.disk.cut_power(Fate::DropAll);
