@@ -21,8 +21,8 @@ pub use model::{Model, Rec, RecState, Refusal};
 pub use rng::Rng;
 pub use scenario::{Arm, LEASE, MAX_STEPS, Report, START_MILLIS, Step, TTL, run, run_armed};
 
-/// Decodes `bytes` as a stored record envelope for key `stored_key`. Never panics; a record
-/// that decodes must encode back to bytes that decode to the same record.
+/// Decodes `bytes` as a stored record envelope. Never panics; a record that decodes must
+/// encode back to bytes that decode to the same record.
 ///
 /// # Panics
 /// When that round trip fails, which is what the fuzz target looks for.
@@ -48,4 +48,41 @@ pub fn steps_from_bytes(bytes: &[u8]) -> Vec<Step> {
         }
     }
     steps
+}
+
+/// Envelopes of one record of each kind, as the store writes them: seeds for the decoding
+/// target.
+pub fn sample_envelopes() -> Vec<Vec<u8>> {
+    use crate::record::{ByteString, Record, RecordState, StoredCheckpoint, encode};
+    let in_progress = RecordState::InProgress {
+        claimed_at: START_MILLIS,
+        lease_until: START_MILLIS + 30_000,
+        claim_ttl: 3_600_000,
+        checkpoint: Some(StoredCheckpoint {
+            step: "charged".to_string(),
+            state: ByteString(b"charge=ch_1".to_vec()),
+            recorded_at: START_MILLIS + 10,
+        }),
+    };
+    let completed = RecordState::Completed {
+        completed_at: START_MILLIS,
+        response: ByteString(b"201 created".to_vec()),
+    };
+    let sequence = RecordState::Sequence {
+        mark: 41,
+        updated_at: START_MILLIS,
+    };
+    [in_progress, completed, sequence]
+        .into_iter()
+        .enumerate()
+        .map(|(index, state)| {
+            encode(&Record {
+                fencing_token: 7 + index as u64,
+                attempt: 2,
+                fingerprint: (index != 1).then(|| ByteString(b"sha256:abc".to_vec())),
+                expires_at: START_MILLIS + 3_600_000,
+                state,
+            })
+        })
+        .collect()
 }

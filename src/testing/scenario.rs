@@ -7,12 +7,16 @@
 //! last durable commit and nothing before it: the reopened store must equal the model as of
 //! the last durable commit, the model now, or the model with the interrupted call applied.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::{ClaimOptions, Error, ManualClock, Store, Ticket};
+use redb::ReadableTable;
+
+use crate::record::RecordState;
+use crate::{ClaimOptions, Error, Key, ManualClock, Store, Ticket};
 
 use super::disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SimDisk};
-use super::model::{Model, Refusal};
+use super::model::{Model, Rec, RecState, Refusal};
 
 /// The clock's reading when a run starts: 2023-11-14, far from either end of `u64`.
 pub const START_MILLIS: u64 = 1_700_000_000_000;
@@ -172,7 +176,6 @@ pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, Strin
         model: Model::default(),
         durable: Model::default(),
         tickets: Vec::new(),
-        sweep_exact: true,
         faults: faults || armed,
         honour_steps: faults,
         report: Report::default(),
@@ -199,9 +202,6 @@ struct Runner {
     /// What it held after its last commit that changed something (and so was fsynced).
     durable: Model,
     tickets: Vec<Ticket>,
-    /// Whether the model's expired-but-unswept records match the store's; after a failure
-    /// they may not, and sweep counts are not compared until the next sweep.
-    sweep_exact: bool,
     faults: bool,
     honour_steps: bool,
     report: Report,
@@ -290,7 +290,6 @@ impl Runner {
         drop(self.store.take());
         self.disk = SimDisk::from_image(image);
         self.report.power_cuts += 1;
-        self.sweep_exact = false;
         Ok(())
     }
 
@@ -298,22 +297,18 @@ impl Runner {
     fn recover(&mut self, interrupted: Option<Model>) -> Result<(), String> {
         self.replace_disk()?;
         self.open_store()?;
-        let now = self.clock.now();
-        let actual = self
-            .store()?
-            .list(b"", usize::MAX)
-            .map_err(|err| format!("list after a power cut: {err}"))?;
+        let actual = raw_state(self.store()?)
+            .map_err(|err| format!("reading the store after a power cut: {err}"))?;
         let candidates = [interrupted, Some(self.model.clone()), Some(self.durable.clone())];
         let Some(found) = candidates
             .into_iter()
             .flatten()
-            .find(|model| model.entries(now) == actual)
+            .find(|model| model.records == actual.0 && model.last_token == actual.1)
         else {
             return Err(format!(
                 "after a power cut the store holds {actual:#?}\nbut the last durable state was \
                  {:#?}\nand the state before the cut {:#?}",
-                self.durable.entries(now),
-                self.model.entries(now)
+                self.durable, self.model
             ));
         };
         self.model = found.clone();
@@ -321,7 +316,7 @@ impl Runner {
         self.store()?
             .verify()
             .map_err(|err| format!("verify after a power cut: {err}"))?;
-        Ok(())
+        self.compare_all()
     }
 
     /// Takes the answer of a call that succeeded.
@@ -339,30 +334,27 @@ impl Runner {
             return Err(format!("unexpected error: {err:?}"));
         }
         self.report.failed_calls += 1;
-        self.sweep_exact = false;
         if self.disk.is_cut() {
             return self.recover(Some(next));
         }
         for _ in 0..RETRIES {
-            let now = self.clock.now();
-            let store = self.store()?;
-            let views: Result<Vec<_>, Error> = keys.iter().map(|key| store.get(key)).collect();
-            match views {
-                Ok(views) => {
-                    let view_of =
-                        |model: &Model| keys.iter().map(|key| model.entry(key, now)).collect();
-                    let (current, after): (Vec<_>, Vec<_>) = (view_of(&self.model), view_of(&next));
-                    if views == current {
+            match raw_state(self.store()?) {
+                Ok(actual) => {
+                    let matches = |model: &Model| {
+                        model.records == actual.0 && model.last_token == actual.1
+                    };
+                    if matches(&self.model) {
                         return Ok(());
                     }
-                    if views == after {
+                    if matches(&next) {
                         // It happened, though possibly not durably: `durable` stays as it was.
                         self.model = next;
                         return Ok(());
                     }
                     return Err(format!(
-                        "after a failed call ({err}) the store shows {views:#?}\nwhich is \
-                         neither the state before {current:#?}\nnor after {after:#?}"
+                        "after a failed call ({err}) the store holds {actual:#?}\nwhich is \
+                         neither the state before {:#?}\nnor after {next:#?} (keys {keys:?})",
+                        self.model
                     ));
                 }
                 Err(_) if self.disk.is_cut() => return self.recover(Some(next)),
@@ -553,8 +545,7 @@ impl Runner {
             Step::Sweep => {
                 let expected = next.sweep(now);
                 match self.store()?.sweep() {
-                    Ok(removed) if removed == expected || !self.sweep_exact => {
-                        self.sweep_exact = true;
+                    Ok(removed) if removed == expected => {
                         self.accept(next);
                         Ok(())
                     }
@@ -646,13 +637,20 @@ impl Runner {
     fn compare_all(&mut self) -> Result<(), String> {
         for _ in 0..RETRIES {
             let now = self.clock.now();
-            match self.store()?.list(b"", usize::MAX) {
-                Ok(actual) => {
+            let store = self.store()?;
+            match store
+                .list(b"", usize::MAX)
+                .and_then(|listed| Ok((listed, raw_state(store)?)))
+            {
+                Ok((listed, raw)) => {
                     let expected = self.model.entries(now);
-                    if actual != expected {
+                    if listed != expected {
                         return Err(format!(
-                            "the store holds {actual:#?}\nthe model {expected:#?}"
+                            "the store lists {listed:#?}\nthe model {expected:#?}"
                         ));
+                    }
+                    if raw.0 != self.model.records || raw.1 != self.model.last_token {
+                        return Err(format!("the store holds {raw:#?}\nthe model {:#?}", self.model));
                     }
                     return Ok(());
                 }
@@ -686,4 +684,57 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// Everything the store's file holds, expired records included, and its last token: what the
+/// public API cannot show (an expired record that a clock jumping back would make live again).
+fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
+    store.engine().storage.read(|txn| {
+        let table = txn.open_table(crate::storage::RECORDS)?;
+        let mut records = BTreeMap::new();
+        for row in table.iter()? {
+            let (stored_key, value) = row?;
+            let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
+            let record = crate::record::decode(value.value()).map_err(|err| Error::Corrupt {
+                key: Key::new(key.clone()),
+                reason: err.0,
+            })?;
+            let state = match record.state {
+                RecordState::InProgress {
+                    claimed_at,
+                    lease_until,
+                    claim_ttl,
+                    ..
+                } => RecState::InProgress {
+                    claimed_at,
+                    lease_until,
+                    claim_ttl,
+                },
+                RecordState::Completed {
+                    completed_at,
+                    response,
+                } => RecState::Completed {
+                    completed_at,
+                    response: response.0,
+                },
+                RecordState::Sequence { .. } => continue,
+            };
+            records.insert(
+                key,
+                Rec {
+                    token: record.fencing_token,
+                    attempt: record.attempt,
+                    fingerprint: record.fingerprint.map(|fp| fp.0),
+                    expires_at: record.expires_at,
+                    state,
+                },
+            );
+        }
+        // The meta table's key for the last token issued (docs/FORMAT.md).
+        let last_token = txn
+            .open_table(crate::storage::META)?
+            .get("last_token")?
+            .map_or(0, |token| token.value());
+        Ok((records, last_token))
+    })
 }
