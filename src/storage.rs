@@ -137,7 +137,12 @@ impl Storage {
     ) -> Result<Storage> {
         let opened = discard_interrupted_creation(backend.as_ref(), path.as_deref())
             .and_then(|()| open_database(&backend, path.as_deref(), cache_size))
-            .and_then(|db| init_or_check(&db, path.as_deref()).map(|id| (db, id)));
+            .and_then(|db| {
+                // A database dropped here (its meta table failed the check) may panic too.
+                guarded("checking the store's meta table", || {
+                    init_or_check(&db, path.as_deref()).map(|id| (db, id))
+                })
+            });
         match opened {
             Ok((db, store_id)) => Ok(Storage {
                 slot: RwLock::new(Slot::Open(db)),
@@ -166,8 +171,12 @@ impl Storage {
                 let slot = self.slot.read();
                 match &*slot {
                     Slot::Open(db) => {
-                        let txn = db.begin_read()?;
-                        return f(&txn);
+                        let result = guarded_call("reading", || f(&db.begin_read()?));
+                        drop(slot);
+                        return result.unwrap_or_else(|panicked| {
+                            self.mark_broken();
+                            Err(panicked)
+                        });
                     }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
@@ -188,7 +197,9 @@ impl Storage {
             {
                 let slot = self.slot.read();
                 match &*slot {
-                    Slot::Open(db) => break Self::write_in(db, mode, f),
+                    // A panic inside redb leaves the slot to be reopened below, as a failed
+                    // commit does.
+                    Slot::Open(db) => break guarded("writing", || Self::write_in(db, mode, f)),
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -236,7 +247,15 @@ impl Storage {
             {
                 let mut slot = self.slot.write();
                 match &mut *slot {
-                    Slot::Open(db) => return f(db),
+                    Slot::Open(db) => {
+                        return guarded_call("checking the file", || f(db)).unwrap_or_else(
+                            |panicked| {
+                                let broken = std::mem::replace(&mut *slot, Slot::Broken);
+                                drop_quietly(broken);
+                                Err(panicked)
+                            },
+                        );
+                    }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -248,7 +267,9 @@ impl Storage {
     fn mark_broken(&self) {
         let mut slot = self.slot.write();
         if matches!(*slot, Slot::Open(_)) {
-            *slot = Slot::Broken;
+            let broken = std::mem::replace(&mut *slot, Slot::Broken);
+            drop(slot);
+            drop_quietly(broken);
         }
     }
 
@@ -269,7 +290,7 @@ impl Storage {
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            Slot::Open(db) => db.close().map_err(Error::from),
+            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
@@ -341,7 +362,46 @@ fn discard_interrupted_creation(backend: &dyn StorageBackend, path: Option<&Path
     backend.sync_data().map_err(io)
 }
 
+/// Runs a call into redb, turning a panic into [`Error::CorruptFile`].
+///
+/// redb documents that opening a corrupt file "may panic", and on some damaged pages its
+/// reads do (a slice index taken from the page). A store must answer a damaged file with an
+/// error, never by taking its caller down, so every call into redb goes through here. The
+/// outer `Err` is the panic, so the caller can discard a database that may be left
+/// inconsistent by it. This costs nothing unless redb panics; under `panic = "abort"` it cannot
+/// help, and the panic message still reaches the panic hook (stderr by default).
+fn guarded_call<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<Result<T>, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|text| (*text).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        Error::CorruptFile {
+            reason: format!("the storage engine panicked while {what}: {message}"),
+        }
+    })
+}
+
+/// [`guarded_call`] with the panic as the error.
+fn guarded<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    guarded_call(what, call).unwrap_or_else(Err)
+}
+
+/// Drops a database that a panic may have left inconsistent; its drop may panic too.
+fn drop_quietly(slot: Slot) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(slot)));
+}
+
 fn open_database(
+    backend: &Arc<dyn StorageBackend>,
+    path: Option<&Path>,
+    cache_size: usize,
+) -> Result<Database> {
+    guarded("opening the file", || open_database_unguarded(backend, path, cache_size))
+}
+
+fn open_database_unguarded(
     backend: &Arc<dyn StorageBackend>,
     path: Option<&Path>,
     cache_size: usize,
