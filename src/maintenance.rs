@@ -44,7 +44,7 @@ impl Store {
                 }
                 let key = Key::new(&stored_key[1..]);
                 let record =
-                    crate::record::decode(value.value()).map_err(|err| Error::Corrupt {
+                    crate::record::decode(stored_key, value.value()).map_err(|err| Error::Corrupt {
                         key: key.clone(),
                         reason: err.0,
                     })?;

@@ -499,7 +499,7 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     Ok(records
         .get(stored_key)?
-        .map(|bytes| record::decode(bytes.value())))
+        .map(|bytes| record::decode(stored_key, bytes.value())))
 }
 
 /// An expiry-index key: `(expires_at, stored key)`.
@@ -538,7 +538,7 @@ impl Writer<'_> {
             self.expiry.remove((old, stored_key))?;
         }
         self.records
-            .insert(stored_key, record::encode(record).as_slice())?;
+            .insert(stored_key, record::encode(stored_key, record).as_slice())?;
         self.expiry.insert((record.expires_at, stored_key), ())?;
         Ok(())
     }
@@ -621,7 +621,7 @@ pub(crate) fn check_tables(txn: &ReadTransaction) -> Result<(u64, u64)> {
     for entry in records.iter()? {
         let (key, value) = entry?;
         let stored_key = key.value();
-        let record = record::decode(value.value()).map_err(|err| Error::Corrupt {
+        let record = record::decode(stored_key, value.value()).map_err(|err| Error::Corrupt {
             key: crate::Key::new(stored_key.get(1..).unwrap_or_default()),
             reason: err.0,
         })?;

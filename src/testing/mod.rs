@@ -21,15 +21,22 @@ pub use model::{Model, Rec, RecState, Refusal};
 pub use rng::Rng;
 pub use scenario::{Arm, LEASE, MAX_STEPS, Report, START_MILLIS, Step, TTL, run, run_armed};
 
-/// Decodes `bytes` as a stored record envelope. Never panics; a record that decodes must
-/// encode back to bytes that decode to the same record.
+/// Decodes fuzz bytes as a stored record: the first byte is the stored key's length, then the
+/// stored key, then the envelope. Never panics; a record that decodes must encode back to
+/// bytes that decode to the same record. Returns whether it decoded.
 ///
 /// # Panics
 /// When that round trip fails, which is what the fuzz target looks for.
 pub fn decode_record(bytes: &[u8]) -> bool {
-    match crate::record::decode(bytes) {
+    let (key_len, rest) = match bytes.split_first() {
+        Some((len, rest)) => (usize::from(*len).min(rest.len()), rest),
+        None => (0, bytes),
+    };
+    let (stored_key, envelope) = rest.split_at(key_len);
+    match crate::record::decode(stored_key, envelope) {
         Ok(record) => {
-            let again = crate::record::decode(&crate::record::encode(&record));
+            let again =
+                crate::record::decode(stored_key, &crate::record::encode(stored_key, &record));
             assert_eq!(again.as_ref(), Ok(&record), "a decoded record does not round-trip");
             true
         }
@@ -50,8 +57,8 @@ pub fn steps_from_bytes(bytes: &[u8]) -> Vec<Step> {
     steps
 }
 
-/// Envelopes of one record of each kind, as the store writes them: seeds for the decoding
-/// target.
+/// One record of each kind as [`decode_record`] reads them (key length, stored key, envelope):
+/// seeds for the decoding target.
 pub fn sample_envelopes() -> Vec<Vec<u8>> {
     use crate::record::{ByteString, Record, RecordState, StoredCheckpoint, encode};
     let in_progress = RecordState::InProgress {
@@ -76,13 +83,17 @@ pub fn sample_envelopes() -> Vec<Vec<u8>> {
         .into_iter()
         .enumerate()
         .map(|(index, state)| {
-            encode(&Record {
+            let stored_key = format!("kkey-{index}").into_bytes();
+            let mut input = vec![stored_key.len() as u8];
+            input.extend_from_slice(&stored_key);
+            input.extend(encode(&stored_key, &Record {
                 fencing_token: 7 + index as u64,
                 attempt: 2,
                 fingerprint: (index != 1).then(|| ByteString(b"sha256:abc".to_vec())),
                 expires_at: START_MILLIS + 3_600_000,
                 state,
-            })
+            }));
+            input
         })
         .collect()
 }

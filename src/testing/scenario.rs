@@ -695,7 +695,7 @@ fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
         for row in table.iter()? {
             let (stored_key, value) = row?;
             let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
-            let record = crate::record::decode(value.value()).map_err(|err| Error::Corrupt {
+            let record = crate::record::decode(stored_key.value(), value.value()).map_err(|err| Error::Corrupt {
                 key: Key::new(key.clone()),
                 reason: err.0,
             })?;
