@@ -570,6 +570,11 @@ impl Writer<'_> {
 
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
     /// more are due.
+    ///
+    /// The index entry is only a pointer: a record is removed only if it decodes and is itself
+    /// due under the index entry's time. A damaged or stray index entry (one that names a live
+    /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
+    /// the index can never delete a live completed record.
     pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
         let mut due = Vec::new();
         for entry in self.expiry.range(due_range(now))?.take(limit + 1) {
@@ -579,11 +584,19 @@ impl Writer<'_> {
         }
         let more = due.len() > limit;
         due.truncate(limit);
+        let mut removed = 0;
         for (expires_at, key) in &due {
             self.expiry.remove((*expires_at, key.as_slice()))?;
-            self.records.remove(key.as_slice())?;
+            let matches = matches!(
+                self.load(key)?,
+                Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now)
+            );
+            if matches {
+                self.records.remove(key.as_slice())?;
+                removed += 1;
+            }
         }
-        Ok((due.len(), more))
+        Ok((removed, more))
     }
 
     pub(crate) fn last_token(&self) -> Result<u64> {
