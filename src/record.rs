@@ -87,7 +87,11 @@ pub(crate) struct DecodeError(pub String);
 /// its check instead of answering for that key.
 fn checksum(stored_key: &[u8], payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&u32::try_from(stored_key.len()).unwrap_or(u32::MAX).to_le_bytes());
+    hasher.update(
+        &u32::try_from(stored_key.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     hasher.update(stored_key);
     hasher.update(payload);
     hasher.finalize()
@@ -180,7 +184,10 @@ mod tests {
             for bit in 0..8 {
                 let mut flipped = bytes.clone();
                 flipped[i] ^= 1 << bit;
-                assert!(decode(b"kkey", &flipped).is_err(), "flip of bit {bit} in byte {i}");
+                assert!(
+                    decode(b"kkey", &flipped).is_err(),
+                    "flip of bit {bit} in byte {i}"
+                );
             }
         }
     }
@@ -189,7 +196,10 @@ mod tests {
     fn truncations_and_extensions_are_caught() {
         let bytes = encode(b"kkey", &sample());
         for len in 0..bytes.len() {
-            assert!(decode(b"kkey", &bytes[..len]).is_err(), "truncated to {len}");
+            assert!(
+                decode(b"kkey", &bytes[..len]).is_err(),
+                "truncated to {len}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);

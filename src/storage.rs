@@ -398,7 +398,9 @@ fn open_database(
     path: Option<&Path>,
     cache_size: usize,
 ) -> Result<Database> {
-    guarded("opening the file", || open_database_unguarded(backend, path, cache_size))
+    guarded("opening the file", || {
+        open_database_unguarded(backend, path, cache_size)
+    })
 }
 
 fn open_database_unguarded(

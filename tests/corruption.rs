@@ -137,7 +137,9 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
         match store.get(key) {
             Ok(Some(entry)) if &entry == want => {}
             Ok(Some(entry)) => {
-                return Err(format!("get({key:?}) answered {entry:?}, the file held {want:?}"));
+                return Err(format!(
+                    "get({key:?}) answered {entry:?}, the file held {want:?}"
+                ));
             }
             Ok(None) => unfindable = true,
             Err(_) => errors = true,
@@ -148,7 +150,11 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
         for entry in listed {
             match expected.get(entry.key.as_bytes()) {
                 Some(want) if want == &entry => {}
-                _ => return Err(format!("list answered {entry:?}, which the file did not hold")),
+                _ => {
+                    return Err(format!(
+                        "list answered {entry:?}, which the file did not hold"
+                    ));
+                }
             }
         }
     }
@@ -177,7 +183,9 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
             (Ok(Claim::InProgress { .. }), EntryState::InProgress { .. }) => {}
             (Ok(Claim::Acquired(_)), _) => unfindable = true,
             (Ok(other), _) => {
-                return Err(format!("claim({key:?}) answered {other:?}, the file held {want:?}"));
+                return Err(format!(
+                    "claim({key:?}) answered {other:?}, the file held {want:?}"
+                ));
             }
             (Err(_), _) => errors = true,
         }
@@ -328,10 +336,9 @@ fn a_record_moved_under_another_key_is_caught() -> TestResult {
     let mut moved = 0;
     let mut image = clean.clone();
     let mut at = 0;
-    while let Some(found) = image[at..]
-        .windows(needle.len() + 1)
-        .position(|window| &window[..needle.len()] == needle && !window[needle.len()].is_ascii_digit())
-    {
+    while let Some(found) = image[at..].windows(needle.len() + 1).position(|window| {
+        &window[..needle.len()] == needle && !window[needle.len()].is_ascii_digit()
+    }) {
         image[at + found + needle.len() - 2] = b'1';
         image[at + found + needle.len() - 1] = b':';
         moved += 1;
@@ -345,7 +352,10 @@ fn a_record_moved_under_another_key_is_caught() -> TestResult {
         Err(other) => return Err(format!("expected Corrupt, got {other:?}").into()),
     }
     match store.list(b"", usize::MAX) {
-        Ok(entries) => match entries.iter().find(|entry| entry.key.as_bytes() == b"key-1:") {
+        Ok(entries) => match entries
+            .iter()
+            .find(|entry| entry.key.as_bytes() == b"key-1:")
+        {
             Some(entry) => Err(format!("list shows never-stored key-1: as {entry:?}").into()),
             None => Ok(()),
         },
@@ -383,9 +393,14 @@ fn the_sweeper_never_deletes_a_live_record_for_a_bad_index_entry() -> TestResult
         let _ = db.begin_read()?;
     }
     let store = open()?;
-    assert!(store.verify().is_err(), "verify missed the stray index entry");
+    assert!(
+        store.verify().is_err(),
+        "verify missed the stray index entry"
+    );
     store.sweep()?;
-    let entry = store.get("paid")?.ok_or("the sweeper deleted a live record")?;
+    let entry = store
+        .get("paid")?
+        .ok_or("the sweeper deleted a live record")?;
     assert_eq!(
         entry.outcome().map(|outcome| outcome.response),
         Some(b"charged once".to_vec())

@@ -147,7 +147,10 @@ fn worker(store: &Store, cycle: u64, seed: u64) {
             let key = msg_key(cycle, rng.below(MSG_KEYS));
             let before = SystemClock.now_millis();
             if let Ok(true) = store.mark_seen_with_ttl(&key, MARK_TTL) {
-                ack(format_args!("M {key} {}", before + MARK_TTL.as_millis() as u64));
+                ack(format_args!(
+                    "M {key} {}",
+                    before + MARK_TTL.as_millis() as u64
+                ));
             }
         } else {
             let keys: Vec<String> = (0..3)
@@ -157,7 +160,10 @@ fn worker(store: &Store, cycle: u64, seed: u64) {
             if let Ok(fresh) = store.mark_seen_many_with_ttl(&keys, MARK_TTL) {
                 for (key, fresh) in keys.iter().zip(fresh) {
                     if fresh {
-                        ack(format_args!("M {key} {}", before + MARK_TTL.as_millis() as u64));
+                        ack(format_args!(
+                            "M {key} {}",
+                            before + MARK_TTL.as_millis() as u64
+                        ));
                     }
                 }
             }
@@ -236,8 +242,12 @@ impl Log {
                     }
                     log.claims.push(claim);
                 }
-                "C" => self.keys.entry(fields[1].to_string()).or_default().completed =
-                    Some(number(2)?),
+                "C" => {
+                    self.keys
+                        .entry(fields[1].to_string())
+                        .or_default()
+                        .completed = Some(number(2)?)
+                }
                 "r" => {
                     self.keys
                         .entry(fields[1].to_string())
@@ -247,8 +257,10 @@ impl Log {
                 }
                 "R" => {}
                 "M" => {
-                    self.keys.entry(fields[1].to_string()).or_default().marked_until =
-                        Some(number(2)?);
+                    self.keys
+                        .entry(fields[1].to_string())
+                        .or_default()
+                        .marked_until = Some(number(2)?);
                 }
                 other => return Err(format!("an unknown acknowledgement {other}: {line}")),
             }
@@ -322,7 +334,9 @@ fn check_key(store: &Store, key: &str, log: &mut KeyLog, now: u64) -> Result<(),
         && entry.is_none()
         && now < until
     {
-        return Err(format!("{key}: marked until at least {until}, gone at {now}"));
+        return Err(format!(
+            "{key}: marked until at least {until}, gone at {now}"
+        ));
     }
     Ok(())
 }
@@ -356,7 +370,11 @@ fn spawn_child(path: &Path, cycle: u64, seed: u64) -> Result<Reaper, std::io::Er
 }
 
 /// Runs one child to a random kill; returns its output.
-fn one_cycle(path: &Path, cycle: u64, rng: &mut Rng) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+fn one_cycle(
+    path: &Path,
+    cycle: u64,
+    rng: &mut Rng,
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let mut child = spawn_child(path, cycle, rng.next_u64())?;
     let mut stdout = child.0.stdout.take().ok_or("the child has no stdout")?;
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -434,15 +452,26 @@ fn kill_nine_loop() -> TestResult {
         let keys: Vec<String> = if cycle % 25 == 24 || cycle + 1 == cycles {
             log.keys.keys().cloned().collect()
         } else {
-            touched.into_iter().collect::<BTreeSet<_>>().into_iter().collect()
+            touched
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
         };
         let reopen = check_file(&path, &mut log, &keys)
             .map_err(|err| format!("cycle {cycle} (seed {seed}): {err}"))?;
         slowest_reopen = slowest_reopen.max(reopen);
     }
     let claims: usize = log.keys.values().map(|key| key.claims.len()).sum();
-    let completions = log.keys.values().filter(|key| key.completed.is_some()).count();
-    assert!(claims > 0 && completions > 0, "the children acknowledged no work");
+    let completions = log
+        .keys
+        .values()
+        .filter(|key| key.completed.is_some())
+        .count();
+    assert!(
+        claims > 0 && completions > 0,
+        "the children acknowledged no work"
+    );
     figure(
         "crash_kill",
         &format!(

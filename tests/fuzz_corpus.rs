@@ -28,7 +28,10 @@ fn corpus(target: &str) -> Result<Vec<(PathBuf, Vec<u8>)>, std::io::Error> {
 fn record_decode_corpus() -> TestResult {
     let inputs = corpus("record_decode")?;
     assert!(!inputs.is_empty(), "the record_decode corpus is empty");
-    let decoded = inputs.iter().filter(|(_, bytes)| decode_record(bytes)).count();
+    let decoded = inputs
+        .iter()
+        .filter(|(_, bytes)| decode_record(bytes))
+        .count();
     assert!(decoded > 0, "no seed in the corpus is a valid record");
     Ok(())
 }

@@ -58,7 +58,10 @@ fn every_write_set_len_and_sync_fails_in_turn() -> TestResult {
         &format!("{runs} single faults, {fired} fired, {failed_calls} failed calls"),
         started,
     );
-    assert!(fired * 100 >= runs * 95, "only {fired} of {runs} faults fired");
+    assert!(
+        fired * 100 >= runs * 95,
+        "only {fired} of {runs} faults fired"
+    );
     Ok(())
 }
 
@@ -188,7 +191,10 @@ fn a_real_full_filesystem() -> TestResult {
         match outcome {
             Ok(()) => acknowledged.push((key, response)),
             Err(err) => {
-                assert!(err.is_storage(), "a full disk is a storage error, got {err:?}");
+                assert!(
+                    err.is_storage(),
+                    "a full disk is a storage error, got {err:?}"
+                );
                 refusals += 1;
                 if refusals >= 5 {
                     break;
@@ -213,7 +219,9 @@ fn a_real_full_filesystem() -> TestResult {
     let store = Store::open(&path)?;
     store.verify()?;
     for (key, response) in &acknowledged {
-        let entry = store.get(key)?.ok_or_else(|| format!("{key} lost after reopen"))?;
+        let entry = store
+            .get(key)?
+            .ok_or_else(|| format!("{key} lost after reopen"))?;
         assert_eq!(entry.outcome().map(|o| o.response).as_ref(), Some(response));
     }
     eprintln!(

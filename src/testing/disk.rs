@@ -25,8 +25,7 @@ use super::rng::Rng;
 pub const SECTOR: usize = 512;
 
 /// Which backend call a [`Fault`] fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, arbitrary::Arbitrary)]
 pub enum IoCall {
     /// `StorageBackend::write`.
     Write,
@@ -37,8 +36,7 @@ pub enum IoCall {
 }
 
 /// The error a failed call returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[derive(arbitrary::Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, arbitrary::Arbitrary)]
 pub enum IoFailure {
     /// An I/O error (EIO).
     Eio,

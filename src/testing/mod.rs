@@ -37,7 +37,11 @@ pub fn decode_record(bytes: &[u8]) -> bool {
         Ok(record) => {
             let again =
                 crate::record::decode(stored_key, &crate::record::encode(stored_key, &record));
-            assert_eq!(again.as_ref(), Ok(&record), "a decoded record does not round-trip");
+            assert_eq!(
+                again.as_ref(),
+                Ok(&record),
+                "a decoded record does not round-trip"
+            );
             true
         }
         Err(_) => false,
@@ -86,13 +90,16 @@ pub fn sample_envelopes() -> Vec<Vec<u8>> {
             let stored_key = format!("kkey-{index}").into_bytes();
             let mut input = vec![stored_key.len() as u8];
             input.extend_from_slice(&stored_key);
-            input.extend(encode(&stored_key, &Record {
-                fencing_token: 7 + index as u64,
-                attempt: 2,
-                fingerprint: (index != 1).then(|| ByteString(b"sha256:abc".to_vec())),
-                expires_at: START_MILLIS + 3_600_000,
-                state,
-            }));
+            input.extend(encode(
+                &stored_key,
+                &Record {
+                    fencing_token: 7 + index as u64,
+                    attempt: 2,
+                    fingerprint: (index != 1).then(|| ByteString(b"sha256:abc".to_vec())),
+                    expires_at: START_MILLIS + 3_600_000,
+                    state,
+                },
+            ));
             input
         })
         .collect()

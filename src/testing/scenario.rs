@@ -245,7 +245,9 @@ fn fate_of(seed: u8) -> Fate {
 
 impl Runner {
     fn store(&self) -> Result<&Store, String> {
-        self.store.as_ref().ok_or_else(|| "no store is open".to_string())
+        self.store
+            .as_ref()
+            .ok_or_else(|| "no store is open".to_string())
     }
 
     fn store_id(&self) -> Result<u64, String> {
@@ -278,7 +280,9 @@ impl Runner {
                 Err(err) => return Err(format!("the store did not open: {err}")),
             }
         }
-        Err(format!("the store did not open after repeated attempts: {last}"))
+        Err(format!(
+            "the store did not open after repeated attempts: {last}"
+        ))
     }
 
     /// Puts what the power cut left on a fresh disk, as a machine coming back up would find it.
@@ -299,7 +303,11 @@ impl Runner {
         self.open_store()?;
         let actual = raw_state(self.store()?)
             .map_err(|err| format!("reading the store after a power cut: {err}"))?;
-        let candidates = [interrupted, Some(self.model.clone()), Some(self.durable.clone())];
+        let candidates = [
+            interrupted,
+            Some(self.model.clone()),
+            Some(self.durable.clone()),
+        ];
         let Some(found) = candidates
             .into_iter()
             .flatten()
@@ -340,9 +348,8 @@ impl Runner {
         for _ in 0..RETRIES {
             match raw_state(self.store()?) {
                 Ok(actual) => {
-                    let matches = |model: &Model| {
-                        model.records == actual.0 && model.last_token == actual.1
-                    };
+                    let matches =
+                        |model: &Model| model.records == actual.0 && model.last_token == actual.1;
                     if matches(&self.model) {
                         return Ok(());
                     }
@@ -447,7 +454,7 @@ impl Runner {
                     Some(ttl) => store.complete_with_ttl(&ticket, &response, ttl),
                     None => store.complete(&ticket, &response),
                 };
-                self.owner_call(result.map(|()| ()), expected.map(|()| ()), next, key)
+                self.owner_call(result, expected, next, key)
             }
             Step::Release { ticket } => {
                 let Some(ticket) = self.ticket(ticket) else {
@@ -650,7 +657,10 @@ impl Runner {
                         ));
                     }
                     if raw.0 != self.model.records || raw.1 != self.model.last_token {
-                        return Err(format!("the store holds {raw:#?}\nthe model {:#?}", self.model));
+                        return Err(format!(
+                            "the store holds {raw:#?}\nthe model {:#?}",
+                            self.model
+                        ));
                     }
                     return Ok(());
                 }
@@ -695,10 +705,13 @@ fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
         for row in table.iter()? {
             let (stored_key, value) = row?;
             let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
-            let record = crate::record::decode(stored_key.value(), value.value()).map_err(|err| Error::Corrupt {
-                key: Key::new(key.clone()),
-                reason: err.0,
-            })?;
+            let record =
+                crate::record::decode(stored_key.value(), value.value()).map_err(|err| {
+                    Error::Corrupt {
+                        key: Key::new(key.clone()),
+                        reason: err.0,
+                    }
+                })?;
             let state = match record.state {
                 RecordState::InProgress {
                     claimed_at,

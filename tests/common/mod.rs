@@ -46,7 +46,11 @@ pub mod workload {
                 },
                 6..=8 => Step::Complete {
                     ticket: byte(&mut rng),
-                    response: if rng.chance(15) { 255 } else { byte(&mut rng) % 250 },
+                    response: if rng.chance(15) {
+                        255
+                    } else {
+                        byte(&mut rng) % 250
+                    },
                     ttl: if rng.chance(70) { 0 } else { byte(&mut rng) },
                 },
                 9 => Step::Release {
