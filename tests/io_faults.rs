@@ -230,3 +230,43 @@ fn a_real_full_filesystem() -> TestResult {
     );
     Ok(())
 }
+
+/// A failed fsync on Linux may mark the pages it failed to write clean ("fsyncgate"): reads
+/// still see them, no later fsync writes them, a power cut loses them.
+#[test]
+fn a_failed_sync_that_forgets_its_writes() -> TestResult {
+    let started = Instant::now();
+    let (mut runs, mut failures) = (0, Vec::new());
+    for seed in 0..knob("DEDUPE_FAULT_FSYNCGATE", 4) {
+        let steps = workload::small(2000 + seed, 24);
+        let syncs = run(&steps, false)?.io.syncs;
+        for nth in 1..=syncs {
+            let fault = Fault {
+                call: IoCall::Sync,
+                nth,
+                times: 1,
+                failure: IoFailure::Eio,
+            };
+            runs += 1;
+            if let Err(err) = run_armed(&steps, false, Arm::FaultForgetting(fault)) {
+                failures.push(format!("seed {seed}, sync {nth}: {err}"));
+            }
+        }
+    }
+    figure(
+        "io_faults",
+        &format!(
+            "{runs} forgetting sync failures, {} lost data",
+            failures.len()
+        ),
+        started,
+    );
+    match failures.first() {
+        Some(first) => Err(format!(
+            "{} of {runs} runs failed; the first: {first}",
+            failures.len()
+        )
+        .into()),
+        None => Ok(()),
+    }
+}

@@ -120,6 +120,9 @@ struct State {
     unsynced: Vec<Unsynced>,
     counts: IoCounts,
     faults: Vec<(Fault, u64)>,
+    /// Whether a failed sync forgets the writes it was to persist (see
+    /// [`SimDisk::failed_sync_forgets_writes`]).
+    failed_sync_forgets: bool,
     /// Cut the power at this sync (by the running count of syncs).
     power_cut_at: Option<(u64, Fate)>,
     /// The image the last power cut left; every call fails once it is set.
@@ -166,6 +169,7 @@ impl SimDisk {
                 counts: IoCounts::default(),
                 faults: Vec::new(),
                 power_cut_at: None,
+                failed_sync_forgets: false,
                 cut: None,
             })),
         }
@@ -181,6 +185,14 @@ impl SimDisk {
         let mut state = self.state.lock();
         let base = state.counts.of(fault.call);
         state.faults.push((fault, base));
+    }
+
+    /// Makes a failed sync behave as Linux's does on many filesystems ("fsyncgate"): the
+    /// pages it failed to write are marked clean, so reads still see the new bytes but no
+    /// later sync persists them, and a power cut loses them. Default: off (a failed sync
+    /// leaves its writes pending, and a later sync may persist them).
+    pub fn failed_sync_forgets_writes(&self, forgets: bool) {
+        self.state.lock().failed_sync_forgets = forgets;
     }
 
     /// Disarms every fault and any planned power cut.
@@ -370,8 +382,13 @@ impl StorageBackend for SimDisk {
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.state.lock();
         // A failed sync leaves its writes in the cache, unsynced: a later sync may still
-        // persist them, and a power cut before then may lose them.
-        SimDisk::check(&mut state, IoCall::Sync)?;
+        // persist them (unless `failed_sync_forgets`), and a power cut before then loses them.
+        if let Err(err) = SimDisk::check(&mut state, IoCall::Sync) {
+            if state.failed_sync_forgets && state.cut.is_none() {
+                state.unsynced.clear();
+            }
+            return Err(err);
+        }
         // Replaying the few pages written since the last sync is much cheaper than copying
         // the whole image at every sync.
         let unsynced = std::mem::take(&mut state.unsynced);

@@ -145,6 +145,9 @@ pub enum Arm {
     Fault(Fault),
     /// Cut the power at the `n`th sync, counting from the store's creation.
     PowerCut(u64, Fate),
+    /// Fail a call, and let a failed sync forget its writes
+    /// ([`SimDisk::failed_sync_forgets_writes`]).
+    FaultForgetting(Fault),
 }
 
 /// Runs `steps` with the store on a fresh [`SimDisk`]. With `faults` off, `Fail` and
@@ -166,6 +169,10 @@ pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, Strin
     match arm {
         Arm::Nothing => {}
         Arm::Fault(fault) => disk.arm(fault),
+        Arm::FaultForgetting(fault) => {
+            disk.arm(fault);
+            disk.failed_sync_forgets_writes(true);
+        }
         Arm::PowerCut(nth, fate) => disk.cut_power_at_sync(nth, fate),
     }
     let mut runner = Runner {
