@@ -94,6 +94,7 @@ mod clock;
 mod engine;
 mod entry;
 mod error;
+mod guard;
 mod key;
 mod limits;
 mod maintenance;

@@ -40,7 +40,7 @@ fn every_sync_point(steps: &[Step], seed: u64) -> Result<u64, String> {
 #[test]
 fn every_sync_point_of_small_workloads() -> TestResult {
     let started = Instant::now();
-    let seeds = knob("DEDUPE_POWER_SEEDS", 10);
+    let seeds = knob("DEDUPE_POWER_SEEDS", 12);
     let mut points = 0;
     for seed in 0..seeds {
         points += every_sync_point(&workload::small(seed, 14), seed)?;

@@ -13,13 +13,16 @@
 
 mod disk;
 mod model;
+mod raw;
 mod rng;
 mod scenario;
+mod step;
 
 pub use disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SECTOR, SimDisk};
 pub use model::{Model, Rec, RecState, Refusal};
 pub use rng::Rng;
-pub use scenario::{Arm, LEASE, MAX_STEPS, Report, START_MILLIS, Step, TTL, run, run_armed};
+pub use scenario::{Arm, Report, run, run_armed};
+pub use step::{LEASE, MAX_STEPS, START_MILLIS, Step, TTL};
 
 /// Decodes fuzz bytes as a stored record: the first byte is the stored key's length, then the
 /// stored key, then the envelope. Never panics; a record that decodes must encode back to

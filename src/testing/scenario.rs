@@ -7,119 +7,20 @@
 //! last durable commit and nothing before it: the reopened store must equal the model as of
 //! the last durable commit, the model now, or the model with the interrupted call applied.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redb::ReadableTable;
+use crate::{ClaimOptions, Error, ManualClock, Store, Ticket};
 
-use crate::record::RecordState;
-use crate::{ClaimOptions, Error, Key, ManualClock, Store, Ticket};
+use super::disk::{Fate, Fault, IoCounts, SimDisk};
+use super::model::{Model, Refusal};
+use super::raw::raw_state;
+use super::step::{
+    LEASE, MAX_STEPS, START_MILLIS, Step, TTL, fate_of, fingerprint_of, key_of, lease_of, millis,
+    response_of, ttl_of,
+};
 
-use super::disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SimDisk};
-use super::model::{Model, Rec, RecState, Refusal};
-
-/// The clock's reading when a run starts: 2023-11-14, far from either end of `u64`.
-pub const START_MILLIS: u64 = 1_700_000_000_000;
-/// The store's default lease in these runs.
-pub const LEASE: Duration = Duration::from_secs(30);
-/// The store's default TTL in these runs.
-pub const TTL: Duration = Duration::from_secs(3600);
-/// Steps past this many are ignored, so a fuzz input stays quick to run.
-pub const MAX_STEPS: usize = 96;
-const KEYS: u8 = 6;
 const MAX_TICKETS: usize = 12;
 const RETRIES: usize = 64;
-
-/// One thing a run does. Numbers are folded into small ranges, so every value is meaningful.
-#[derive(Debug, Clone, PartialEq, Eq, arbitrary::Arbitrary)]
-pub enum Step {
-    /// `claim_with`: `fingerprint` 0 is none; `lease` and `ttl` 0 are the store's defaults.
-    Claim {
-        /// Which of the few keys.
-        key: u8,
-        /// Which of three fingerprints, or none.
-        fingerprint: u8,
-        /// Per-call lease in seconds (1 to 60), or the default.
-        lease: u8,
-        /// Per-call TTL (5 s to 10 min), or the default.
-        ttl: u8,
-    },
-    /// `complete` (or `complete_with_ttl`) with one of the tickets acquired so far.
-    Complete {
-        /// Which ticket.
-        ticket: u8,
-        /// Which response; 250 and above are 5 KiB, spanning redb pages.
-        response: u8,
-        /// Per-call TTL, or the default.
-        ttl: u8,
-    },
-    /// `release`.
-    Release {
-        /// Which ticket.
-        ticket: u8,
-    },
-    /// `extend`.
-    Extend {
-        /// Which ticket.
-        ticket: u8,
-        /// Seconds (1 to 60).
-        lease: u8,
-    },
-    /// `expire`.
-    Expire {
-        /// Which key.
-        key: u8,
-    },
-    /// `mark_seen` (or `mark_seen_with_ttl`).
-    MarkSeen {
-        /// Which key.
-        key: u8,
-        /// Per-call TTL, or the default.
-        ttl: u8,
-    },
-    /// `mark_seen_many` over three keys (repeats allowed).
-    MarkSeenMany {
-        /// Which keys.
-        keys: [u8; 3],
-    },
-    /// `get`.
-    Get {
-        /// Which key.
-        key: u8,
-    },
-    /// `sweep`.
-    Sweep,
-    /// The clock moves forward by up to 255 seconds.
-    Tick {
-        /// Seconds.
-        secs: u8,
-    },
-    /// The clock jumps: a day forward, an hour back, or a minute back.
-    Leap {
-        /// Which jump.
-        kind: u8,
-    },
-    /// `close`, then open the same disk again.
-    Reopen,
-    /// Fail an upcoming I/O call (honoured only when faults are on).
-    Fail {
-        /// Which kind of call.
-        call: IoCall,
-        /// The how-manieth such call from now (1 to 16).
-        nth: u8,
-        /// How many in a row (1 to 3).
-        times: u8,
-        /// EIO or ENOSPC.
-        failure: IoFailure,
-    },
-    /// Cut the power now or at an upcoming sync (honoured only when faults are on).
-    PowerCut {
-        /// 0 now, else at the how-manieth sync from now (1 to 7).
-        at_sync: u8,
-        /// What happens to the unsynced writes.
-        seed: u8,
-    },
-}
 
 /// What a run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -212,42 +113,6 @@ struct Runner {
     faults: bool,
     honour_steps: bool,
     report: Report,
-}
-
-fn key_of(key: u8) -> Vec<u8> {
-    format!("key-{}", key % KEYS).into_bytes()
-}
-
-fn fingerprint_of(fingerprint: u8) -> Option<Vec<u8>> {
-    (fingerprint != 0).then(|| format!("fp-{}", fingerprint % 3).into_bytes())
-}
-
-fn lease_of(lease: u8) -> Option<Duration> {
-    (lease != 0).then(|| Duration::from_secs(u64::from(lease % 60) + 1))
-}
-
-fn ttl_of(ttl: u8) -> Option<Duration> {
-    (ttl != 0).then(|| Duration::from_secs((u64::from(ttl % 120) + 1) * 5))
-}
-
-fn response_of(response: u8) -> Vec<u8> {
-    if response >= 250 {
-        vec![response; 5 * 1024]
-    } else {
-        format!("response-{response}").into_bytes()
-    }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn fate_of(seed: u8) -> Fate {
-    match seed % 3 {
-        0 => Fate::DropAll,
-        1 => Fate::KeepAll,
-        _ => Fate::Random(u64::from(seed)),
-    }
 }
 
 impl Runner {
@@ -701,60 +566,4 @@ impl Runner {
         }
         Ok(())
     }
-}
-
-/// Everything the store's file holds, expired records included, and its last token: what the
-/// public API cannot show (an expired record that a clock jumping back would make live again).
-fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
-    store.engine().storage.read(|txn| {
-        let table = txn.open_table(crate::storage::RECORDS)?;
-        let mut records = BTreeMap::new();
-        for row in table.iter()? {
-            let (stored_key, value) = row?;
-            let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
-            let record =
-                crate::record::decode(stored_key.value(), value.value()).map_err(|err| {
-                    Error::Corrupt {
-                        key: Key::new(key.clone()),
-                        reason: err.0,
-                    }
-                })?;
-            let state = match record.state {
-                RecordState::InProgress {
-                    claimed_at,
-                    lease_until,
-                    claim_ttl,
-                    ..
-                } => RecState::InProgress {
-                    claimed_at,
-                    lease_until,
-                    claim_ttl,
-                },
-                RecordState::Completed {
-                    completed_at,
-                    response,
-                } => RecState::Completed {
-                    completed_at,
-                    response: response.0,
-                },
-                RecordState::Sequence { .. } => continue,
-            };
-            records.insert(
-                key,
-                Rec {
-                    token: record.fencing_token,
-                    attempt: record.attempt,
-                    fingerprint: record.fingerprint.map(|fp| fp.0),
-                    expires_at: record.expires_at,
-                    state,
-                },
-            );
-        }
-        // The meta table's key for the last token issued (docs/FORMAT.md).
-        let last_token = txn
-            .open_table(crate::storage::META)?
-            .get("last_token")?
-            .map_or(0, |token| token.value());
-        Ok((records, last_token))
-    })
 }
