@@ -2,7 +2,8 @@
 //! hammers it from several threads (claims with short leases, completes, releases, abandoned
 //! tickets completed late, marks and batch marks, the sweeper on), printing an acknowledgement
 //! line only after each call returned `Ok`. The parent SIGKILLs the child at a random moment
-//! (sometimes while it is still opening the file), reopens the file and checks:
+//! (sometimes while it is still opening the file), reopens the file and checks (every other
+//! child commits without quick repair, so both of redb's recovery paths run):
 //!
 //! - every acknowledged completion is there with its exact response;
 //! - every acknowledged claim is in progress, completed, released or legitimately expired;
@@ -69,9 +70,12 @@ fn crash_kill_child() -> TestResult {
     };
     let cycle: u64 = std::env::var(CHILD_CYCLE)?.parse()?;
     let seed: u64 = std::env::var(CHILD_SEED)?.parse()?;
+    // Every other child commits without quick repair, so the next open walks the whole file
+    // (redb's full repair) instead of loading the saved allocator state.
     let store = Store::builder()
         .ttl(COMPLETE_TTL)
         .sweep_interval(Duration::from_millis(25))
+        .quick_repair(cycle % 2 == 0)
         .open(&path)?;
     ack(format_args!("ready"));
     let threads: Vec<_> = (0..THREADS)
