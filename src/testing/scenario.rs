@@ -132,6 +132,7 @@ impl Runner {
 
     fn open_store(&mut self) -> Result<(), String> {
         let mut last = String::new();
+        let mut cut = false;
         for _ in 0..RETRIES {
             let opened = Store::builder()
                 .clock(self.clock.clone())
@@ -142,9 +143,13 @@ impl Runner {
             match opened {
                 Ok(store) => {
                     self.store = Some(store);
-                    return Ok(());
+                    // The power went while the store was opening: see what came back.
+                    return if cut { self.settle(None) } else { Ok(()) };
                 }
-                Err(_) if self.disk.is_cut() => self.replace_disk()?,
+                Err(_) if self.disk.is_cut() => {
+                    self.replace_disk()?;
+                    cut = true;
+                }
                 Err(err) if self.is_fault(&err) => {
                     self.report.failed_calls += 1;
                     last = format!("{err:?}");
@@ -173,6 +178,11 @@ impl Runner {
     fn recover(&mut self, interrupted: Option<Model>) -> Result<(), String> {
         self.replace_disk()?;
         self.open_store()?;
+        self.settle(interrupted)
+    }
+
+    /// Finds which allowed state a store reopened after a power cut holds, and takes it.
+    fn settle(&mut self, interrupted: Option<Model>) -> Result<(), String> {
         let actual = raw_state(self.store()?)
             .map_err(|err| format!("reading the store after a power cut: {err}"))?;
         let candidates = [
