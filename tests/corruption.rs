@@ -106,6 +106,8 @@ struct Tally {
     typed_errors: u64,
     unfindable: u64,
     verify_refused: u64,
+    /// Calls on which redb panicked and the store answered `CorruptFile` instead.
+    caught_panics: u64,
 }
 
 impl Tally {
@@ -116,6 +118,7 @@ impl Tally {
         self.typed_errors += other.typed_errors;
         self.unfindable += other.unfindable;
         self.verify_refused += other.verify_refused;
+        self.caught_panics += other.caught_panics;
     }
 }
 
@@ -127,8 +130,9 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
     };
     let store = match open_image(image) {
         Ok(store) => store,
-        Err(_) => {
+        Err(err) => {
             tally.open_refused = 1;
+            tally.caught_panics = u64::from(caught_panic(&err));
             return Ok(tally);
         }
     };
@@ -142,7 +146,10 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
                 ));
             }
             Ok(None) => unfindable = true,
-            Err(_) => errors = true,
+            Err(err) => {
+                errors = true;
+                tally.caught_panics += u64::from(caught_panic(&err));
+            }
         }
     }
     // Listing must not show anything the file did not hold under that key.
@@ -199,6 +206,11 @@ fn probe(image: &[u8], expected: &BTreeMap<Vec<u8>, Entry>) -> Result<Tally, Str
         tally.exact = 1;
     }
     Ok(tally)
+}
+
+/// Whether the store turned a panic inside redb into this error.
+fn caught_panic(err: &Error) -> bool {
+    matches!(err, Error::CorruptFile { reason } if reason.contains("panicked"))
 }
 
 /// [`probe`] on its own thread, so that a panic or a hang is caught and reported.
