@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 /// redb's header size: its magic number, god byte and both commit slots.
 const REDB_HEADER_LEN: usize = 320;
 
+/// redb's magic number, the first bytes of every redb file (its file format, version 3).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
 /// The largest file [`discard_interrupted_creation`] reads through; a larger one is never an
 /// interrupted creation (redb creates files of a few hundred KiB).
 const MAX_CREATION_LEN: u64 = 64 * 1024 * 1024;
@@ -21,9 +24,10 @@ const MAX_CREATION_LEN: u64 = 64 * 1024 * 1024;
 /// redb initialises a new file by sizing it, writing its header without the magic number,
 /// syncing, and only then writing the magic number. A crash (or power loss) before that last
 /// write leaves a non-empty file without the magic number, which redb then refuses to open,
-/// forever. Such a file holds nothing: no byte past the header is set and the magic number is
-/// all zeros. Only a file in exactly that state is emptied; anything else is left to redb,
-/// which reports what it finds.
+/// forever. Such a file holds nothing: no byte past the header is set, and where the magic
+/// number goes there are zeros, or the start of the magic number and then zeros (the power
+/// went while that write was landing). Only a file in exactly that state is emptied; anything
+/// else, a complete magic number included, is left to redb, which reports what it finds.
 pub(crate) fn discard_interrupted_creation(
     backend: &dyn StorageBackend,
     path: Option<&Path>,
@@ -42,7 +46,12 @@ pub(crate) fn discard_interrupted_creation(
     let mut head = [0u8; 9];
     let head_len = head.len().min(len as usize);
     backend.read(0, &mut head[..head_len]).map_err(io)?;
-    if head != [0u8; 9] {
+    let landed = head
+        .iter()
+        .zip(REDB_MAGIC)
+        .take_while(|(byte, magic)| *byte == magic)
+        .count();
+    if landed == REDB_MAGIC.len() || head[landed..].iter().any(|&byte| byte != 0) {
         return Ok(());
     }
     let mut offset = REDB_HEADER_LEN as u64;

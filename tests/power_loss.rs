@@ -114,19 +114,28 @@ fn repeated_power_cuts_within_one_run() -> TestResult {
 #[test]
 fn a_file_whose_creation_was_cut_short_is_created_again() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("interrupted.redb");
     // What redb leaves after sizing the file and writing its header without the magic number.
     let mut image = vec![0u8; 1024 * 1024];
     image[9..320]
         .iter_mut()
         .enumerate()
         .for_each(|(i, byte)| *byte = i as u8);
-    std::fs::write(&path, &image)?;
-    let store = Store::open(&path)?;
-    assert!(store.claim("first")?.is_acquired());
-    store.close()?;
-    let store = Store::open(&path)?;
-    assert!(matches!(store.claim("first")?, Claim::InProgress { .. }));
+    // ... and with the power cut while the magic number itself was landing (found at 8,000
+    // random crash points: a cut at sync 2 tore that write).
+    let mut torn = image.clone();
+    torn[..3].copy_from_slice(b"red");
+    for (name, image) in [("no-magic", image), ("torn-magic", torn)] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &image)?;
+        let store = Store::open(&path)?;
+        assert!(store.claim("first")?.is_acquired(), "{name}");
+        store.close()?;
+        let store = Store::open(&path)?;
+        assert!(
+            matches!(store.claim("first")?, Claim::InProgress { .. }),
+            "{name}"
+        );
+    }
     Ok(())
 }
 
@@ -139,6 +148,17 @@ fn a_file_that_is_not_a_store_is_left_alone() -> TestResult {
         ("late-bytes", {
             let mut image = vec![0u8; 8192];
             image[5000] = 1;
+            image
+        }),
+        ("torn-magic-then-data", {
+            let mut image = vec![0u8; 8192];
+            image[..3].copy_from_slice(b"red");
+            image[5000] = 1;
+            image
+        }),
+        ("not-quite-magic", {
+            let mut image = vec![0u8; 8192];
+            image[..3].copy_from_slice(b"rex");
             image
         }),
     ] {
