@@ -11,10 +11,12 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dedupe_store::testing::{Arm, Fault, IoCall, IoFailure, Rng, Step, run, run_armed};
+use dedupe_store::testing::{
+    Arm, Fate, Fault, IoCall, IoFailure, Rng, SimDisk, Step, run, run_armed,
+};
 use dedupe_store::{Claim, ClaimOptions, Store};
 
-use common::{figure, knob, workload};
+use common::{concurrent, figure, knob, workload};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -269,4 +271,45 @@ fn a_failed_sync_that_forgets_its_writes() -> TestResult {
         .into()),
         None => Ok(()),
     }
+}
+
+/// Four threads write at once while an I/O call fails: every caller of the failed batch gets
+/// the error, the store reopens redb and the writers go on, and after a power cut that keeps
+/// only what is durable everything acknowledged is there.
+#[test]
+fn concurrent_writers_through_failing_io() -> TestResult {
+    let started = Instant::now();
+    let runs = knob("DEDUPE_FAULT_CONCURRENT", 150);
+    let mut rng = Rng::new(99);
+    let (mut failed, mut acknowledged_total) = (0, 0);
+    for index in 0..runs {
+        let disk = SimDisk::new();
+        let store = concurrent::open(&disk)?;
+        let fault = Fault {
+            call: CALLS[rng.below_usize(3)],
+            nth: 1 + rng.below(150),
+            times: 1 + rng.below(4),
+            failure: FAILURES[rng.below_usize(2)],
+        };
+        disk.arm(fault);
+        let seed = rng.next_u64();
+        let acknowledged = concurrent::write(&store, 4, 40, seed, false);
+        disk.cut_power(Fate::DropAll);
+        drop(store);
+        let image = disk.power_cut_image().ok_or("no power cut")?;
+        concurrent::check(image, &acknowledged)
+            .map_err(|err| format!("run {index}, seed {seed}, {fault:?}: {err}"))?;
+        failed += acknowledged.failed;
+        acknowledged_total += acknowledged.completed.len() + acknowledged.marked.len();
+    }
+    figure(
+        "io_faults",
+        &format!(
+            "{runs} faults under four concurrent writers: {failed} failed calls, \
+             {acknowledged_total} acknowledged writes checked"
+        ),
+        started,
+    );
+    assert!(failed > 0, "no call failed");
+    Ok(())
 }

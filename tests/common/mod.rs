@@ -88,3 +88,139 @@ pub mod workload {
         steps
     }
 }
+
+#[cfg(feature = "testing")]
+pub mod concurrent {
+    //! Several threads writing at once (so group commit batches them) to a store on a
+    //! [`SimDisk`], keeping a log of what was acknowledged, and the check of a reopened image
+    //! against that log.
+
+    use std::sync::{Arc, Mutex};
+
+    use dedupe_store::testing::{Rng, SimDisk};
+    use dedupe_store::{Claim, EntryState, ManualClock, Store};
+
+    /// What the writers were told succeeded.
+    #[derive(Debug, Default)]
+    pub struct Acknowledged {
+        /// Keys claimed (in progress unless completed below).
+        pub claimed: Vec<String>,
+        /// Keys completed, with their responses.
+        pub completed: Vec<(String, Vec<u8>)>,
+        /// Keys marked seen.
+        pub marked: Vec<String>,
+        /// Calls that failed.
+        pub failed: u64,
+    }
+
+    /// The store every run uses: a clock that never moves, so nothing expires.
+    pub fn open(disk: &SimDisk) -> dedupe_store::Result<Store> {
+        Store::builder()
+            .clock(ManualClock::new(1_700_000_000_000))
+            .without_sweeper()
+            .open_backend(disk.clone())
+    }
+
+    /// Runs `threads` writers for `ops` operations each on fresh keys. A writer stops at its
+    /// first failure when `stop_on_failure` (the disk is gone), else carries on.
+    pub fn write(
+        store: &Store,
+        threads: u64,
+        ops: u64,
+        seed: u64,
+        stop_on_failure: bool,
+    ) -> Acknowledged {
+        let log = Arc::new(Mutex::new(Acknowledged::default()));
+        let workers: Vec<_> = (0..threads)
+            .map(|thread| {
+                let (store, log) = (store.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(seed ^ (thread << 32));
+                    for index in 0..ops {
+                        let key = format!("t{thread}-{index}");
+                        let ok = if rng.chance(25) {
+                            let keys = [format!("{key}-a"), format!("{key}-b")];
+                            match store.mark_seen_many(&keys) {
+                                Ok(_) => {
+                                    if let Ok(mut log) = log.lock() {
+                                        log.marked.extend(keys);
+                                    }
+                                    true
+                                }
+                                Err(_) => false,
+                            }
+                        } else {
+                            match store.claim(&key) {
+                                Ok(Claim::Acquired(ticket)) => {
+                                    if let Ok(mut log) = log.lock() {
+                                        log.claimed.push(key.clone());
+                                    }
+                                    let response = format!("done {key}").into_bytes();
+                                    match store.complete(&ticket, &response) {
+                                        Ok(()) => {
+                                            if let Ok(mut log) = log.lock() {
+                                                log.completed.push((key, response));
+                                            }
+                                            true
+                                        }
+                                        Err(_) => false,
+                                    }
+                                }
+                                Ok(_) => true,
+                                Err(_) => false,
+                            }
+                        };
+                        if !ok {
+                            if let Ok(mut log) = log.lock() {
+                                log.failed += 1;
+                            }
+                            if stop_on_failure {
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            let _ = worker.join();
+        }
+        match Arc::try_unwrap(log) {
+            Ok(log) => log.into_inner().unwrap_or_default(),
+            Err(_) => Acknowledged::default(),
+        }
+    }
+
+    /// Opens `image` and checks that everything acknowledged is there.
+    pub fn check(image: Vec<u8>, acknowledged: &Acknowledged) -> Result<(), String> {
+        let store = open(&SimDisk::from_image(image))
+            .map_err(|err| format!("the image did not open: {err}"))?;
+        store.verify().map_err(|err| format!("verify: {err}"))?;
+        let completed: std::collections::BTreeMap<_, _> =
+            acknowledged.completed.iter().cloned().collect();
+        for key in &acknowledged.claimed {
+            let entry = store
+                .get(key)
+                .map_err(|err| format!("get({key}): {err}"))?
+                .ok_or_else(|| format!("acknowledged claim of {key} lost"))?;
+            match (&entry.state, completed.get(key)) {
+                (EntryState::Completed { response, .. }, Some(want)) if response == want => {}
+                (EntryState::InProgress { .. }, None) => {}
+                (EntryState::Completed { .. }, None) => {}
+                (state, want) => {
+                    return Err(format!("{key}: holds {state:?}, acknowledged {want:?}"));
+                }
+            }
+        }
+        for key in &acknowledged.marked {
+            if store
+                .get(key)
+                .map_err(|err| format!("get({key}): {err}"))?
+                .is_none()
+            {
+                return Err(format!("acknowledged mark of {key} lost"));
+            }
+        }
+        Ok(())
+    }
+}
