@@ -3,6 +3,8 @@
 //! before its TTL by the clock it was written with. (The scenario runner behind the
 //! power-loss, I/O-fault and fuzz tests also jumps the clock, against its model.)
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,8 @@ use std::time::Duration;
 
 use dedupe_store::testing::Rng;
 use dedupe_store::{Claim, ClaimOptions, Error, ManualClock, Store, Ticket};
+
+use common::Watchdog;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -128,6 +132,7 @@ fn complete(store: &Store, ticket: &Ticket, completions: &Completions) -> Result
 /// Claims and completes from several threads while another thread throws the clock around.
 #[test]
 fn concurrent_owners_while_the_clock_jumps() -> TestResult {
+    let _watchdog = Watchdog::new("clock_faults::concurrent_owners_while_the_clock_jumps");
     let clock = ManualClock::new(T0);
     let store = Store::builder()
         .clock(clock.clone())

@@ -16,7 +16,7 @@ use dedupe_store::testing::{
 };
 use dedupe_store::{Claim, ClaimOptions, Store};
 
-use common::{concurrent, figure, knob, workload};
+use common::{Watchdog, concurrent, figure, knob, workload};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -25,6 +25,7 @@ const FAILURES: [IoFailure; 2] = [IoFailure::Eio, IoFailure::Enospc];
 
 #[test]
 fn every_write_set_len_and_sync_fails_in_turn() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::every_write_set_len_and_sync_fails_in_turn");
     let started = Instant::now();
     let seeds = knob("DEDUPE_FAULT_SEEDS", 2);
     let (mut runs, mut fired, mut failed_calls) = (0u64, 0u64, 0usize);
@@ -69,6 +70,7 @@ fn every_write_set_len_and_sync_fails_in_turn() -> TestResult {
 
 #[test]
 fn a_disk_that_stays_full_for_a_while() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::a_disk_that_stays_full_for_a_while");
     let started = Instant::now();
     let mut rng = Rng::new(7);
     let runs = knob("DEDUPE_FAULT_FULL", 150);
@@ -89,6 +91,7 @@ fn a_disk_that_stays_full_for_a_while() -> TestResult {
 
 #[test]
 fn faults_and_power_cuts_mixed_into_random_workloads() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::faults_and_power_cuts_mixed_into_random_workloads");
     let started = Instant::now();
     let mut rng = Rng::new(0xfa17);
     let runs = knob("DEDUPE_FAULT_RANDOM", 300);
@@ -168,6 +171,7 @@ impl Drop for SmallFilesystem {
 
 #[test]
 fn a_real_full_filesystem() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::a_real_full_filesystem");
     let filesystem = match SmallFilesystem::mount("3m") {
         Ok(filesystem) => filesystem,
         Err(reason) => {
@@ -237,6 +241,7 @@ fn a_real_full_filesystem() -> TestResult {
 /// still see them, no later fsync writes them, a power cut loses them.
 #[test]
 fn a_failed_sync_that_forgets_its_writes() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::a_failed_sync_that_forgets_its_writes");
     let started = Instant::now();
     let (mut runs, mut failures) = (0, Vec::new());
     for seed in 0..knob("DEDUPE_FAULT_FSYNCGATE", 4) {
@@ -278,6 +283,7 @@ fn a_failed_sync_that_forgets_its_writes() -> TestResult {
 /// only what is durable everything acknowledged is there.
 #[test]
 fn concurrent_writers_through_failing_io() -> TestResult {
+    let _watchdog = Watchdog::new("io_faults::concurrent_writers_through_failing_io");
     let started = Instant::now();
     let runs = knob("DEDUPE_FAULT_CONCURRENT", 150);
     let mut rng = Rng::new(99);

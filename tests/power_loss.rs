@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dedupe_store::testing::{Arm, Fate, Rng, SimDisk, Step, run, run_armed};
 use dedupe_store::{Claim, Durability, ManualClock, Store};
 
-use common::{concurrent, figure, knob, workload};
+use common::{Watchdog, concurrent, figure, knob, workload};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -41,6 +41,7 @@ fn every_sync_point(steps: &[Step], seed: u64) -> Result<u64, String> {
 
 #[test]
 fn every_sync_point_of_small_workloads() -> TestResult {
+    let _watchdog = Watchdog::new("power_loss::every_sync_point_of_small_workloads");
     let started = Instant::now();
     let seeds = knob("DEDUPE_POWER_SEEDS", 12);
     let mut points = 0;
@@ -58,6 +59,7 @@ fn every_sync_point_of_small_workloads() -> TestResult {
 
 #[test]
 fn random_sync_points_of_longer_workloads() -> TestResult {
+    let _watchdog = Watchdog::new("power_loss::random_sync_points_of_longer_workloads");
     let started = Instant::now();
     let runs = knob("DEDUPE_POWER_RANDOM", 1000);
     let mut rng = Rng::new(0x5eed_1055);
@@ -80,6 +82,7 @@ fn random_sync_points_of_longer_workloads() -> TestResult {
 
 #[test]
 fn repeated_power_cuts_within_one_run() -> TestResult {
+    let _watchdog = Watchdog::new("power_loss::repeated_power_cuts_within_one_run");
     let started = Instant::now();
     let runs = knob("DEDUPE_POWER_REPEATED", 80);
     let mut rng = Rng::new(42);
@@ -175,6 +178,7 @@ fn a_file_that_is_not_a_store_is_left_alone() -> TestResult {
 /// acknowledged before is in the image.
 #[test]
 fn concurrent_writers_lose_nothing_acknowledged() -> TestResult {
+    let _watchdog = Watchdog::new("power_loss::concurrent_writers_lose_nothing_acknowledged");
     let started = Instant::now();
     let runs = knob("DEDUPE_POWER_CONCURRENT", 150);
     let mut rng = Rng::new(77);
@@ -210,6 +214,7 @@ fn concurrent_writers_lose_nothing_acknowledged() -> TestResult {
 /// writes, never a later write without an earlier one. A clean close loses nothing.
 #[test]
 fn periodic_durability_loses_only_a_suffix() -> TestResult {
+    let _watchdog = Watchdog::new("power_loss::periodic_durability_loses_only_a_suffix");
     let started = Instant::now();
     let runs = knob("DEDUPE_POWER_PERIODIC", 60);
     let mut rng = Rng::new(5);

@@ -2,6 +2,7 @@
 //! uses part of it.
 #![allow(dead_code)]
 
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A count from the environment, or `default` (the CI figure).
@@ -23,6 +24,28 @@ pub fn figure(test: &str, what: &str, started: Instant) {
 /// The default time budget of a loop that also has a count.
 pub fn budget(name: &str, default_secs: u64) -> Duration {
     Duration::from_secs(knob(name, default_secs))
+}
+
+/// Aborts the test binary, saying why, if the test holding it runs past its limit: a hang in
+/// the store (a deadlock after a failed commit, say) must fail the run, not stall CI.
+/// `DEDUPE_WATCHDOG_SECS` overrides the limit for long runs.
+pub struct Watchdog {
+    _stop: mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Starts watching; dropping the watchdog stops it.
+    pub fn new(test: &'static str) -> Watchdog {
+        let limit = budget("DEDUPE_WATCHDOG_SECS", 900);
+        let (stop, stopped) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(limit) {
+                eprintln!("[{test}] still running after {limit:?}: a hang; aborting");
+                std::process::abort();
+            }
+        });
+        Watchdog { _stop: stop }
+    }
 }
 
 #[cfg(feature = "testing")]
