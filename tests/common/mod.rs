@@ -2,6 +2,7 @@
 //! uses part of it.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,11 @@ impl Watchdog {
         let (stop, stopped) = mpsc::channel::<()>();
         std::thread::spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(limit) {
-                eprintln!("[{test}] still running after {limit:?}: a hang; aborting");
+                // Straight to stderr: the test harness's capture would die with the process.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "[{test}] still running after {limit:?}: a hang; aborting"
+                );
                 std::process::abort();
             }
         });
