@@ -2,8 +2,9 @@
 //! [`Model`] side by side, and reports the first place they disagree.
 //!
 //! Faults (failed I/O calls, power cuts) make some calls fail. A failed call was not
-//! acknowledged, so it may or may not have happened: the runner reads the keys it touched and
-//! accepts either outcome, but nothing else. A power cut may lose what was written since the
+//! acknowledged, so it may or may not have happened: the runner reads back the whole file
+//! (every record, expired ones too, and the last token) and accepts either outcome, but
+//! nothing else. A power cut may lose what was written since the
 //! last durable commit and nothing before it: the reopened store must equal the model as of
 //! the last durable commit, the model now, or the model with the interrupted call applied.
 
