@@ -87,6 +87,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod backend;
 mod batch;
 mod builder;
 mod claim;
@@ -94,6 +95,7 @@ mod clock;
 mod engine;
 mod entry;
 mod error;
+mod guard;
 mod key;
 mod limits;
 mod maintenance;
@@ -108,6 +110,11 @@ mod sweeper;
 
 #[cfg(feature = "http")]
 pub mod http;
+
+/// Test support for the reliability tests and fuzz targets; see `src/testing/mod.rs`.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 
 pub use builder::{Durability, StoreBuilder};
 pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};

@@ -43,11 +43,12 @@ impl Store {
                     break;
                 }
                 let key = Key::new(&stored_key[1..]);
-                let record =
-                    crate::record::decode(value.value()).map_err(|err| Error::Corrupt {
+                let record = crate::record::decode(stored_key, value.value()).map_err(|err| {
+                    Error::Corrupt {
                         key: key.clone(),
                         reason: err.0,
-                    })?;
+                    }
+                })?;
                 if record.is_live(now)
                     && let Some(entry) = Entry::from_record(key, record)
                 {

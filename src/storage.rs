@@ -10,11 +10,13 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 use redb::{
-    BackendError, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase,
-    ReadableTable, ReadableTableMetadata, StorageBackend, Table, TableDefinition,
+    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, StorageBackend, Table, TableDefinition,
 };
 
+use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
+use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
 /// Records by stored key (namespace tag + key): the envelope bytes.
@@ -52,80 +54,11 @@ enum Slot {
 /// The store file and the redb database on it.
 pub(crate) struct Storage {
     slot: RwLock<Slot>,
-    backend: Arc<dyn StorageBackend>,
+    backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
     path: Option<PathBuf>,
     cache_size: usize,
     store_id: u64,
-}
-
-/// Lends one backend to successive redb databases. redb closes (and unlocks) its backend when
-/// the database drops; a reopen after a failed commit must not let go of the file lock, so the
-/// close is left to [`Storage`] itself.
-#[derive(Debug)]
-struct SharedBackend(Arc<dyn StorageBackend>);
-
-impl StorageBackend for SharedBackend {
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.0.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn try_lock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<bool, BackendError> {
-        self.0.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<bool, BackendError> {
-        self.0.try_lock_shared_range(start, end)
-    }
-    fn lock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<(), BackendError> {
-        self.0.lock_range(start, end)
-    }
-    fn lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<(), BackendError> {
-        self.0.lock_shared_range(start, end)
-    }
-    fn unlock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<(), BackendError> {
-        self.0.unlock_range(start, end)
-    }
-    fn query_lock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> std::result::Result<bool, BackendError> {
-        self.0.query_lock_range(start, end)
-    }
 }
 
 impl Storage {
@@ -135,13 +68,27 @@ impl Storage {
         path: Option<PathBuf>,
         cache_size: usize,
     ) -> Result<Storage> {
-        let opened = check_before_writing(&backend, path.as_deref(), cache_size)
-            .and_then(|()| open_database(&backend, path.as_deref(), cache_size))
-            .and_then(|db| init_or_check(&db, path.as_deref()).map(|id| (db, id)));
+        let opened = lock_whole_file(backend.as_ref(), path.as_deref()).and_then(|lock| {
+            let shared = SharedBackend::new(backend.clone(), lock);
+            discard_interrupted_creation(backend.as_ref(), path.as_deref())
+                .and_then(|()| {
+                    guarded("reading the file's format", || {
+                        check_before_writing(&shared, path.as_deref(), cache_size)
+                    })
+                })
+                .and_then(|()| open_database(&shared, path.as_deref(), cache_size))
+                .map(|db| (db, shared))
+        });
+        let opened = opened.and_then(|(db, shared)| {
+            // A database dropped here (its meta table failed the check) may panic too.
+            guarded("checking the store's meta table", || {
+                init_or_check(&db, path.as_deref()).map(|id| (db, id, shared))
+            })
+        });
         match opened {
-            Ok((db, store_id)) => Ok(Storage {
+            Ok((db, store_id, shared)) => Ok(Storage {
                 slot: RwLock::new(Slot::Open(db)),
-                backend,
+                backend: shared,
                 path,
                 cache_size,
                 store_id,
@@ -166,8 +113,12 @@ impl Storage {
                 let slot = self.slot.read();
                 match &*slot {
                     Slot::Open(db) => {
-                        let txn = db.begin_read()?;
-                        return f(&txn);
+                        let result = guarded_call("reading", || f(&db.begin_read()?));
+                        drop(slot);
+                        return result.unwrap_or_else(|panicked| {
+                            self.mark_broken();
+                            Err(panicked)
+                        });
                     }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
@@ -188,7 +139,9 @@ impl Storage {
             {
                 let slot = self.slot.read();
                 match &*slot {
-                    Slot::Open(db) => break Self::write_in(db, mode, f),
+                    // A panic inside redb leaves the slot to be reopened below, as a failed
+                    // commit does.
+                    Slot::Open(db) => break guarded("writing", || Self::write_in(db, mode, f)),
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -236,7 +189,15 @@ impl Storage {
             {
                 let mut slot = self.slot.write();
                 match &mut *slot {
-                    Slot::Open(db) => return f(db),
+                    Slot::Open(db) => {
+                        return guarded_call("checking the file", || f(db)).unwrap_or_else(
+                            |panicked| {
+                                let broken = std::mem::replace(&mut *slot, Slot::Broken);
+                                drop_quietly(broken);
+                                Err(panicked)
+                            },
+                        );
+                    }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -248,7 +209,9 @@ impl Storage {
     fn mark_broken(&self) {
         let mut slot = self.slot.write();
         if matches!(*slot, Slot::Open(_)) {
-            *slot = Slot::Broken;
+            let broken = std::mem::replace(&mut *slot, Slot::Broken);
+            drop(slot);
+            drop_quietly(broken);
         }
     }
 
@@ -269,11 +232,11 @@ impl Storage {
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            Slot::Open(db) => db.close().map_err(Error::from),
+            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
-        let released = self.backend.close().map_err(|err| self.io_error(err));
+        let released = self.backend.release().map_err(|err| self.io_error(err));
         closed.and(released)
     }
 
@@ -312,13 +275,23 @@ fn open_error(err: DatabaseError, path: Option<&Path>) -> Error {
 }
 
 fn open_database(
-    backend: &Arc<dyn StorageBackend>,
+    backend: &SharedBackend,
+    path: Option<&Path>,
+    cache_size: usize,
+) -> Result<Database> {
+    guarded("opening the file", || {
+        open_database_unguarded(backend, path, cache_size)
+    })
+}
+
+fn open_database_unguarded(
+    backend: &SharedBackend,
     path: Option<&Path>,
     cache_size: usize,
 ) -> Result<Database> {
     Database::builder()
         .set_cache_size(cache_size)
-        .create_with_backend(SharedBackend(backend.clone()))
+        .create_with_backend(backend.clone())
         .map_err(|err| open_error(err, path))
 }
 
@@ -328,7 +301,7 @@ fn open_database(
 /// A file left by a crash cannot be opened read-only; the writable open repairs it and
 /// [`init_or_check`] then checks it.
 fn check_before_writing(
-    backend: &Arc<dyn StorageBackend>,
+    backend: &SharedBackend,
     path: Option<&Path>,
     cache_size: usize,
 ) -> Result<()> {
@@ -341,7 +314,7 @@ fn check_before_writing(
     }
     let db = match Database::builder()
         .set_cache_size(cache_size)
-        .open_read_only_with_backend(SharedBackend(backend.clone()))
+        .open_read_only_with_backend(backend.clone())
     {
         Ok(db) => db,
         Err(DatabaseError::RepairAborted) => return Ok(()),
@@ -438,7 +411,7 @@ pub(crate) fn load(
 ) -> Result<Loaded> {
     Ok(records
         .get(stored_key)?
-        .map(|bytes| record::decode(bytes.value())))
+        .map(|bytes| record::decode(stored_key, bytes.value())))
 }
 
 /// An expiry-index key: `(expires_at, stored key)`.
@@ -477,7 +450,7 @@ impl Writer<'_> {
             self.expiry.remove((old, stored_key))?;
         }
         self.records
-            .insert(stored_key, record::encode(record).as_slice())?;
+            .insert(stored_key, record::encode(stored_key, record).as_slice())?;
         self.expiry.insert((record.expires_at, stored_key), ())?;
         Ok(())
     }
@@ -509,6 +482,11 @@ impl Writer<'_> {
 
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
     /// more are due.
+    ///
+    /// The index entry is only a pointer: a record is removed only if it decodes and is itself
+    /// due under the index entry's time. A damaged or stray index entry (one that names a live
+    /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
+    /// the index can never delete a live completed record.
     pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
         let mut due = Vec::new();
         for entry in self.expiry.range(due_range(now))?.take(limit + 1) {
@@ -518,11 +496,19 @@ impl Writer<'_> {
         }
         let more = due.len() > limit;
         due.truncate(limit);
+        let mut removed = 0;
         for (expires_at, key) in &due {
             self.expiry.remove((*expires_at, key.as_slice()))?;
-            self.records.remove(key.as_slice())?;
+            let matches = matches!(
+                self.load(key)?,
+                Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now)
+            );
+            if matches {
+                self.records.remove(key.as_slice())?;
+                removed += 1;
+            }
         }
-        Ok((due.len(), more))
+        Ok((removed, more))
     }
 
     pub(crate) fn last_token(&self) -> Result<u64> {
@@ -560,7 +546,7 @@ pub(crate) fn check_tables(txn: &ReadTransaction) -> Result<(u64, u64)> {
     for entry in records.iter()? {
         let (key, value) = entry?;
         let stored_key = key.value();
-        let record = record::decode(value.value()).map_err(|err| Error::Corrupt {
+        let record = record::decode(stored_key, value.value()).map_err(|err| Error::Corrupt {
             key: crate::Key::new(stored_key.get(1..).unwrap_or_default()),
             reason: err.0,
         })?;

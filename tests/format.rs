@@ -286,10 +286,13 @@ fn the_raw_tables_hold_what_docs_format_md_says() -> TestResult {
     let bytes = envelope.value();
     assert_eq!(bytes[0], 1, "version byte");
     let crc = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let mut covered = (b"kk1".len() as u32).to_le_bytes().to_vec();
+    covered.extend_from_slice(b"kk1");
+    covered.extend_from_slice(&bytes[5..]);
     assert_eq!(
         crc,
-        crc32fast::hash(&bytes[5..]),
-        "CRC32 of the payload, little-endian"
+        crc32fast::hash(&covered),
+        "CRC32 of the stored key's length, the stored key and the payload, little-endian"
     );
     assert!(
         records.get(&b"sk1"[..])?.is_some(),

@@ -131,3 +131,50 @@ fn close_releases_the_file_for_every_clone() -> TestResult {
     reopened.close()?;
     Ok(())
 }
+
+/// Many openers race to create and use one new file, each with its own file handle (as separate
+/// processes have): each open either succeeds or gets `AlreadyOpen`, never finds a file another
+/// opener is still creating and takes it for damaged.
+#[test]
+fn concurrent_opens_of_a_new_file_never_see_it_half_made() -> TestResult {
+    for round in 0..20 {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("racy.redb");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let openers: Vec<_> = (0..8)
+            .map(|opener| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || -> Result<usize, String> {
+                    start.wait();
+                    let mut marked = 0;
+                    for attempt in 0..200 {
+                        match Store::open(&path) {
+                            Ok(store) => {
+                                store
+                                    .mark_seen(format!("opener-{opener}"))
+                                    .map_err(|e| e.to_string())?;
+                                marked += 1;
+                                return Ok(marked);
+                            }
+                            Err(Error::AlreadyOpen { .. }) => {
+                                std::thread::sleep(Duration::from_millis(1 + attempt % 5));
+                            }
+                            Err(other) => return Err(format!("round {round}: {other}")),
+                        }
+                    }
+                    Err(format!("round {round}: never got the file"))
+                })
+            })
+            .collect();
+        for opener in openers {
+            opener.join().map_err(|_| "opener panicked")??;
+        }
+        let store = Store::open(&path)?;
+        assert_eq!(
+            store.len()?,
+            8,
+            "round {round}: every opener's mark is there"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! What a store's file holds, read past the public API: every record, expired ones included,
+//! and the last fencing token issued. The public API cannot show an expired record that the
+//! sweeper has not removed yet, which a clock jumping back makes live again, so the runner
+//! compares this against its model.
+
+use std::collections::BTreeMap;
+
+use redb::ReadableTable;
+
+use crate::record::RecordState;
+use crate::{Error, Key, Store};
+
+use super::model::{Rec, RecState};
+
+/// Every record in the file by caller key, and the last token issued.
+pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
+    store.engine().storage.read(|txn| {
+        let table = txn.open_table(crate::storage::RECORDS)?;
+        let mut records = BTreeMap::new();
+        for row in table.iter()? {
+            let (stored_key, value) = row?;
+            let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
+            let record =
+                crate::record::decode(stored_key.value(), value.value()).map_err(|err| {
+                    Error::Corrupt {
+                        key: Key::new(key.clone()),
+                        reason: err.0,
+                    }
+                })?;
+            let state = match record.state {
+                RecordState::InProgress {
+                    claimed_at,
+                    lease_until,
+                    claim_ttl,
+                    ..
+                } => RecState::InProgress {
+                    claimed_at,
+                    lease_until,
+                    claim_ttl,
+                },
+                RecordState::Completed {
+                    completed_at,
+                    response,
+                } => RecState::Completed {
+                    completed_at,
+                    response: response.0,
+                },
+                RecordState::Sequence { .. } => continue,
+            };
+            records.insert(
+                key,
+                Rec {
+                    token: record.fencing_token,
+                    attempt: record.attempt,
+                    fingerprint: record.fingerprint.map(|fp| fp.0),
+                    expires_at: record.expires_at,
+                    state,
+                },
+            );
+        }
+        // The meta table's key for the last token issued (docs/FORMAT.md).
+        let last_token = txn
+            .open_table(crate::storage::META)?
+            .get("last_token")?
+            .map_or(0, |token| token.value());
+        Ok((records, last_token))
+    })
+}
