@@ -1,10 +1,10 @@
 //! Test support shared by the crate's reliability tests and its fuzz targets (cargo feature
 //! `testing`; hidden, not part of the supported API).
 //!
-//! It lives in the library, behind a feature, rather than in `tests/common`, for two reasons:
-//! the fuzz crate (`fuzz/`, a crate of its own) must reach the same code as the stable tests
-//! that replay its seed corpus, and the record-decoding target must reach the crate-private
-//! record envelope. Nothing here is compiled without the feature.
+//! It lives in the library, behind a feature, rather than in `tests/fault_support`, for two
+//! reasons: the fuzz crate (`fuzz/`, a crate of its own) must reach the same code as the
+//! stable tests that replay its seed corpus, and the record-decoding target must reach the
+//! crate-private record envelope. Nothing here is compiled without the feature.
 //!
 //! - [`SimDisk`]: a storage backend that fails chosen I/O calls and simulates power loss.
 //! - [`Model`]: the SPEC's semantics as a plain map, written independently of `rules`.
