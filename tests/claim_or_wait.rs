@@ -2,21 +2,25 @@
 
 mod common;
 
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{LEASE, TestResult, on_both};
-use dedupe_store::{Claim, ClaimOptions};
+use dedupe_store::{Claim, ClaimOptions, Store};
 
 const LONG: Duration = Duration::from_secs(30);
+
+/// A thread waiting on key "k" for up to [`LONG`].
+fn waiter(store: &Store) -> JoinHandle<dedupe_store::Result<Claim>> {
+    let store = store.clone();
+    std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
+}
 
 #[test]
 fn returns_the_outcome_when_the_owner_completes_during_the_wait() -> TestResult {
     on_both(|f| {
         let ticket = f.acquire("k")?;
-        let waiter = {
-            let store = f.store.clone();
-            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
-        };
+        let waiter = waiter(&f.store);
         std::thread::sleep(Duration::from_millis(50));
         f.store.complete(&ticket, b"first attempt's answer")?;
         match waiter.join().map_err(|_| "waiter panicked")?? {
@@ -31,10 +35,7 @@ fn returns_the_outcome_when_the_owner_completes_during_the_wait() -> TestResult 
 fn acquires_when_the_owner_releases_during_the_wait() -> TestResult {
     on_both(|f| {
         let ticket = f.acquire("k")?;
-        let waiter = {
-            let store = f.store.clone();
-            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
-        };
+        let waiter = waiter(&f.store);
         std::thread::sleep(Duration::from_millis(50));
         f.store.release(&ticket)?;
         let claim = waiter.join().map_err(|_| "waiter panicked")??;
@@ -76,10 +77,7 @@ fn times_out_as_in_progress() -> TestResult {
 fn takes_over_when_the_owner_lease_passes_during_the_wait() -> TestResult {
     on_both(|f| {
         let crashed = f.acquire("k")?;
-        let waiter = {
-            let store = f.store.clone();
-            std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
-        };
+        let waiter = waiter(&f.store);
         std::thread::sleep(Duration::from_millis(50));
         // Nobody writes: only the clock moves past the lease.
         f.advance(LEASE);
@@ -124,12 +122,7 @@ fn answers_at_once_when_nobody_holds_the_key() -> TestResult {
 fn many_waiters_get_the_one_outcome() -> TestResult {
     on_both(|f| {
         let ticket = f.acquire("k")?;
-        let waiters: Vec<_> = (0..8)
-            .map(|_| {
-                let store = f.store.clone();
-                std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
-            })
-            .collect();
+        let waiters: Vec<_> = (0..8).map(|_| waiter(&f.store)).collect();
         std::thread::sleep(Duration::from_millis(50));
         f.store.complete(&ticket, b"shared")?;
         for waiter in waiters {
