@@ -101,12 +101,7 @@ impl Engine {
     /// Answers `op` from a read transaction when it would change nothing (a replay, a live
     /// claim, a mismatch, a duplicate mark). `None` means it must go to the writer.
     pub(crate) fn peek(&self, key: &Key, op: &Op) -> Result<Option<Answer>> {
-        let stored_key = stored(key, op);
-        let loaded = self.storage.read(|txn| {
-            let records = txn.open_table(storage::RECORDS)?;
-            storage::load(&records, &stored_key)
-        })?;
-        let current = match loaded {
+        let current = match self.load(&stored(key, op))? {
             None => None,
             Some(Ok(record)) => Some(record),
             Some(Err(err)) => return Err(corrupt(key, err.0)),
