@@ -6,10 +6,10 @@
 //! stable tests that replay its seed corpus, and the record-decoding target must reach the
 //! crate-private record envelope. Nothing here is compiled without the feature.
 //!
-//! - [`SimDisk`]: a storage backend that fails chosen I/O calls and simulates power loss.
-//! - [`Model`]: the SPEC's semantics as a plain map, written independently of `rules`.
-//! - [`run`] / [`run_armed`]: a sequence of [`Step`]s against store and model side by side.
-//! - [`decode_record`]: the record envelope decoder, for fuzzing.
+//! - `SimDisk`: a storage backend that fails chosen I/O calls and simulates power loss.
+//! - `Model`: the SPEC's semantics as a plain map, written independently of `rules`.
+//! - `run` / `run_armed`: a sequence of `Step`s against store and model side by side.
+//! - `decode_record`: the record envelope decoder, for fuzzing.
 
 mod disk;
 mod model;
