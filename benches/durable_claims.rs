@@ -49,60 +49,45 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
             match system {
                 "raw redb" => {
                     let db = raw_redb::create(&path);
-                    group.bench_function(&id, |b| {
-                        b.iter_custom(|iters| {
-                            let run = support::parallel(
-                                threads,
-                                iters,
-                                &ids,
-                                || (),
-                                |(), n| {
-                                    assert!(raw_redb::claim(&db, &support::key(n)));
-                                },
-                            );
-                            let elapsed = run.elapsed;
-                            recorder.record(&id, run);
-                            elapsed
-                        })
-                    });
+                    support::bench_parallel(
+                        &mut group,
+                        &id,
+                        recorder,
+                        threads,
+                        &ids,
+                        || (),
+                        |(), n| {
+                            assert!(raw_redb::claim(&db, &support::key(n)));
+                        },
+                    );
                 }
                 "sqlite, shared connection" => {
                     sqlite::create(&path);
                     let shared = std::sync::Mutex::new(sqlite::connect(&path));
-                    group.bench_function(&id, |b| {
-                        b.iter_custom(|iters| {
-                            let run = support::parallel(
-                                threads,
-                                iters,
-                                &ids,
-                                || (),
-                                |(), n| {
-                                    let conn = shared.lock().expect("connection lock");
-                                    assert!(sqlite::claim(&conn, &support::key(n), n));
-                                },
-                            );
-                            let elapsed = run.elapsed;
-                            recorder.record(&id, run);
-                            elapsed
-                        })
-                    });
+                    support::bench_parallel(
+                        &mut group,
+                        &id,
+                        recorder,
+                        threads,
+                        &ids,
+                        || (),
+                        |(), n| {
+                            let conn = shared.lock().expect("connection lock");
+                            assert!(sqlite::claim(&conn, &support::key(n), n));
+                        },
+                    );
                 }
                 "sqlite, connection per thread" => {
                     sqlite::create(&path);
-                    group.bench_function(&id, |b| {
-                        b.iter_custom(|iters| {
-                            let run = support::parallel(
-                                threads,
-                                iters,
-                                &ids,
-                                || sqlite::connect(&path),
-                                |conn, n| assert!(sqlite::claim(conn, &support::key(n), n)),
-                            );
-                            let elapsed = run.elapsed;
-                            recorder.record(&id, run);
-                            elapsed
-                        })
-                    });
+                    support::bench_parallel(
+                        &mut group,
+                        &id,
+                        recorder,
+                        threads,
+                        &ids,
+                        || sqlite::connect(&path),
+                        |conn, n| assert!(sqlite::claim(conn, &support::key(n), n)),
+                    );
                 }
                 _ => {
                     let builder = match system {
@@ -112,23 +97,18 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
                         _ => Store::builder(),
                     };
                     let store = builder.open(&path).expect("open store");
-                    group.bench_function(&id, |b| {
-                        b.iter_custom(|iters| {
-                            let run = support::parallel(
-                                threads,
-                                iters,
-                                &ids,
-                                || (),
-                                |(), n| {
-                                    let claim = store.claim(support::key(n)).expect("claim");
-                                    assert!(matches!(claim, Claim::Acquired(_)));
-                                },
-                            );
-                            let elapsed = run.elapsed;
-                            recorder.record(&id, run);
-                            elapsed
-                        })
-                    });
+                    support::bench_parallel(
+                        &mut group,
+                        &id,
+                        recorder,
+                        threads,
+                        &ids,
+                        || (),
+                        |(), n| {
+                            let claim = store.claim(support::key(n)).expect("claim");
+                            assert!(matches!(claim, Claim::Acquired(_)));
+                        },
+                    );
                     store.close().expect("close store");
                 }
             }

@@ -52,40 +52,30 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
     let mut group = c.benchmark_group("replays");
     support::configure(&mut group, Duration::from_secs(3));
     group.throughput(Throughput::Elements(1));
-    group.bench_function("dedupe-store", |b| {
-        b.iter_custom(|iters| {
-            let run = support::parallel(
-                THREADS,
-                iters,
-                &ids,
-                || (),
-                |(), n| match store.claim(replay_key(n)).expect("claim") {
-                    Claim::Completed(outcome) => assert_eq!(outcome.response.len(), RESPONSE.len()),
-                    other => panic!("expected a replay, got {other:?}"),
-                },
-            );
-            let elapsed = run.elapsed;
-            recorder.record("dedupe-store", run);
-            elapsed
-        })
-    });
-    group.bench_function("raw redb read transaction", |b| {
-        b.iter_custom(|iters| {
-            let run = support::parallel(
-                THREADS,
-                iters,
-                &ids,
-                || (),
-                |(), n| {
-                    let value = raw_redb::read(&db, &replay_key(n)).expect("stored");
-                    assert_eq!(value.len(), RESPONSE.len());
-                },
-            );
-            let elapsed = run.elapsed;
-            recorder.record("raw redb read transaction", run);
-            elapsed
-        })
-    });
+    support::bench_parallel(
+        &mut group,
+        "dedupe-store",
+        recorder,
+        THREADS,
+        &ids,
+        || (),
+        |(), n| match store.claim(replay_key(n)).expect("claim") {
+            Claim::Completed(outcome) => assert_eq!(outcome.response.len(), RESPONSE.len()),
+            other => panic!("expected a replay, got {other:?}"),
+        },
+    );
+    support::bench_parallel(
+        &mut group,
+        "raw redb read transaction",
+        recorder,
+        THREADS,
+        &ids,
+        || (),
+        |(), n| {
+            let value = raw_redb::read(&db, &replay_key(n)).expect("stored");
+            assert_eq!(value.len(), RESPONSE.len());
+        },
+    );
     group.finish();
 }
 

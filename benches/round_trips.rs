@@ -27,69 +27,53 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
     group.throughput(Throughput::Elements(1));
 
     let store = Store::open(dir.path().join("store.redb")).expect("open store");
-    group.bench_function("dedupe-store", |b| {
-        b.iter_custom(|iters| {
-            let run = support::parallel(
-                THREADS,
-                iters,
-                &ids,
-                || (),
-                |(), n| {
-                    let Claim::Acquired(ticket) = store.claim(support::key(n)).expect("claim")
-                    else {
-                        panic!("a fresh key must be acquired");
-                    };
-                    store.complete(&ticket, RESPONSE).expect("complete");
-                },
-            );
-            let elapsed = run.elapsed;
-            recorder.record("dedupe-store", run);
-            elapsed
-        })
-    });
+    support::bench_parallel(
+        &mut group,
+        "dedupe-store",
+        recorder,
+        THREADS,
+        &ids,
+        || (),
+        |(), n| {
+            let Claim::Acquired(ticket) = store.claim(support::key(n)).expect("claim") else {
+                panic!("a fresh key must be acquired");
+            };
+            store.complete(&ticket, RESPONSE).expect("complete");
+        },
+    );
     store.close().expect("close store");
 
     let db = raw_redb::create(&dir.path().join("raw.redb"));
-    group.bench_function("raw redb", |b| {
-        b.iter_custom(|iters| {
-            let run = support::parallel(
-                THREADS,
-                iters,
-                &ids,
-                || (),
-                |(), n| {
-                    let key = support::key(n);
-                    assert!(raw_redb::claim(&db, &key));
-                    raw_redb::complete(&db, &key, &RESPONSE);
-                },
-            );
-            let elapsed = run.elapsed;
-            recorder.record("raw redb", run);
-            elapsed
-        })
-    });
+    support::bench_parallel(
+        &mut group,
+        "raw redb",
+        recorder,
+        THREADS,
+        &ids,
+        || (),
+        |(), n| {
+            let key = support::key(n);
+            assert!(raw_redb::claim(&db, &key));
+            raw_redb::complete(&db, &key, &RESPONSE);
+        },
+    );
 
     let path = dir.path().join("sqlite.db");
     sqlite::create(&path);
     let shared = std::sync::Mutex::new(sqlite::connect(&path));
-    group.bench_function("sqlite", |b| {
-        b.iter_custom(|iters| {
-            let run = support::parallel(
-                THREADS,
-                iters,
-                &ids,
-                || (),
-                |(), n| {
-                    let key = support::key(n);
-                    assert!(sqlite::claim(&shared.lock().expect("lock"), &key, n));
-                    sqlite::complete(&shared.lock().expect("lock"), &key, &RESPONSE);
-                },
-            );
-            let elapsed = run.elapsed;
-            recorder.record("sqlite", run);
-            elapsed
-        })
-    });
+    support::bench_parallel(
+        &mut group,
+        "sqlite",
+        recorder,
+        THREADS,
+        &ids,
+        || (),
+        |(), n| {
+            let key = support::key(n);
+            assert!(sqlite::claim(&shared.lock().expect("lock"), &key, n));
+            sqlite::complete(&shared.lock().expect("lock"), &key, &RESPONSE);
+        },
+    );
     group.finish();
 }
 

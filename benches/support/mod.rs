@@ -155,6 +155,27 @@ pub fn parallel<S>(
     }
 }
 
+/// Benchmarks `op` as `id`: criterion times whole [`parallel`] runs, and `recorder` keeps each
+/// run's per-operation latencies for the summary table printed after criterion's report.
+pub fn bench_parallel<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    recorder: &Recorder,
+    threads: usize,
+    next_id: &AtomicU64,
+    setup: impl Fn() -> S + Sync,
+    op: impl Fn(&mut S, u64) + Sync,
+) {
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let run = parallel(threads, iters, next_id, &setup, &op);
+            let elapsed = run.elapsed;
+            recorder.record(id, run);
+            elapsed
+        })
+    });
+}
+
 /// A fresh key for operation `id`, shaped like an idempotency key.
 pub fn key(id: u64) -> String {
     format!("tenant-{:02}/POST /charges/{id:016x}", id % 32)
