@@ -146,10 +146,14 @@ impl Model {
         self.records.get(key).filter(|r| self.now < r.expires_at)
     }
 
-    /// The owner check of complete, release, extend and checkpoint.
-    fn owned(&self, key: &[u8], token: u64) -> bool {
-        self.live(key)
-            .is_some_and(|r| r.token == token && matches!(r.state, ModelState::InProgress { .. }))
+    /// The owner check of complete, release, extend and checkpoint: the record `token` owns.
+    fn owned(&mut self, key: &[u8], token: u64) -> Option<&mut ModelRecord> {
+        let now = self.now;
+        self.records.get_mut(key).filter(|r| {
+            now < r.expires_at
+                && r.token == token
+                && matches!(r.state, ModelState::InProgress { .. })
+        })
     }
 
     fn acquire(&mut self, key: &[u8], fp: Option<Vec<u8>>, lease: u64, ttl: u64) -> ModelRecord {
@@ -359,13 +363,8 @@ impl Harness {
                     ),
                     None => self.store()?.complete(&ticket, [*response]),
                 };
-                if self.model.owned(&key, ticket.fencing_token()) {
+                if let Some(record) = self.model.owned(&key, ticket.fencing_token()) {
                     got.map_err(fail)?;
-                    let record = self
-                        .model
-                        .records
-                        .get_mut(&key)
-                        .ok_or_else(|| fail("owned"))?;
                     record.expires_at = now + ttl.unwrap_or(STORE_TTL);
                     record.state = ModelState::Completed {
                         completed_at: now,
@@ -381,7 +380,7 @@ impl Harness {
                 };
                 let key = ticket.key().as_bytes().to_vec();
                 let got = self.store()?.release(&ticket);
-                if self.model.owned(&key, ticket.fencing_token()) {
+                if self.model.owned(&key, ticket.fencing_token()).is_some() {
                     got.map_err(fail)?;
                     self.model.records.remove(&key);
                 } else {
@@ -396,14 +395,9 @@ impl Harness {
                 let got = self
                     .store()?
                     .extend(&mut ticket, Duration::from_millis(*lease));
-                if self.model.owned(&key, ticket.fencing_token()) {
+                if let Some(record) = self.model.owned(&key, ticket.fencing_token()) {
                     got.map_err(fail)?;
                     prop_assert_eq!(ticket.lease_until(), now + lease);
-                    let record = self
-                        .model
-                        .records
-                        .get_mut(&key)
-                        .ok_or_else(|| fail("owned"))?;
                     if let ModelState::InProgress {
                         claimed_at,
                         lease_until,
@@ -425,13 +419,8 @@ impl Harness {
                 let key = ticket.key().as_bytes().to_vec();
                 let name = format!("step-{step}");
                 let got = self.store()?.checkpoint(&ticket, &name, [*step]);
-                if self.model.owned(&key, ticket.fencing_token()) {
+                if let Some(record) = self.model.owned(&key, ticket.fencing_token()) {
                     got.map_err(fail)?;
-                    let record = self
-                        .model
-                        .records
-                        .get_mut(&key)
-                        .ok_or_else(|| fail("owned"))?;
                     if let ModelState::InProgress { checkpoint, .. } = &mut record.state {
                         *checkpoint = Some(name);
                     }
