@@ -118,12 +118,7 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
 }
 
 fn main() {
-    let recorder = Recorder::default();
-    let mut criterion = Criterion::default().without_plots().configure_from_args();
-    bench(&mut criterion, &recorder);
-    criterion.final_summary();
-
-    support::print_machine();
+    let recorder = support::run_criterion(bench);
     support::print_header("Durable claims of fresh keys", "raw redb");
     for threads in THREADS {
         let baseline = recorder.figures(&name("raw redb", threads));

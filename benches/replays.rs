@@ -80,12 +80,7 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
 }
 
 fn main() {
-    let recorder = Recorder::default();
-    let mut criterion = Criterion::default().without_plots().configure_from_args();
-    bench(&mut criterion, &recorder);
-    criterion.final_summary();
-
-    support::print_machine();
+    let recorder = support::run_criterion(bench);
     support::print_header("Replays from 2 threads", "raw redb read transaction");
     let baseline = recorder.figures("raw redb read transaction");
     for name in ["dedupe-store", "raw redb read transaction"] {

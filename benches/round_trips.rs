@@ -78,12 +78,7 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
 }
 
 fn main() {
-    let recorder = Recorder::default();
-    let mut criterion = Criterion::default().without_plots().configure_from_args();
-    bench(&mut criterion, &recorder);
-    criterion.final_summary();
-
-    support::print_machine();
+    let recorder = support::run_criterion(bench);
     support::print_header("Claim + complete round trips, 32 threads", "raw redb");
     let baseline = recorder.figures("raw redb");
     for name in SYSTEMS {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkGroup, SamplingMode, measurement::WallTime};
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, measurement::WallTime};
 
 /// Measurement calls per benchmark.
 pub const SAMPLES: usize = 10;
@@ -153,6 +153,18 @@ pub fn parallel<S>(
         elapsed,
         latencies: spans.into_iter().flat_map(|(_, _, l)| l).collect(),
     }
+}
+
+/// Runs `bench` under criterion (arguments from the command line, no plots), prints
+/// criterion's summary and the machine, and returns the latencies the bench recorded for the
+/// summary table the caller prints next.
+pub fn run_criterion(bench: impl FnOnce(&mut Criterion, &Recorder)) -> Recorder {
+    let recorder = Recorder::default();
+    let mut criterion = Criterion::default().without_plots().configure_from_args();
+    bench(&mut criterion, &recorder);
+    criterion.final_summary();
+    print_machine();
+    recorder
 }
 
 /// Benchmarks `op` as `id`: criterion times whole [`parallel`] runs, and `recorder` keeps each
