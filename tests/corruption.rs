@@ -38,12 +38,7 @@ fn key(index: usize) -> String {
 fn base_images(dir: &std::path::Path) -> Result<(Vec<u8>, Vec<u8>), Box<dyn std::error::Error>> {
     let path = dir.join("base.redb");
     let clock = ManualClock::new(1_700_000_000_000);
-    let open = || {
-        Store::builder()
-            .clock(clock.clone())
-            .without_sweeper()
-            .open(&path)
-    };
+    let open = || open_file(&path, &clock);
     let store = open()?;
     for index in 0..KEYS {
         let key = key(index);
@@ -88,6 +83,14 @@ fn contents(image: &[u8]) -> Result<BTreeMap<Vec<u8>, Entry>, Error> {
         .into_iter()
         .map(|entry| (entry.key.as_bytes().to_vec(), entry))
         .collect())
+}
+
+/// The store file at `path`, on `clock`, with no sweeper.
+fn open_file(path: &std::path::Path, clock: &ManualClock) -> Result<Store, Error> {
+    Store::builder()
+        .clock(clock.clone())
+        .without_sweeper()
+        .open(path)
 }
 
 fn open_image(image: &[u8]) -> Result<Store, Error> {
@@ -385,12 +388,7 @@ fn the_sweeper_never_deletes_a_live_record_for_a_bad_index_entry() -> TestResult
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("index.redb");
     let clock = ManualClock::new(1_700_000_000_000);
-    let open = || {
-        Store::builder()
-            .clock(clock.clone())
-            .without_sweeper()
-            .open(&path)
-    };
+    let open = || open_file(&path, &clock);
     let store = open()?;
     let Claim::Acquired(ticket) = store.claim("paid")? else {
         return Err("not acquired".into());
