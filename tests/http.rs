@@ -24,8 +24,8 @@ use tokio::sync::Notify;
 use tower::Layer;
 
 use support::{
-    DropSignal, FailsOnce, Result, Runs, attempts, charges, chunked_post, client, eventually,
-    gated, keyed_post, lease_ended, problem, replayed, serve,
+    DropSignal, FailsOnce, Result, Runs, charges, chunked_post, client, eventually, gated,
+    keyed_post, lease_ended, problem, replayed, serve, serve_attempts,
 };
 
 #[tokio::test]
@@ -493,12 +493,8 @@ async fn a_response_too_large_to_store_reaches_its_client_and_is_never_rerun() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over() -> Result {
     let (runs, store) = (Runs::default(), Store::in_memory()?);
-    let layer = IdempotencyLayer::builder(store.clone())
-        .lease(Duration::from_secs(30))
-        .build()?;
-    let base = serve(attempts(&runs, "hang").layer(layer)).await?;
+    let url = serve_attempts(&runs, &store, "hang").await?;
     let client = client()?;
-    let url = format!("{base}/work");
     // The client gives up once the handler runs: its request future (and connection) is dropped.
     let gone = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
@@ -518,12 +514,8 @@ async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_panics_abandons_the_attempt() -> Result {
     let (runs, store) = (Runs::default(), Store::in_memory()?);
-    let layer = IdempotencyLayer::builder(store.clone())
-        .lease(Duration::from_secs(30))
-        .build()?;
-    let base = serve(attempts(&runs, "panic").layer(layer)).await?;
+    let url = serve_attempts(&runs, &store, "panic").await?;
     let client = client()?;
-    let url = format!("{base}/work");
     assert!(
         keyed_post(&client, &url, "k", "").await.is_err(),
         "the connection dies with the handler"

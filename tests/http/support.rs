@@ -227,6 +227,19 @@ pub(crate) fn attempts(runs: &Runs, first: &'static str) -> Router {
     )
 }
 
+/// Serves [`attempts`] behind the layer with a 30 s lease; returns the route's URL.
+pub(crate) async fn serve_attempts(
+    runs: &Runs,
+    store: &Store,
+    first: &'static str,
+) -> Result<String> {
+    let layer = dedupe_store::http::IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .build()?;
+    let base = serve(attempts(runs, first).layer(layer)).await?;
+    Ok(format!("{base}/work"))
+}
+
 /// Counts, when dropped, one request whose future the server dropped.
 pub(crate) struct DropSignal(pub(crate) Runs);
 
