@@ -30,7 +30,7 @@ impl Store {
     pub fn list(&self, prefix: impl AsRef<[u8]>, limit: usize) -> Result<Vec<Entry>> {
         let start = storage::stored_key(Namespace::Idempotency.tag(), prefix.as_ref());
         let now = self.engine().now();
-        self.engine().storage.read(|txn| {
+        self.engine().read_tables(|txn| {
             let records = txn.open_table(storage::RECORDS)?;
             let mut entries = Vec::new();
             for row in records.range(start.as_slice()..)? {
@@ -83,7 +83,7 @@ impl Store {
 
     fn counts(&self) -> Result<(u64, u64)> {
         let now = self.engine().now();
-        self.engine().storage.read(|txn| storage::count(txn, now))
+        self.engine().read_tables(|txn| storage::count(txn, now))
     }
 
     /// The number of live keys (records not yet expired).
@@ -111,6 +111,7 @@ impl Store {
     /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
     /// records; [`Error::Corrupt`] naming the first damaged record; [`Error::Storage`].
     pub fn verify(&self) -> Result<VerifyReport> {
+        self.engine().checkpoint_all()?;
         self.engine().storage.exclusive(|db| {
             let clean = db.check_integrity()?;
             let txn = db.begin_read()?;
@@ -128,6 +129,7 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`].
     pub fn compact(&self) -> Result<bool> {
+        self.engine().checkpoint_all()?;
         self.engine().storage.exclusive(|db| Ok(db.compact()?))
     }
 }

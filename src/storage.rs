@@ -3,10 +3,12 @@
 //!
 //! Nothing here decides what a record should become; that is [`crate::rules`].
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use redb::{
@@ -17,6 +19,7 @@ use redb::{
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
 use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
+use crate::journal::{self, Changes, Checkpoint, Overlay};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
 /// Records by stored key (namespace tag + key): the envelope bytes.
@@ -26,6 +29,9 @@ pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 pub(crate) const EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("expiry");
 /// Format version, store id, last fencing token.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Group commits not yet checkpointed into the tables, by sequence number (see
+/// [`crate::journal`]).
+pub(crate) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 
 const META_FORMAT_VERSION: &str = "format_version";
 const META_STORE_ID: &str = "store_id";
@@ -54,6 +60,14 @@ enum Slot {
 /// The store file and the redb database on it.
 pub(crate) struct Storage {
     slot: RwLock<Slot>,
+    /// Committed changes not yet in the tables. Lock order: `slot`, then `overlay`.
+    overlay: RwLock<Overlay>,
+    /// The last fencing token issued (the meta table has it as of the last checkpoint).
+    last_token: AtomicU64,
+    /// How many times the file was reopened after a failed commit. A reopen replaces the
+    /// overlay with the file's journal, so a read that checked the overlay before it must
+    /// check again.
+    reopens: AtomicU64,
     backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
     path: Option<PathBuf>,
@@ -82,12 +96,17 @@ impl Storage {
         let opened = opened.and_then(|(db, shared)| {
             // A database dropped here (its meta table failed the check) may panic too.
             guarded("checking the store's meta table", || {
-                init_or_check(&db, path.as_deref()).map(|id| (db, id, shared))
+                let id = init_or_check(&db, path.as_deref())?;
+                let (token, overlay) = recover(&db)?;
+                Ok((db, id, token, overlay, shared))
             })
         });
         match opened {
-            Ok((db, store_id, shared)) => Ok(Storage {
+            Ok((db, store_id, token, overlay, shared)) => Ok(Storage {
                 slot: RwLock::new(Slot::Open(db)),
+                overlay: RwLock::new(overlay),
+                last_token: AtomicU64::new(token),
+                reopens: AtomicU64::new(0),
                 backend: shared,
                 path,
                 cache_size,
@@ -104,6 +123,41 @@ impl Storage {
     /// The random id written into the file when it was created; tickets carry it.
     pub(crate) fn store_id(&self) -> u64 {
         self.store_id
+    }
+
+    /// Reads one key's latest committed record: from the overlay if a commit since the last
+    /// checkpoint changed it, from the tables otherwise.
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
+        // The overlay first: a checkpoint commits the tables before it forgets the keys it
+        // moved, so a key missing here is current in any read transaction begun after.
+        loop {
+            let reopens = self.reopens();
+            if let Some(latest) = self.overlay.read().get(stored_key) {
+                return Ok(latest.map(Ok));
+            }
+            let loaded = self.read(|txn| {
+                let records = txn.open_table(RECORDS)?;
+                load(&records, stored_key)
+            })?;
+            if self.reopens() == reopens {
+                return Ok(loaded);
+            }
+        }
+    }
+
+    /// How many times the file was reopened after a failed commit.
+    pub(crate) fn reopens(&self) -> u64 {
+        self.reopens.load(Ordering::Acquire)
+    }
+
+    /// Whether enough committed changes wait that a checkpoint is due.
+    pub(crate) fn wants_checkpoint(&self) -> bool {
+        self.overlay.read().wants_checkpoint()
+    }
+
+    /// Whether committed changes wait for a checkpoint.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.overlay.read().is_empty()
     }
 
     /// Runs `f` on a read transaction of the last commit.
@@ -141,7 +195,7 @@ impl Storage {
                 match &*slot {
                     // A panic inside redb leaves the slot to be reopened below, as a failed
                     // commit does.
-                    Slot::Open(db) => break guarded("writing", || Self::write_in(db, mode, f)),
+                    Slot::Open(db) => break guarded("writing", || self.write_in(db, mode, f)),
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -160,6 +214,7 @@ impl Storage {
     }
 
     fn write_in<T>(
+        &self,
         db: &Database,
         mode: CommitMode,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
@@ -171,15 +226,30 @@ impl Storage {
             Durability::None
         })?;
         txn.set_quick_repair(mode.quick_repair);
-        let out = {
+        let first_token = self.last_token.load(Ordering::Acquire);
+        let (out, entry, checkpoint, token) = {
             let mut writer = Writer {
-                records: txn.open_table(RECORDS)?,
-                expiry: txn.open_table(EXPIRY)?,
-                meta: txn.open_table(META)?,
+                tables: Tables::open(&txn)?,
+                journal: txn.open_table(JOURNAL)?,
+                overlay: &self.overlay,
+                pending: HashMap::new(),
+                order: Vec::new(),
+                token: first_token,
+                checkpoint: None,
             };
-            f(&mut writer)?
+            let out = f(&mut writer)?;
+            let entry = writer.append(first_token)?;
+            (out, entry, writer.checkpoint, writer.token)
         };
         txn.commit()?;
+        let mut overlay = self.overlay.write();
+        if let Some(done) = &checkpoint {
+            overlay.checkpointed(done);
+        }
+        if let Some((seq, changes)) = entry {
+            overlay.committed(seq, changes);
+        }
+        self.last_token.store(token, Ordering::Release);
         Ok(out)
     }
 
@@ -222,17 +292,54 @@ impl Storage {
             Slot::Closed => Err(Error::Closed),
             Slot::Broken => {
                 let db = open_database(&self.backend, self.path.as_deref(), self.cache_size)?;
+                // What the file holds is the truth now: a commit that failed may or may not
+                // have reached it, and the overlay may hold commits it lost.
+                let (token, overlay) = guarded("reading the journal", || recover(&db))?;
+                *self.overlay.write() = overlay;
+                self.last_token.store(token, Ordering::Release);
+                self.reopens.fetch_add(1, Ordering::AcqRel);
                 *slot = Slot::Open(db);
                 Ok(())
             }
         }
     }
 
+    /// Moves every change waiting in the overlay into the tables, with the writer to itself.
+    fn checkpoint_all_in(&self, db: &Database) -> Result<()> {
+        let Some(work) = self.overlay.read().checkpoint(None) else {
+            return Ok(());
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_quick_repair(true);
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut journal = txn.open_table(JOURNAL)?;
+            tables.checkpoint(&mut journal, &work, self.last_token.load(Ordering::Acquire))?;
+        }
+        txn.commit()?;
+        self.overlay.write().checkpointed(&work);
+        Ok(())
+    }
+
     /// Closes the database and releases the file. Later calls get [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
+            // A clean close leaves the journal empty; should the checkpoint fail, the next
+            // open replays the journal instead.
+            Slot::Open(db) => {
+                match guarded_call("checkpointing before closing", || {
+                    self.checkpoint_all_in(&db)
+                }) {
+                    Ok(checkpointed) => {
+                        guarded("closing", || db.close().map_err(Error::from)).and(checkpointed)
+                    }
+                    Err(panicked) => {
+                        drop_quietly(db);
+                        Err(panicked)
+                    }
+                }
+            }
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
@@ -357,6 +464,7 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         meta.insert(META_LAST_TOKEN, 0)?;
         txn.open_table(RECORDS)?;
         txn.open_table(EXPIRY)?;
+        txn.open_table(JOURNAL)?;
     }
     txn.commit()?;
     Ok(store_id)
@@ -425,46 +533,93 @@ pub(crate) fn due_range(now: u64) -> (Bound<IndexKey>, Bound<IndexKey>) {
     }
 }
 
-/// The tables of one write transaction.
-pub(crate) struct Writer<'t> {
+/// Reads what the journal holds (the file was not closed cleanly) into a fresh overlay, so that
+/// reads see it at once and the next checkpoint moves it into the tables; returns it with the
+/// last fencing token issued. A file closed cleanly has an empty journal.
+fn recover(db: &Database) -> Result<(u64, Overlay)> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let mut token = last_token(&meta)?;
+    let mut overlay = Overlay::default();
+    let journal = match txn.open_table(JOURNAL) {
+        Ok(journal) => journal,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((token, overlay)),
+        Err(err) => return Err(err.into()),
+    };
+    for entry in journal.iter()? {
+        let (seq, bytes) = entry?;
+        let seq = seq.value();
+        let (entry_token, changes) =
+            journal::decode(bytes.value()).map_err(|reason| Error::CorruptFile {
+                reason: format!("journal entry {seq}: {reason}"),
+            })?;
+        token = token.max(entry_token);
+        overlay.committed(seq, changes);
+    }
+    Ok((token, overlay))
+}
+
+fn last_token(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
+    match meta.get(META_LAST_TOKEN)? {
+        Some(token) => Ok(token.value()),
+        None => Err(Error::CorruptFile {
+            reason: format!("the meta table has no {META_LAST_TOKEN}"),
+        }),
+    }
+}
+
+/// The records, the expiry index and the meta table, in one write transaction.
+struct Tables<'t> {
     records: Table<'t, &'static [u8], &'static [u8]>,
     expiry: Table<'t, (u64, &'static [u8]), ()>,
     meta: Table<'t, &'static str, u64>,
 }
 
-impl Writer<'_> {
-    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
-        load(&self.records, stored_key)
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>> {
+        Ok(Tables {
+            records: txn.open_table(RECORDS)?,
+            expiry: txn.open_table(EXPIRY)?,
+            meta: txn.open_table(META)?,
+        })
     }
 
-    /// Stores `record`, moving its expiry-index entry from `old_expires_at`.
-    pub(crate) fn put(
-        &mut self,
-        stored_key: &[u8],
-        old_expires_at: Option<u64>,
-        record: &Record,
-    ) -> Result<()> {
-        if let Some(old) = old_expires_at
-            && old != record.expires_at
-        {
-            self.expiry.remove((old, stored_key))?;
+    /// Makes `record` (or its absence) the key's record, keeping the expiry index in step.
+    fn apply(&mut self, stored_key: &[u8], record: Option<&Record>) -> Result<()> {
+        let old_expires_at = match load(&self.records, stored_key)? {
+            None => None,
+            Some(Ok(old)) => Some(old.expires_at),
+            Some(Err(_)) => {
+                // Only `expire` replaces a damaged record (other operations refuse it), and its
+                // `expires_at` cannot be trusted: every index entry naming the key goes.
+                self.delete_damaged(stored_key)?;
+                None
+            }
+        };
+        match record {
+            Some(record) => {
+                if let Some(old) = old_expires_at
+                    && old != record.expires_at
+                {
+                    self.expiry.remove((old, stored_key))?;
+                }
+                self.records
+                    .insert(stored_key, record::encode(stored_key, record).as_slice())?;
+                self.expiry.insert((record.expires_at, stored_key), ())?;
+            }
+            None => {
+                if let Some(old) = old_expires_at {
+                    self.records.remove(stored_key)?;
+                    self.expiry.remove((old, stored_key))?;
+                }
+            }
         }
-        self.records
-            .insert(stored_key, record::encode(stored_key, record).as_slice())?;
-        self.expiry.insert((record.expires_at, stored_key), ())?;
-        Ok(())
-    }
-
-    /// Removes a record and its expiry-index entry.
-    pub(crate) fn delete(&mut self, stored_key: &[u8], expires_at: u64) -> Result<()> {
-        self.records.remove(stored_key)?;
-        self.expiry.remove((expires_at, stored_key))?;
         Ok(())
     }
 
     /// Removes a record that does not decode, and every index entry pointing at it (found by a
     /// scan: its `expires_at` cannot be trusted).
-    pub(crate) fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
+    fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
         self.records.remove(stored_key)?;
         let mut stale = Vec::new();
         for entry in self.expiry.iter()? {
@@ -480,16 +635,90 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Moves a checkpoint's changes into the tables and retires its journal entries.
+    fn checkpoint(
+        &mut self,
+        journal: &mut Table<'_, u64, &'static [u8]>,
+        work: &Checkpoint,
+        token: u64,
+    ) -> Result<()> {
+        for (stored_key, record) in &work.changes {
+            self.apply(stored_key, record.as_ref())?;
+        }
+        journal.retain_in(..work.retire_below, |_, _| false)?;
+        self.meta.insert(META_LAST_TOKEN, token)?;
+        Ok(())
+    }
+}
+
+/// One write transaction as the engine sees it: reads see the tables, the overlay and this
+/// transaction's own changes; changes go to one journal entry, appended when it commits.
+pub(crate) struct Writer<'t> {
+    tables: Tables<'t>,
+    journal: Table<'t, u64, &'static [u8]>,
+    overlay: &'t RwLock<Overlay>,
+    /// This transaction's changes by key, and the keys in the order first changed.
+    pending: HashMap<Vec<u8>, Option<Record>>,
+    order: Vec<Vec<u8>>,
+    /// The last fencing token issued, this transaction's included.
+    token: u64,
+    /// What this transaction checkpointed, for the overlay to forget once it commits.
+    checkpoint: Option<Checkpoint>,
+}
+
+impl Writer<'_> {
+    /// The key's record as this transaction sees it.
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
+        if let Some(record) = self.pending.get(stored_key) {
+            return Ok(record.clone().map(Ok));
+        }
+        if let Some(record) = self.overlay.read().get(stored_key) {
+            return Ok(record.map(Ok));
+        }
+        load(&self.tables.records, stored_key)
+    }
+
+    /// Makes `record` the key's record.
+    pub(crate) fn put(&mut self, stored_key: &[u8], record: Record) {
+        self.change(stored_key, Some(record));
+    }
+
+    /// Removes the key's record, damaged or not.
+    pub(crate) fn delete(&mut self, stored_key: &[u8]) {
+        self.change(stored_key, None);
+    }
+
+    fn change(&mut self, stored_key: &[u8], record: Option<Record>) {
+        if self.pending.insert(stored_key.to_vec(), record).is_none() {
+            self.order.push(stored_key.to_vec());
+        }
+    }
+
+    /// Moves the oldest changes waiting in the overlay (about `limit` keys; all if `None`) into
+    /// the tables. Runs in a transaction of its own, before any change of its own.
+    pub(crate) fn checkpoint(&mut self, limit: Option<usize>) -> Result<()> {
+        debug_assert!(self.pending.is_empty() && self.checkpoint.is_none());
+        let Some(work) = self.overlay.read().checkpoint(limit) else {
+            return Ok(());
+        };
+        self.tables
+            .checkpoint(&mut self.journal, &work, self.token)?;
+        self.checkpoint = Some(work);
+        Ok(())
+    }
+
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
-    /// more are due.
+    /// more are due. Checkpoints everything first, so that the tables are current.
     ///
     /// The index entry is only a pointer: a record is removed only if it decodes and is itself
     /// due under the index entry's time. A damaged or stray index entry (one that names a live
     /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
     /// the index can never delete a live completed record.
     pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
+        self.checkpoint(None)?;
+        let tables = &mut self.tables;
         let mut due = Vec::new();
-        for entry in self.expiry.range(due_range(now))?.take(limit + 1) {
+        for entry in tables.expiry.range(due_range(now))?.take(limit + 1) {
             let (index_key, _) = entry?;
             let (expires_at, key) = index_key.value();
             due.push((expires_at, key.to_vec()));
@@ -498,31 +727,45 @@ impl Writer<'_> {
         due.truncate(limit);
         let mut removed = 0;
         for (expires_at, key) in &due {
-            self.expiry.remove((*expires_at, key.as_slice()))?;
+            tables.expiry.remove((*expires_at, key.as_slice()))?;
             let matches = matches!(
-                self.load(key)?,
+                load(&tables.records, key)?,
                 Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now)
             );
             if matches {
-                self.records.remove(key.as_slice())?;
+                tables.records.remove(key.as_slice())?;
                 removed += 1;
             }
         }
         Ok((removed, more))
     }
 
-    pub(crate) fn last_token(&self) -> Result<u64> {
-        match self.meta.get(META_LAST_TOKEN)? {
-            Some(token) => Ok(token.value()),
-            None => Err(Error::CorruptFile {
-                reason: format!("the meta table has no {META_LAST_TOKEN}"),
-            }),
-        }
+    /// The last fencing token issued.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.token
     }
 
-    pub(crate) fn set_last_token(&mut self, token: u64) -> Result<()> {
-        self.meta.insert(META_LAST_TOKEN, token)?;
-        Ok(())
+    pub(crate) fn set_last_token(&mut self, token: u64) {
+        self.token = token;
+    }
+
+    /// Appends this transaction's changes to the journal; returns the entry's sequence number
+    /// and changes for the overlay, or `None` if nothing changed.
+    fn append(&mut self, first_token: u64) -> Result<Option<(u64, Changes)>> {
+        if self.order.is_empty() && self.token == first_token {
+            return Ok(None);
+        }
+        let changes: Changes = std::mem::take(&mut self.order)
+            .into_iter()
+            .map(|key| {
+                let record = self.pending.remove(&key).flatten();
+                (key, record)
+            })
+            .collect();
+        let seq = self.overlay.read().next_seq();
+        self.journal
+            .insert(seq, journal::encode(self.token, &changes).as_slice())?;
+        Ok(Some((seq, changes)))
     }
 }
 

@@ -14,7 +14,7 @@ use super::model::{Rec, RecState};
 
 /// Every record in the file by caller key, and the last token issued.
 pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
-    store.engine().storage.read(|txn| {
+    store.engine().read_tables(|txn| {
         let table = txn.open_table(crate::storage::RECORDS)?;
         let mut records = BTreeMap::new();
         for row in table.iter()? {
