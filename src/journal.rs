@@ -29,7 +29,7 @@ pub(crate) const CHECKPOINT_KEYS: usize = 1024;
 /// Bytes of records waiting in the overlay that make the next writer checkpoint.
 pub(crate) const CHECKPOINT_BYTES: usize = 8 << 20;
 /// The most keys one checkpoint commit moves, so that it holds the writer briefly.
-pub(crate) const CHECKPOINT_CHUNK: usize = 1024;
+pub(crate) const CHECKPOINT_CHUNK: usize = 256;
 
 /// One batch's changes: each stored key's record after the batch, `None` if removed.
 pub(crate) type Changes = Vec<(Vec<u8>, Option<Record>)>;
