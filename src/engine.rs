@@ -26,10 +26,10 @@ pub(crate) enum Work {
     One(Key, Op),
     /// Several operations applied all or nothing, in order.
     Many(Vec<(Key, Op)>),
-    /// Remove up to this many due records (after checkpointing everything).
+    /// Remove up to this many due records (after merging everything).
     Sweep(usize),
     /// Move about this many keys (all if `None`) from the journal into the tables.
-    Checkpoint(Option<usize>),
+    Merge(Option<usize>),
     /// Make everything committed so far durable.
     Flush,
 }
@@ -44,7 +44,7 @@ pub(crate) enum Reply {
         more: bool,
     },
     Flushed,
-    Checkpointed,
+    Merged,
 }
 
 impl Work {
@@ -56,7 +56,7 @@ impl Work {
             }
             Work::Sweep(limit) => batch::weight(*limit, 0),
             Work::Flush => 1,
-            Work::Checkpoint(limit) => batch::weight(limit.unwrap_or(1), 0),
+            Work::Merge(limit) => batch::weight(limit.unwrap_or(1), 0),
         }
     }
 }
@@ -72,8 +72,8 @@ pub(crate) struct Engine {
     last_durable: Mutex<Instant>,
     /// Whether a commit since then was not durable.
     dirty: AtomicBool,
-    /// Whether some caller is running a checkpoint that the overlay's size asked for.
-    checkpointing: AtomicBool,
+    /// Whether some caller is running a merge that the overlay's size asked for.
+    merging: AtomicBool,
 }
 
 fn stored(key: &Key, op: &Op) -> Vec<u8> {
@@ -98,7 +98,7 @@ impl Engine {
             batcher: Batcher::new(),
             last_durable: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
-            checkpointing: AtomicBool::new(false),
+            merging: AtomicBool::new(false),
         }
     }
 
@@ -134,49 +134,23 @@ impl Engine {
     }
 
     /// Queues `work` for the next commit and waits for its answer. Then, if the journal has
-    /// grown past its threshold, this caller checkpoints part of it (one caller at a time).
+    /// grown past its threshold, this caller merges part of it (one caller at a time).
     pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
         let reply = self.submit_now(work);
-        if self.storage.wants_checkpoint() && !self.checkpointing.swap(true, Ordering::AcqRel) {
-            // The caller's own work is done; a failed checkpoint leaves the journal as it
+        if self.storage.wants_merge() && !self.merging.swap(true, Ordering::AcqRel) {
+            // The caller's own work is done; a failed merge leaves the journal as it
             // was, for the next one.
-            let _ = self.submit_now(Work::Checkpoint(Some(journal::CHECKPOINT_CHUNK)));
-            self.checkpointing.store(false, Ordering::Release);
+            let _ = self.submit_now(Work::Merge(Some(journal::MERGE_CHUNK)));
+            self.merging.store(false, Ordering::Release);
         }
         reply
     }
 
-    /// Moves everything committed so far from the journal into the tables, for the readers
-    /// that scan the tables (`list`, `stats`, `verify`, ...).
-    pub(crate) fn checkpoint_all(&self) -> Result<()> {
-        if self.storage.has_pending() {
-            self.submit_now(Work::Checkpoint(None))?;
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on a read transaction whose tables hold everything committed before this
-    /// call: checkpoints first, and again should a failed commit's reopen bring back journal
-    /// entries meanwhile.
-    pub(crate) fn read_tables<T>(
-        &self,
-        f: impl Fn(&redb::ReadTransaction) -> Result<T>,
-    ) -> Result<T> {
-        loop {
-            let reopens = self.storage.reopens();
-            self.checkpoint_all()?;
-            let out = self.storage.read(&f)?;
-            if self.storage.reopens() == reopens {
-                return Ok(out);
-            }
-        }
-    }
-
     fn submit_now(&self, work: Work) -> Result<Reply> {
         let weight = work.weight();
-        // A sweep or checkpoint commits alone, so that no claim waits for its hundreds of
+        // A sweep or merge commits alone, so that no claim waits for its hundreds of
         // table writes.
-        let solo = matches!(work, Work::Sweep(_) | Work::Checkpoint(_));
+        let solo = matches!(work, Work::Sweep(_) | Work::Merge(_));
         self.batcher.submit(
             work,
             weight,
@@ -241,12 +215,10 @@ impl Engine {
         // nothing but sweeps skips the fsync, and a large backlog does not compete with
         // claims for the disk. The next durable commit (or the flush at the end of the sweep)
         // persists it.
-        // A checkpoint moves changes the journal already holds durably: losing it loses
-        // nothing, and the next open replays the journal.
-        if works
-            .iter()
-            .all(|work| matches!(work, Work::Sweep(_) | Work::Checkpoint(_)))
-        {
+        // A merge is durable like any other commit: skipping its fsync would save little (the
+        // next commit's fsync writes its pages anyway) and measured to let the file grow,
+        // since redb reuses the pages a commit frees only after a durable commit.
+        if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
             return false;
         }
         match self.config.durability {
@@ -285,9 +257,9 @@ impl Engine {
                         Reply::Swept { removed, more }
                     }
                     Work::Flush => Reply::Flushed,
-                    Work::Checkpoint(limit) => {
-                        writer.checkpoint(*limit)?;
-                        Reply::Checkpointed
+                    Work::Merge(limit) => {
+                        writer.merge(*limit)?;
+                        Reply::Merged
                     }
                 };
                 replies.push(reply);
@@ -314,7 +286,7 @@ impl Engine {
                         Reply::Many(Err(_))
                         | Reply::Swept { .. }
                         | Reply::Flushed
-                        | Reply::Checkpointed => {}
+                        | Reply::Merged => {}
                     }
                 }
                 self.counters.swept(swept);

@@ -4,13 +4,19 @@
 //! fsync has to write all of them: that, not the fsync itself, bounded durable claims per
 //! second. So a batch's changes go to the journal instead, as one entry appended under the
 //! next sequence number (the tail leaf, whatever the keys), and into an in-memory overlay that
-//! every read consults before the tables. Checkpoints move the overlay into the records and
+//! every read consults before the tables. Merges move the overlay into the records and
 //! expiry tables later, in commits of their own that need no fsync (the journal entries they
 //! replace are durable already) and that each write a leaf once for all the keys landing in
-//! it. A checkpoint deletes the journal entries it covered in the same transaction.
+//! it. A merge deletes the journal entries it covered in the same transaction.
 //!
-//! On open, whatever the journal holds (the file was not closed cleanly) is applied to the
-//! tables in entry order, and the journal emptied, in one commit.
+//! On open, whatever the journal holds (the file was not closed cleanly) is read into the
+//! overlay in entry order, with no write: the next merge moves it. A reopen after a failed
+//! commit does the same, since the file, not the overlay, is then the truth.
+//!
+//! Only writes merge: a write that finds enough waiting (one caller at a time, after its own
+//! commit), and each sweep batch, which merges everything first. Readers that scan the tables
+//! (`list`, `stats`, `len`) apply a snapshot of the overlay to what they read instead, so that
+//! no read, `verify` and `close` included, writes to a file that may be damaged.
 //!
 //! An entry is `[crc32: u32 LE][token: u64 LE][count: u32 LE]` followed by `count` changes,
 //! each `[key length: u32 LE][stored key][value length: u32 LE][record envelope]`, where a
@@ -24,12 +30,19 @@ use crate::record::{self, Record, RecordState};
 /// The value length that marks a removal.
 const REMOVED: u32 = u32::MAX;
 
-/// Keys waiting in the overlay that make the next writer checkpoint.
-pub(crate) const CHECKPOINT_KEYS: usize = 1024;
-/// Bytes of records waiting in the overlay that make the next writer checkpoint.
-pub(crate) const CHECKPOINT_BYTES: usize = 8 << 20;
-/// The most keys one checkpoint commit moves, so that it holds the writer briefly.
-pub(crate) const CHECKPOINT_CHUNK: usize = 256;
+/// Keys waiting in the overlay that make the next writer merge.
+pub(crate) const MERGE_KEYS: usize = 1024;
+/// Bytes of records waiting in the overlay that make the next writer merge.
+pub(crate) const MERGE_BYTES: usize = 8 << 20;
+/// The most keys one merge commit moves, so that it holds the writer briefly.
+pub(crate) const MERGE_CHUNK: usize = 256;
+
+/// The size a journal entry is kept under (unless one change alone is larger): about half a
+/// page, so that an entry never needs a run of contiguous pages.
+pub(crate) const ENTRY_BYTES: usize = 2048;
+
+/// Keys' latest records from the overlay, in key order; `None` if removed.
+pub(crate) type Pending = std::collections::BTreeMap<Vec<u8>, Option<Record>>;
 
 /// One batch's changes: each stored key's record after the batch, `None` if removed.
 pub(crate) type Changes = Vec<(Vec<u8>, Option<Record>)>;
@@ -115,12 +128,12 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The changes committed to the journal and not yet checkpointed into the tables.
+/// The changes committed to the journal and not yet merged into the tables.
 #[derive(Default)]
 pub(crate) struct Overlay {
     /// Each key's latest record; `None` if it was removed.
     latest: HashMap<Vec<u8>, Option<Record>>,
-    /// The journal entries not yet checkpointed, oldest first: sequence number and keys.
+    /// The journal entries not yet merged, oldest first: sequence number and keys.
     entries: VecDeque<(u64, Vec<Vec<u8>>)>,
     /// The sequence number of the next entry.
     next_seq: u64,
@@ -128,8 +141,8 @@ pub(crate) struct Overlay {
     bytes: usize,
 }
 
-/// One checkpoint's work: the journal entries it retires and each key's latest record.
-pub(crate) struct Checkpoint {
+/// One merge's work: the journal entries it retires and each key's latest record.
+pub(crate) struct Merge {
     /// Entries with sequence numbers below this are retired.
     pub retire_below: u64,
     pub changes: Changes,
@@ -139,6 +152,15 @@ impl Overlay {
     /// The key's latest committed record if the overlay has one: `Some(None)` if removed.
     pub(crate) fn get(&self, stored_key: &[u8]) -> Option<Option<Record>> {
         self.latest.get(stored_key).cloned()
+    }
+
+    /// The latest record of every key starting with `prefix`, in key order.
+    pub(crate) fn snapshot(&self, prefix: &[u8]) -> Pending {
+        self.latest
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, record)| (key.clone(), record.clone()))
+            .collect()
     }
 
     /// The sequence number the next journal entry takes.
@@ -160,18 +182,19 @@ impl Overlay {
         self.next_seq = seq.saturating_add(1);
     }
 
-    /// Whether enough waits that a checkpoint is due.
-    pub(crate) fn wants_checkpoint(&self) -> bool {
-        self.latest.len() >= CHECKPOINT_KEYS || self.bytes >= CHECKPOINT_BYTES
+    /// Whether enough waits that a merge is due.
+    pub(crate) fn wants_merge(&self) -> bool {
+        self.latest.len() >= MERGE_KEYS || self.bytes >= MERGE_BYTES
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Whether any key has a record here (entries may remain whose keys were all merged).
+    pub(crate) fn has_keys(&self) -> bool {
+        !self.latest.is_empty()
     }
 
     /// The oldest entries holding about `limit` keys (all of them if `None`), with the latest
     /// record of every key they name. `None` if nothing waits.
-    pub(crate) fn checkpoint(&self, limit: Option<usize>) -> Option<Checkpoint> {
+    pub(crate) fn merge(&self, limit: Option<usize>) -> Option<Merge> {
         let mut changes = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut retire_below = None;
@@ -193,14 +216,14 @@ impl Overlay {
         }
         // Adjacent keys land in the same leaves: applying them in order writes each leaf once.
         changes.sort_by(|a, b| a.0.cmp(&b.0));
-        retire_below.map(|retire_below| Checkpoint {
+        retire_below.map(|retire_below| Merge {
             retire_below,
             changes,
         })
     }
 
-    /// Forgets what a committed checkpoint moved into the tables.
-    pub(crate) fn checkpointed(&mut self, done: &Checkpoint) {
+    /// Forgets what a committed merge moved into the tables.
+    pub(crate) fn merged(&mut self, done: &Merge) {
         while let Some((seq, _)) = self.entries.front()
             && *seq < done.retire_below
         {
@@ -214,13 +237,17 @@ impl Overlay {
     }
 }
 
-fn weight(key: &[u8], record: Option<&Record>) -> usize {
+/// Roughly the bytes a change takes in memory and in a journal entry.
+pub(crate) fn weight(key: &[u8], record: Option<&Record>) -> usize {
     let payload = match record.map(|record| &record.state) {
         Some(RecordState::Completed { response, .. }) => response.0.len(),
         Some(RecordState::InProgress {
             checkpoint: Some(checkpoint),
             ..
-        }) => checkpoint.step.len().saturating_add(checkpoint.state.0.len()),
+        }) => checkpoint
+            .step
+            .len()
+            .saturating_add(checkpoint.state.0.len()),
         _ => 0,
     };
     key.len().saturating_add(64).saturating_add(payload)
@@ -269,23 +296,23 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_takes_the_latest_record_and_retires_its_entries() {
+    fn a_merge_takes_the_latest_record_and_retires_its_entries() {
         let mut overlay = Overlay::default();
         overlay.committed(0, vec![(b"a".to_vec(), Some(record(1)))]);
         overlay.committed(1, vec![(b"b".to_vec(), Some(record(2)))]);
         overlay.committed(2, vec![(b"a".to_vec(), None)]);
-        let first = overlay.checkpoint(Some(1)).expect("work waits");
+        let first = overlay.merge(Some(1)).expect("work waits");
         assert_eq!(first.retire_below, 1);
         assert_eq!(first.changes, vec![(b"a".to_vec(), None)]);
-        overlay.checkpointed(&first);
+        overlay.merged(&first);
         assert_eq!(overlay.get(b"a"), None);
         assert_eq!(overlay.get(b"b"), Some(Some(record(2))));
-        let rest = overlay.checkpoint(None).expect("work waits");
+        let rest = overlay.merge(None).expect("work waits");
         assert_eq!(rest.retire_below, 3);
         assert_eq!(rest.changes, vec![(b"b".to_vec(), Some(record(2)))]);
-        overlay.checkpointed(&rest);
-        assert!(overlay.is_empty());
-        assert!(overlay.checkpoint(None).is_none());
+        overlay.merged(&rest);
+        assert!(!overlay.has_keys());
+        assert!(overlay.merge(None).is_none());
         assert_eq!(overlay.next_seq(), 3);
     }
 }

@@ -8,7 +8,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use redb::{
@@ -19,7 +19,7 @@ use redb::{
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
 use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
-use crate::journal::{self, Changes, Checkpoint, Overlay};
+use crate::journal::{self, Changes, Merge, Overlay, Pending};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
 /// Records by stored key (namespace tag + key): the envelope bytes.
@@ -29,7 +29,7 @@ pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 pub(crate) const EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("expiry");
 /// Format version, store id, last fencing token.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Group commits not yet checkpointed into the tables, by sequence number (see
+/// Group commits not yet merged into the tables, by sequence number (see
 /// [`crate::journal`]).
 pub(crate) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 
@@ -62,7 +62,11 @@ pub(crate) struct Storage {
     slot: RwLock<Slot>,
     /// Committed changes not yet in the tables. Lock order: `slot`, then `overlay`.
     overlay: RwLock<Overlay>,
-    /// The last fencing token issued (the meta table has it as of the last checkpoint).
+    /// Whether the overlay holds any key, set under its write lock: a read finding it false
+    /// skips the lock (which two threads reading at once would otherwise bounce between
+    /// cores).
+    overlay_keys: AtomicBool,
+    /// The last fencing token issued (the meta table has it as of the last merge).
     last_token: AtomicU64,
     /// How many times the file was reopened after a failed commit. A reopen replaces the
     /// overlay with the file's journal, so a read that checked the overlay before it must
@@ -104,6 +108,7 @@ impl Storage {
         match opened {
             Ok((db, store_id, token, overlay, shared)) => Ok(Storage {
                 slot: RwLock::new(Slot::Open(db)),
+                overlay_keys: AtomicBool::new(overlay.has_keys()),
                 overlay: RwLock::new(overlay),
                 last_token: AtomicU64::new(token),
                 reopens: AtomicU64::new(0),
@@ -126,13 +131,15 @@ impl Storage {
     }
 
     /// Reads one key's latest committed record: from the overlay if a commit since the last
-    /// checkpoint changed it, from the tables otherwise.
+    /// merge changed it, from the tables otherwise.
     pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
-        // The overlay first: a checkpoint commits the tables before it forgets the keys it
+        // The overlay first: a merge commits the tables before it forgets the keys it
         // moved, so a key missing here is current in any read transaction begun after.
         loop {
             let reopens = self.reopens();
-            if let Some(latest) = self.overlay.read().get(stored_key) {
+            if self.overlay_keys.load(Ordering::Acquire)
+                && let Some(latest) = self.overlay.read().get(stored_key)
+            {
                 return Ok(latest.map(Ok));
             }
             let loaded = self.read(|txn| {
@@ -150,14 +157,37 @@ impl Storage {
         self.reopens.load(Ordering::Acquire)
     }
 
-    /// Whether enough committed changes wait that a checkpoint is due.
-    pub(crate) fn wants_checkpoint(&self) -> bool {
-        self.overlay.read().wants_checkpoint()
+    /// Whether enough committed changes wait that a merge is due.
+    pub(crate) fn wants_merge(&self) -> bool {
+        self.overlay.read().wants_merge()
     }
 
-    /// Whether committed changes wait for a checkpoint.
-    pub(crate) fn has_pending(&self) -> bool {
-        !self.overlay.read().is_empty()
+    /// Runs `f` on a read transaction together with the overlay's changes to keys starting
+    /// with `prefix`, which take precedence over the tables: the scanning readers' view of
+    /// everything committed, with no write.
+    pub(crate) fn read_merged<T>(
+        &self,
+        prefix: &[u8],
+        f: impl Fn(&ReadTransaction, &Pending) -> Result<T>,
+    ) -> Result<T> {
+        loop {
+            let reopens = self.reopens();
+            // The overlay first, as in `load`.
+            let pending = if self.overlay_keys.load(Ordering::Acquire) {
+                self.overlay.read().snapshot(prefix)
+            } else {
+                Pending::new()
+            };
+            let out = self.read(|txn| f(txn, &pending))?;
+            if self.reopens() == reopens {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The last fencing token issued.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.last_token.load(Ordering::Acquire)
     }
 
     /// Runs `f` on a read transaction of the last commit.
@@ -227,7 +257,7 @@ impl Storage {
         })?;
         txn.set_quick_repair(mode.quick_repair);
         let first_token = self.last_token.load(Ordering::Acquire);
-        let (out, entry, checkpoint, token) = {
+        let (out, entries, merge, token) = {
             let mut writer = Writer {
                 tables: Tables::open(&txn)?,
                 journal: txn.open_table(JOURNAL)?,
@@ -235,19 +265,23 @@ impl Storage {
                 pending: HashMap::new(),
                 order: Vec::new(),
                 token: first_token,
-                checkpoint: None,
+                merge: None,
             };
             let out = f(&mut writer)?;
-            let entry = writer.append(first_token)?;
-            (out, entry, writer.checkpoint, writer.token)
+            let entries = writer.append(first_token)?;
+            (out, entries, writer.merge, writer.token)
         };
         txn.commit()?;
-        let mut overlay = self.overlay.write();
-        if let Some(done) = &checkpoint {
-            overlay.checkpointed(done);
-        }
-        if let Some((seq, changes)) = entry {
-            overlay.committed(seq, changes);
+        if merge.is_some() || !entries.is_empty() {
+            let mut overlay = self.overlay.write();
+            if let Some(done) = &merge {
+                overlay.merged(done);
+            }
+            for (seq, changes) in entries {
+                overlay.committed(seq, changes);
+            }
+            self.overlay_keys
+                .store(overlay.has_keys(), Ordering::Release);
         }
         self.last_token.store(token, Ordering::Release);
         Ok(out)
@@ -295,7 +329,11 @@ impl Storage {
                 // What the file holds is the truth now: a commit that failed may or may not
                 // have reached it, and the overlay may hold commits it lost.
                 let (token, overlay) = guarded("reading the journal", || recover(&db))?;
-                *self.overlay.write() = overlay;
+                let mut current = self.overlay.write();
+                *current = overlay;
+                self.overlay_keys
+                    .store(current.has_keys(), Ordering::Release);
+                drop(current);
                 self.last_token.store(token, Ordering::Release);
                 self.reopens.fetch_add(1, Ordering::AcqRel);
                 *slot = Slot::Open(db);
@@ -304,42 +342,11 @@ impl Storage {
         }
     }
 
-    /// Moves every change waiting in the overlay into the tables, with the writer to itself.
-    fn checkpoint_all_in(&self, db: &Database) -> Result<()> {
-        let Some(work) = self.overlay.read().checkpoint(None) else {
-            return Ok(());
-        };
-        let mut txn = db.begin_write()?;
-        txn.set_quick_repair(true);
-        {
-            let mut tables = Tables::open(&txn)?;
-            let mut journal = txn.open_table(JOURNAL)?;
-            tables.checkpoint(&mut journal, &work, self.last_token.load(Ordering::Acquire))?;
-        }
-        txn.commit()?;
-        self.overlay.write().checkpointed(&work);
-        Ok(())
-    }
-
     /// Closes the database and releases the file. Later calls get [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            // A clean close leaves the journal empty; should the checkpoint fail, the next
-            // open replays the journal instead.
-            Slot::Open(db) => {
-                match guarded_call("checkpointing before closing", || {
-                    self.checkpoint_all_in(&db)
-                }) {
-                    Ok(checkpointed) => {
-                        guarded("closing", || db.close().map_err(Error::from)).and(checkpointed)
-                    }
-                    Err(panicked) => {
-                        drop_quietly(db);
-                        Err(panicked)
-                    }
-                }
-            }
+            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
@@ -534,7 +541,7 @@ pub(crate) fn due_range(now: u64) -> (Bound<IndexKey>, Bound<IndexKey>) {
 }
 
 /// Reads what the journal holds (the file was not closed cleanly) into a fresh overlay, so that
-/// reads see it at once and the next checkpoint moves it into the tables; returns it with the
+/// reads see it at once and the next merge moves it into the tables; returns it with the
 /// last fencing token issued. A file closed cleanly has an empty journal.
 fn recover(db: &Database) -> Result<(u64, Overlay)> {
     let txn = db.begin_read()?;
@@ -635,11 +642,11 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Moves a checkpoint's changes into the tables and retires its journal entries.
-    fn checkpoint(
+    /// Moves a merge's changes into the tables and retires its journal entries.
+    fn merge(
         &mut self,
         journal: &mut Table<'_, u64, &'static [u8]>,
-        work: &Checkpoint,
+        work: &Merge,
         token: u64,
     ) -> Result<()> {
         for (stored_key, record) in &work.changes {
@@ -662,8 +669,8 @@ pub(crate) struct Writer<'t> {
     order: Vec<Vec<u8>>,
     /// The last fencing token issued, this transaction's included.
     token: u64,
-    /// What this transaction checkpointed, for the overlay to forget once it commits.
-    checkpoint: Option<Checkpoint>,
+    /// What this transaction merged, for the overlay to forget once it commits.
+    merge: Option<Merge>,
 }
 
 impl Writer<'_> {
@@ -696,26 +703,25 @@ impl Writer<'_> {
 
     /// Moves the oldest changes waiting in the overlay (about `limit` keys; all if `None`) into
     /// the tables. Runs in a transaction of its own, before any change of its own.
-    pub(crate) fn checkpoint(&mut self, limit: Option<usize>) -> Result<()> {
-        debug_assert!(self.pending.is_empty() && self.checkpoint.is_none());
-        let Some(work) = self.overlay.read().checkpoint(limit) else {
+    pub(crate) fn merge(&mut self, limit: Option<usize>) -> Result<()> {
+        debug_assert!(self.pending.is_empty() && self.merge.is_none());
+        let Some(work) = self.overlay.read().merge(limit) else {
             return Ok(());
         };
-        self.tables
-            .checkpoint(&mut self.journal, &work, self.token)?;
-        self.checkpoint = Some(work);
+        self.tables.merge(&mut self.journal, &work, self.token)?;
+        self.merge = Some(work);
         Ok(())
     }
 
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
-    /// more are due. Checkpoints everything first, so that the tables are current.
+    /// more are due. Merges everything first, so that the tables are current.
     ///
     /// The index entry is only a pointer: a record is removed only if it decodes and is itself
     /// due under the index entry's time. A damaged or stray index entry (one that names a live
     /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
     /// the index can never delete a live completed record.
     pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
-        self.checkpoint(None)?;
+        self.merge(None)?;
         let tables = &mut self.tables;
         let mut due = Vec::new();
         for entry in tables.expiry.range(due_range(now))?.take(limit + 1) {
@@ -749,34 +755,68 @@ impl Writer<'_> {
         self.token = token;
     }
 
-    /// Appends this transaction's changes to the journal; returns the entry's sequence number
-    /// and changes for the overlay, or `None` if nothing changed.
-    fn append(&mut self, first_token: u64) -> Result<Option<(u64, Changes)>> {
+    /// Appends this transaction's changes to the journal, as entries of about a page each
+    /// (a larger value would need contiguous pages, which fragments the file); returns each
+    /// entry's sequence number and changes, for the overlay.
+    fn append(&mut self, first_token: u64) -> Result<Vec<(u64, Changes)>> {
         if self.order.is_empty() && self.token == first_token {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let changes: Changes = std::mem::take(&mut self.order)
-            .into_iter()
-            .map(|key| {
-                let record = self.pending.remove(&key).flatten();
-                (key, record)
-            })
-            .collect();
-        let seq = self.overlay.read().next_seq();
-        self.journal
-            .insert(seq, journal::encode(self.token, &changes).as_slice())?;
-        Ok(Some((seq, changes)))
+        let mut entries: Vec<(u64, Changes)> = Vec::new();
+        let mut seq = self.overlay.read().next_seq();
+        let mut current: Changes = Vec::new();
+        let mut size = 0usize;
+        for key in std::mem::take(&mut self.order) {
+            let record = self.pending.remove(&key).flatten();
+            let weight = journal::weight(&key, record.as_ref());
+            if !current.is_empty() && size.saturating_add(weight) > journal::ENTRY_BYTES {
+                entries.push((seq, std::mem::take(&mut current)));
+                seq = seq.saturating_add(1);
+                size = 0;
+            }
+            size = size.saturating_add(weight);
+            current.push((key, record));
+        }
+        // Also when nothing but the token changed: the entry carries it.
+        entries.push((seq, current));
+        for (seq, changes) in &entries {
+            self.journal
+                .insert(*seq, journal::encode(self.token, changes).as_slice())?;
+        }
+        Ok(entries)
     }
 }
 
-/// Counts of what the tables hold, for `stats()` and `len()`.
-pub(crate) fn count(txn: &ReadTransaction, now: u64) -> Result<(u64, u64)> {
-    let records = txn.open_table(RECORDS)?.len()?;
+/// Counts of records and of those due at `now`, for `stats()` and `len()`: the tables', with
+/// the overlay's changes applied.
+pub(crate) fn count(txn: &ReadTransaction, pending: &Pending, now: u64) -> Result<(u64, u64)> {
+    let table = txn.open_table(RECORDS)?;
+    let mut records = table.len()?;
     let expiry = txn.open_table(EXPIRY)?;
     let mut due = 0u64;
     for entry in expiry.range(due_range(now))? {
         entry?;
         due += 1;
+    }
+    for (stored_key, latest) in pending {
+        // Take the table's record out of the counts (a damaged one counts as not due, as its
+        // time cannot be trusted), then put the latest one in.
+        match load(&table, stored_key)? {
+            Some(Ok(old)) => {
+                records = records.saturating_sub(1);
+                if !old.is_live(now) {
+                    due = due.saturating_sub(1);
+                }
+            }
+            Some(Err(_)) => records = records.saturating_sub(1),
+            None => {}
+        }
+        if let Some(record) = latest {
+            records += 1;
+            if !record.is_live(now) {
+                due += 1;
+            }
+        }
     }
     Ok((records, due))
 }

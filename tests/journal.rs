@@ -1,7 +1,7 @@
 //! The journal under group commit: a commit appends its batch's changes to the journal and
-//! leaves the records table to checkpoints. These tests pin what that must never change: an
+//! leaves the records table to merges. These tests pin what that must never change: an
 //! acknowledged write that reached only the journal survives a power cut, every reader sees
-//! it whether or not a checkpoint has moved it yet, and the scanning readers (`list`, `stats`,
+//! it whether or not a merge has moved it yet, and the scanning readers (`list`, `stats`,
 //! `len`, `verify`) count it.
 
 use std::sync::Arc;
@@ -34,7 +34,7 @@ fn acknowledged_writes_in_the_journal_survive_a_power_cut() -> TestResult {
     let clock = ManualClock::new(T0);
     let disk = SimDisk::new();
     let store = open(&disk, &clock)?;
-    // Few enough keys that no checkpoint runs: they are in the journal only.
+    // Few enough keys that no merge runs: they are in the journal only.
     for i in 0..20 {
         let key = format!("order-{i}");
         let Claim::Acquired(ticket) = store.claim(&key)? else {
@@ -65,7 +65,10 @@ fn acknowledged_writes_in_the_journal_survive_a_power_cut() -> TestResult {
             );
         }
     }
-    assert!(!store.mark_seen("message-1")?, "a seen message was forgotten");
+    assert!(
+        !store.mark_seen("message-1")?,
+        "a seen message was forgotten"
+    );
     assert_eq!(store.list("order-", 100)?.len(), 20);
     assert_eq!(store.len()?, 21);
     assert_eq!(store.verify()?.records, 21);
@@ -100,14 +103,14 @@ fn fencing_tokens_keep_increasing_across_a_power_cut() -> TestResult {
 }
 
 #[test]
-fn readers_see_every_completed_key_while_checkpoints_move_them() -> TestResult {
+fn readers_see_every_completed_key_while_merges_move_them() -> TestResult {
     let dir = tempfile::tempdir()?;
-    // Periodic durability only to keep the test quick: checkpoints work the same way.
+    // Periodic durability only to keep the test quick: merges work the same way.
     let store = Store::builder()
         .without_sweeper()
         .durability(Durability::Periodic(Duration::from_millis(50)))
         .open(dir.path().join("journal.db"))?;
-    // Enough keys for several checkpoints (each moves a part of the journal into the tables).
+    // Enough keys for several merges (each moves a part of the journal into the tables).
     const KEYS: usize = 5_000;
     let done = Arc::new(AtomicBool::new(false));
     let completed_up_to = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -151,7 +154,7 @@ fn readers_see_every_completed_key_while_checkpoints_move_them() -> TestResult {
     assert_eq!(store.stats()?.live_keys, KEYS as u64);
     assert_eq!(store.list("charge-", usize::MAX)?.len(), KEYS);
     assert_eq!(store.verify()?.records, KEYS as u64);
-    // After a clean close the tables hold everything: the reopened store answers the same.
+    // The reopened store answers the same, from the tables and whatever the journal still holds.
     store.close()?;
     let store = Store::builder()
         .without_sweeper()
