@@ -142,10 +142,10 @@ impl Store {
     /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
     /// records; [`Error::Corrupt`] naming the first damaged record; [`Error::Storage`].
     pub fn verify(&self) -> Result<VerifyReport> {
-        let repaired = self.engine().storage.exclusive(|db| {
+        let repaired = self.engine().storage.exclusive(|db, pending| {
             let clean = db.check_integrity()?;
             let txn = db.begin_read()?;
-            storage::check_tables(&txn)?;
+            storage::check_tables(&txn, pending)?;
             Ok(!clean)
         })?;
         // The journal's entries were checked when the file was opened; count them in.
@@ -159,6 +159,6 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`].
     pub fn compact(&self) -> Result<bool> {
-        self.engine().storage.exclusive(|db| Ok(db.compact()?))
+        self.engine().storage.exclusive(|db, _| Ok(db.compact()?))
     }
 }

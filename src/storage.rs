@@ -288,19 +288,23 @@ impl Storage {
     }
 
     /// Runs `f` with the database to itself: no reads or writes run meanwhile.
-    pub(crate) fn exclusive<T>(&self, f: impl FnOnce(&mut Database) -> Result<T>) -> Result<T> {
+    /// `f` also gets the overlay's changes, which take precedence over the tables.
+    pub(crate) fn exclusive<T>(
+        &self,
+        f: impl FnOnce(&mut Database, &Pending) -> Result<T>,
+    ) -> Result<T> {
         loop {
             {
                 let mut slot = self.slot.write();
                 match &mut *slot {
                     Slot::Open(db) => {
-                        return guarded_call("checking the file", || f(db)).unwrap_or_else(
-                            |panicked| {
+                        let pending = self.overlay.read().snapshot(&[]);
+                        return guarded_call("checking the file", || f(db, &pending))
+                            .unwrap_or_else(|panicked| {
                                 let broken = std::mem::replace(&mut *slot, Slot::Broken);
                                 drop_quietly(broken);
                                 Err(panicked)
-                            },
-                        );
+                            });
                     }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
@@ -342,11 +346,38 @@ impl Storage {
         }
     }
 
+    /// Moves every change waiting in the overlay into the tables, with the writer to itself.
+    fn merge_all_in(&self, db: &Database) -> Result<()> {
+        let Some(work) = self.overlay.read().merge(None) else {
+            return Ok(());
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_quick_repair(true);
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut journal = txn.open_table(JOURNAL)?;
+            tables.merge(&mut journal, &work, self.last_token.load(Ordering::Acquire))?;
+        }
+        txn.commit()?;
+        self.overlay.write().merged(&work);
+        Ok(())
+    }
+
     /// Closes the database and releases the file. Later calls get [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
+            // A clean close leaves the journal empty; should the merge fail, the next open
+            // reads the journal instead.
+            Slot::Open(db) => match guarded_call("merging before closing", || {
+                self.merge_all_in(&db)
+            }) {
+                Ok(merged) => guarded("closing", || db.close().map_err(Error::from)).and(merged),
+                Err(panicked) => {
+                    drop_quietly(db);
+                    Err(panicked)
+                }
+            },
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
@@ -822,13 +853,19 @@ pub(crate) fn count(txn: &ReadTransaction, pending: &Pending, now: u64) -> Resul
 }
 
 /// Checks that every record decodes and that records and expiry index agree.
-pub(crate) fn check_tables(txn: &ReadTransaction) -> Result<(u64, u64)> {
+/// A record the journal has replaced since (`pending`) is counted but not decoded: `expire`
+/// may have replaced it because it was damaged.
+pub(crate) fn check_tables(txn: &ReadTransaction, pending: &Pending) -> Result<(u64, u64)> {
     let records = txn.open_table(RECORDS)?;
     let expiry = txn.open_table(EXPIRY)?;
     let mut record_count = 0u64;
     for entry in records.iter()? {
         let (key, value) = entry?;
         let stored_key = key.value();
+        if pending.contains_key(stored_key) {
+            record_count += 1;
+            continue;
+        }
         let record = record::decode(stored_key, value.value()).map_err(|err| Error::Corrupt {
             key: crate::Key::new(stored_key.get(1..).unwrap_or_default()),
             reason: err.0,
