@@ -218,10 +218,7 @@ impl Engine {
         // A merge is durable like any other commit: skipping its fsync would save little (the
         // next commit's fsync writes its pages anyway) and measured to let the file grow,
         // since redb reuses the pages a commit frees only after a durable commit.
-        if works
-            .iter()
-            .all(|work| matches!(work, Work::Sweep(_) | Work::Merge(_)))
-        {
+        if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
             return false;
         }
         match self.config.durability {

@@ -346,38 +346,11 @@ impl Storage {
         }
     }
 
-    /// Moves every change waiting in the overlay into the tables, with the writer to itself.
-    fn merge_all_in(&self, db: &Database) -> Result<()> {
-        let Some(work) = self.overlay.read().merge(None) else {
-            return Ok(());
-        };
-        let mut txn = db.begin_write()?;
-        txn.set_quick_repair(true);
-        {
-            let mut tables = Tables::open(&txn)?;
-            let mut journal = txn.open_table(JOURNAL)?;
-            tables.merge(&mut journal, &work, self.last_token.load(Ordering::Acquire))?;
-        }
-        txn.commit()?;
-        self.overlay.write().merged(&work);
-        Ok(())
-    }
-
     /// Closes the database and releases the file. Later calls get [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
-            // A clean close leaves the journal empty; should the merge fail, the next open
-            // reads the journal instead.
-            Slot::Open(db) => match guarded_call("merging before closing", || {
-                self.merge_all_in(&db)
-            }) {
-                Ok(merged) => guarded("closing", || db.close().map_err(Error::from)).and(merged),
-                Err(panicked) => {
-                    drop_quietly(db);
-                    Err(panicked)
-                }
-            },
+            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
             Slot::Broken => Ok(()),
             Slot::Closed => return Ok(()),
         };
@@ -494,7 +467,12 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         }
     }
     let store_id = random_id();
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    // Two phases, so that should the fsync fail (and Linux forget the writes it was to make,
+    // "fsyncgate") the header still names the empty file, and the next open creates the
+    // tables again. One phase would leave a header naming pages that reads see but the disk
+    // may never get, which no later commit rewrites.
+    txn.set_quick_repair(true);
     {
         let mut meta = txn.open_table(META)?;
         meta.insert(META_FORMAT_VERSION, u64::from(FORMAT_VERSION))?;
