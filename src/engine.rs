@@ -28,8 +28,8 @@ pub(crate) enum Work {
     Many(Vec<(Key, Op)>),
     /// Remove up to this many due records (after merging everything).
     Sweep(usize),
-    /// Move about this many keys (all if `None`) from the journal into the tables.
-    Merge(Option<usize>),
+    /// Move the oldest [`journal::MERGE_CHUNK`] or so keys from the journal into the tables.
+    Merge,
     /// Make everything committed so far durable.
     Flush,
 }
@@ -56,7 +56,7 @@ impl Work {
             }
             Work::Sweep(limit) => batch::weight(*limit, 0),
             Work::Flush => 1,
-            Work::Merge(limit) => batch::weight(limit.unwrap_or(1), 0),
+            Work::Merge => batch::weight(journal::MERGE_CHUNK, 0),
         }
     }
 }
@@ -140,7 +140,7 @@ impl Engine {
         if self.storage.wants_merge() && !self.merging.swap(true, Ordering::AcqRel) {
             // The caller's own work is done; a failed merge leaves the journal as it
             // was, for the next one.
-            let _ = self.submit_now(Work::Merge(Some(journal::MERGE_CHUNK)));
+            let _ = self.submit_now(Work::Merge);
             self.merging.store(false, Ordering::Release);
         }
         reply
@@ -150,7 +150,7 @@ impl Engine {
         let weight = work.weight();
         // A sweep or merge commits alone, so that no claim waits for its hundreds of
         // table writes.
-        let solo = matches!(work, Work::Sweep(_) | Work::Merge(_));
+        let solo = matches!(work, Work::Sweep(_) | Work::Merge);
         self.batcher.submit(
             work,
             weight,
@@ -215,8 +215,10 @@ impl Engine {
         // nothing but sweeps skips the fsync, and a large backlog does not compete with
         // claims for the disk. The next durable commit (or the flush at the end of the sweep)
         // persists it.
-        // A merge is durable like any other commit: skipping its fsync would save little (the
-        // next commit's fsync writes its pages anyway) and measured to let the file grow,
+        //
+        // A merge, though it only moves what the journal holds durably already, is durable
+        // like any other commit: skipping its fsync saves little (the next commit's fsync
+        // writes its pages anyway) and let the file grow by half again in `benches/file_size`,
         // since redb reuses the pages a commit frees only after a durable commit.
         if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
             return false;
@@ -257,8 +259,8 @@ impl Engine {
                         Reply::Swept { removed, more }
                     }
                     Work::Flush => Reply::Flushed,
-                    Work::Merge(limit) => {
-                        writer.merge(*limit)?;
+                    Work::Merge => {
+                        writer.merge(Some(journal::MERGE_CHUNK))?;
                         Reply::Merged
                     }
                 };

@@ -2,21 +2,22 @@
 //!
 //! A commit of scattered keys into the records table rewrites one B-tree leaf per key, and the
 //! fsync has to write all of them: that, not the fsync itself, bounded durable claims per
-//! second. So a batch's changes go to the journal instead, as one entry appended under the
-//! next sequence number (the tail leaf, whatever the keys), and into an in-memory overlay that
-//! every read consults before the tables. Merges move the overlay into the records and
-//! expiry tables later, in commits of their own that need no fsync (the journal entries they
-//! replace are durable already) and that each write a leaf once for all the keys landing in
-//! it. A merge deletes the journal entries it covered in the same transaction.
+//! second. So a batch's changes go to the journal instead, as entries of about half a page
+//! appended under the next sequence numbers (the tail leaf, whatever the keys), and into an
+//! in-memory overlay that every read consults before the tables. Merges move the overlay into
+//! the records and expiry tables later, in commits of their own of a few hundred keys in key
+//! order, so that each leaf is written once for all the keys landing in it. A merge deletes
+//! the journal entries it covered in the same transaction.
 //!
-//! On open, whatever the journal holds (the file was not closed cleanly) is read into the
-//! overlay in entry order, with no write: the next merge moves it. A reopen after a failed
-//! commit does the same, since the file, not the overlay, is then the truth.
+//! On open, whatever the journal holds (the file was not closed cleanly, or recently) is read
+//! into the overlay in entry order, with no write: the next merge moves it. A reopen after a
+//! failed commit does the same, since the file, not the overlay, is then the truth.
 //!
 //! Only writes merge: a write that finds enough waiting (one caller at a time, after its own
 //! commit), and each sweep batch, which merges everything first. Readers that scan the tables
-//! (`list`, `stats`, `len`) apply a snapshot of the overlay to what they read instead, so that
-//! no read, `verify` and `close` included, writes to a file that may be damaged.
+//! (`list`, `stats`, `len`, `verify`) apply a snapshot of the overlay to what they read
+//! instead, and `close` leaves the journal as it is, so that no read and no close writes to a
+//! file that may be damaged.
 //!
 //! An entry is `[crc32: u32 LE][token: u64 LE][count: u32 LE]` followed by `count` changes,
 //! each `[key length: u32 LE][stored key][value length: u32 LE][record envelope]`, where a
