@@ -134,13 +134,21 @@ impl Engine {
     }
 
     /// Queues `work` for the next commit and waits for its answer. Then, if the journal has
-    /// grown past its threshold, this caller merges part of it (one caller at a time).
+    /// grown past its threshold, this caller merges it (one caller at a time).
     pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
         let reply = self.submit_now(work);
         if self.storage.wants_merge() && !self.merging.swap(true, Ordering::AcqRel) {
-            // The caller's own work is done; a failed merge leaves the journal as it
-            // was, for the next one.
-            let _ = self.submit_now(Work::Merge);
+            // The caller's own work is done. It merges, a chunk per commit so that other
+            // writers go on between them, until the backlog is under the threshold again,
+            // but no more than the backlog it found: a large atomic batch pays for merging
+            // itself, and no caller merges for ever behind writers that outpace it. A failed
+            // merge leaves the journal as it was, for the next one.
+            let chunks = self.storage.pending_keys() / journal::MERGE_CHUNK + 1;
+            for _ in 0..chunks {
+                if !self.storage.wants_merge() || self.submit_now(Work::Merge).is_err() {
+                    break;
+                }
+            }
             self.merging.store(false, Ordering::Release);
         }
         reply

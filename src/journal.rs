@@ -188,6 +188,11 @@ impl Overlay {
         self.latest.len() >= MERGE_KEYS || self.bytes >= MERGE_BYTES
     }
 
+    /// How many keys have changes here.
+    pub(crate) fn keys(&self) -> usize {
+        self.latest.len()
+    }
+
     /// Whether any key has a record here (entries may remain whose keys were all merged).
     pub(crate) fn has_keys(&self) -> bool {
         !self.latest.is_empty()

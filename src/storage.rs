@@ -157,6 +157,11 @@ impl Storage {
         self.reopens.load(Ordering::Acquire)
     }
 
+    /// How many keys have changes waiting for a merge.
+    pub(crate) fn pending_keys(&self) -> usize {
+        self.overlay.read().keys()
+    }
+
     /// Whether enough committed changes wait that a merge is due.
     pub(crate) fn wants_merge(&self) -> bool {
         self.overlay.read().wants_merge()
