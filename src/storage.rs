@@ -133,28 +133,31 @@ impl Storage {
     /// Reads one key's latest committed record: from the overlay if a commit since the last
     /// merge changed it, from the tables otherwise.
     pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
-        // The overlay first: a merge commits the tables before it forgets the keys it
-        // moved, so a key missing here is current in any read transaction begun after.
-        loop {
-            let reopens = self.reopens();
+        self.overlay_then_tables(|| {
             if self.overlay_keys.load(Ordering::Acquire)
                 && let Some(latest) = self.overlay.read().get(stored_key)
             {
                 return Ok(latest.map(Ok));
             }
-            let loaded = self.read(|txn| {
+            self.read(|txn| {
                 let records = txn.open_table(RECORDS)?;
                 load(&records, stored_key)
-            })?;
-            if self.reopens() == reopens {
-                return Ok(loaded);
-            }
-        }
+            })
+        })
     }
 
-    /// How many times the file was reopened after a failed commit.
-    pub(crate) fn reopens(&self) -> u64 {
-        self.reopens.load(Ordering::Acquire)
+    /// Runs `read`, which looks in the overlay and then in a read transaction, again until no
+    /// reopen came between the two. The overlay must come first: a merge commits the tables
+    /// before it forgets the keys it moved, so a key missing there is current in any read
+    /// transaction begun after. A reopen replaces the overlay with the file's journal.
+    fn overlay_then_tables<T>(&self, read: impl Fn() -> Result<T>) -> Result<T> {
+        loop {
+            let reopens = self.reopens.load(Ordering::Acquire);
+            let out = read()?;
+            if self.reopens.load(Ordering::Acquire) == reopens {
+                return Ok(out);
+            }
+        }
     }
 
     /// How many keys have changes waiting for a merge.
@@ -175,19 +178,14 @@ impl Storage {
         prefix: &[u8],
         f: impl Fn(&ReadTransaction, &Pending) -> Result<T>,
     ) -> Result<T> {
-        loop {
-            let reopens = self.reopens();
-            // The overlay first, as in `load`.
+        self.overlay_then_tables(|| {
             let pending = if self.overlay_keys.load(Ordering::Acquire) {
                 self.overlay.read().snapshot(prefix)
             } else {
                 Pending::new()
             };
-            let out = self.read(|txn| f(txn, &pending))?;
-            if self.reopens() == reopens {
-                return Ok(out);
-            }
-        }
+            self.read(|txn| f(txn, &pending))
+        })
     }
 
     /// The last fencing token issued.
