@@ -12,6 +12,7 @@ use crate::batch::{self, Batcher};
 use crate::builder::{Config, Durability};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::journal;
 use crate::key::Key;
 use crate::notify::KeyEvents;
 use crate::record::Record;
@@ -25,8 +26,10 @@ pub(crate) enum Work {
     One(Key, Op),
     /// Several operations applied all or nothing, in order.
     Many(Vec<(Key, Op)>),
-    /// Remove up to this many due records.
+    /// Remove up to this many due records (after merging everything).
     Sweep(usize),
+    /// Move the oldest [`journal::MERGE_CHUNK`] or so keys from the journal into the tables.
+    Merge,
     /// Make everything committed so far durable.
     Flush,
 }
@@ -41,6 +44,7 @@ pub(crate) enum Reply {
         more: bool,
     },
     Flushed,
+    Merged,
 }
 
 impl Work {
@@ -52,6 +56,7 @@ impl Work {
             }
             Work::Sweep(limit) => batch::weight(*limit, 0),
             Work::Flush => 1,
+            Work::Merge => batch::weight(journal::MERGE_CHUNK, 0),
         }
     }
 }
@@ -67,6 +72,8 @@ pub(crate) struct Engine {
     last_durable: Mutex<Instant>,
     /// Whether a commit since then was not durable.
     dirty: AtomicBool,
+    /// Whether some caller is running a merge that the overlay's size asked for.
+    merging: AtomicBool,
 }
 
 fn stored(key: &Key, op: &Op) -> Vec<u8> {
@@ -91,6 +98,7 @@ impl Engine {
             batcher: Batcher::new(),
             last_durable: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
+            merging: AtomicBool::new(false),
         }
     }
 
@@ -122,17 +130,35 @@ impl Engine {
 
     /// Reads one key's record.
     pub(crate) fn load(&self, stored_key: &[u8]) -> Result<storage::Loaded> {
-        self.storage.read(|txn| {
-            let records = txn.open_table(storage::RECORDS)?;
-            storage::load(&records, stored_key)
-        })
+        self.storage.load(stored_key)
     }
 
-    /// Queues `work` for the next commit and waits for its answer.
+    /// Queues `work` for the next commit and waits for its answer. Then, if the journal has
+    /// grown past its threshold, this caller merges it (one caller at a time).
     pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
+        let reply = self.submit_now(work);
+        if self.storage.wants_merge() && !self.merging.swap(true, Ordering::AcqRel) {
+            // The caller's own work is done. It merges, a chunk per commit so that other
+            // writers go on between them, until the backlog is under the threshold again,
+            // but no more than the backlog it found: a large atomic batch pays for merging
+            // itself, and no caller merges for ever behind writers that outpace it. A failed
+            // merge leaves the journal as it was, for the next one.
+            let chunks = self.storage.pending_keys() / journal::MERGE_CHUNK + 1;
+            for _ in 0..chunks {
+                if !self.storage.wants_merge() || self.submit_now(Work::Merge).is_err() {
+                    break;
+                }
+            }
+            self.merging.store(false, Ordering::Release);
+        }
+        reply
+    }
+
+    fn submit_now(&self, work: Work) -> Result<Reply> {
         let weight = work.weight();
-        // A sweep batch commits alone, so that no claim waits for its hundreds of removals.
-        let solo = matches!(work, Work::Sweep(_));
+        // A sweep or merge commits alone, so that no claim waits for its hundreds of
+        // table writes.
+        let solo = matches!(work, Work::Sweep(_) | Work::Merge);
         self.batcher.submit(
             work,
             weight,
@@ -197,6 +223,11 @@ impl Engine {
         // nothing but sweeps skips the fsync, and a large backlog does not compete with
         // claims for the disk. The next durable commit (or the flush at the end of the sweep)
         // persists it.
+        //
+        // A merge, though it only moves what the journal holds durably already, is durable
+        // like any other commit: skipping its fsync saves little (the next commit's fsync
+        // writes its pages anyway) and let the file grow by half again in `benches/file_size`,
+        // since redb reuses the pages a commit frees only after a durable commit.
         if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
             return false;
         }
@@ -219,7 +250,7 @@ impl Engine {
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let mut swept = 0usize;
         let result = self.storage.write(mode, |writer| {
-            let first_token = writer.last_token()?;
+            let first_token = writer.last_token();
             let mut token = first_token;
             let mut replies = Vec::with_capacity(works.len());
             for work in &works {
@@ -236,11 +267,15 @@ impl Engine {
                         Reply::Swept { removed, more }
                     }
                     Work::Flush => Reply::Flushed,
+                    Work::Merge => {
+                        writer.merge(Some(journal::MERGE_CHUNK))?;
+                        Reply::Merged
+                    }
                 };
                 replies.push(reply);
             }
             if token != first_token {
-                writer.set_last_token(token)?;
+                writer.set_last_token(token);
             }
             Ok(replies)
         });
@@ -258,7 +293,10 @@ impl Engine {
                         Reply::Many(Ok(answers)) => {
                             answers.iter().for_each(|a| self.counters.record(a))
                         }
-                        Reply::Many(Err(_)) | Reply::Swept { .. } | Reply::Flushed => {}
+                        Reply::Many(Err(_))
+                        | Reply::Swept { .. }
+                        | Reply::Flushed
+                        | Reply::Merged => {}
                     }
                 }
                 self.counters.swept(swept);
@@ -293,7 +331,7 @@ impl Engine {
             Some(Ok(record)) => Some(record),
             Some(Err(_)) if matches!(op, Op::Expire) => {
                 // The operator's way out of a damaged record.
-                writer.delete_damaged(&stored_key)?;
+                writer.delete(&stored_key);
                 changed.push(stored_key);
                 return Ok(Answer::Expired(true));
             }
@@ -309,8 +347,7 @@ impl Engine {
         if transition.issued_token {
             *token = ctx.next_token;
         }
-        let old_expires_at = current.as_ref().map(|record| record.expires_at);
-        if write_change(writer, &stored_key, old_expires_at, &transition.change)? {
+        if write_change(writer, &stored_key, transition.change) {
             changed.push(stored_key);
         }
         Ok(transition.answer)
@@ -327,9 +364,8 @@ impl Engine {
     ) -> Result<std::result::Result<Vec<Answer>, Error>> {
         let now = self.now();
         let mut next_token = *token;
-        // Per key touched: its expiry on disk before this group, its record now, and whether
-        // any operation changed it.
-        let mut overlay: HashMap<Vec<u8>, (Option<u64>, Option<Record>, bool)> = HashMap::new();
+        // Per key touched: its record now, and whether any operation changed it.
+        let mut overlay: HashMap<Vec<u8>, (Option<Record>, bool)> = HashMap::new();
         let mut order = Vec::new();
         let mut answers = Vec::with_capacity(ops.len());
         for (key, op) in ops {
@@ -340,11 +376,10 @@ impl Engine {
                     Some(Ok(record)) => Some(record),
                     Some(Err(err)) => return Ok(Err(corrupt(key, err.0))),
                 };
-                let on_disk = current.as_ref().map(|record| record.expires_at);
-                overlay.insert(stored_key.clone(), (on_disk, current, false));
+                overlay.insert(stored_key.clone(), (current, false));
                 order.push(stored_key.clone());
             }
-            let Some((_, current, touched)) = overlay.get_mut(&stored_key) else {
+            let Some((current, touched)) = overlay.get_mut(&stored_key) else {
                 continue;
             };
             let ctx = Context {
@@ -374,14 +409,14 @@ impl Engine {
             answers.push(transition.answer);
         }
         for stored_key in order {
-            let Some((on_disk, current, true)) = overlay.remove(&stored_key) else {
+            let Some((current, true)) = overlay.remove(&stored_key) else {
                 continue;
             };
             let change = match current {
                 Some(record) => Change::Put(record),
                 None => Change::Delete,
             };
-            if write_change(writer, &stored_key, on_disk, &change)? {
+            if write_change(writer, &stored_key, change) {
                 changed.push(stored_key);
             }
         }
@@ -391,23 +426,16 @@ impl Engine {
 }
 
 /// Writes a change; returns whether anything was written.
-fn write_change(
-    writer: &mut Writer<'_>,
-    stored_key: &[u8],
-    old_expires_at: Option<u64>,
-    change: &Change,
-) -> Result<bool> {
+fn write_change(writer: &mut Writer<'_>, stored_key: &[u8], change: Change) -> bool {
     match change {
-        Change::Keep => Ok(false),
+        Change::Keep => false,
         Change::Put(record) => {
-            writer.put(stored_key, old_expires_at, record)?;
-            Ok(true)
+            writer.put(stored_key, record);
+            true
         }
         Change::Delete => {
-            if let Some(expires_at) = old_expires_at {
-                writer.delete(stored_key, expires_at)?;
-            }
-            Ok(true)
+            writer.delete(stored_key);
+            true
         }
     }
 }

@@ -96,6 +96,7 @@ mod engine;
 mod entry;
 mod error;
 mod guard;
+mod journal;
 mod key;
 mod limits;
 mod maintenance;

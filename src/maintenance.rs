@@ -30,27 +30,56 @@ impl Store {
     pub fn list(&self, prefix: impl AsRef<[u8]>, limit: usize) -> Result<Vec<Entry>> {
         let start = storage::stored_key(Namespace::Idempotency.tag(), prefix.as_ref());
         let now = self.engine().now();
-        self.engine().storage.read(|txn| {
+        self.engine().storage.read_merged(&start, |txn, pending| {
             let records = txn.open_table(storage::RECORDS)?;
-            let mut entries = Vec::new();
-            for row in records.range(start.as_slice()..)? {
-                if entries.len() >= limit {
-                    break;
-                }
-                let (stored_key, value) = row?;
-                let stored_key = stored_key.value();
-                if !stored_key.starts_with(&start) {
-                    break;
-                }
-                let key = Key::new(&stored_key[1..]);
-                let record = crate::record::decode(stored_key, value.value()).map_err(|err| {
-                    Error::Corrupt {
-                        key: key.clone(),
-                        reason: err.0,
+            let mut rows = records
+                .range(start.as_slice()..)?
+                .map_while(|row| match row {
+                    Ok((key, value)) if key.value().starts_with(&start) => {
+                        Some(Ok((key.value().to_vec(), value.value().to_vec())))
                     }
-                })?;
-                if record.is_live(now)
-                    && let Some(entry) = Entry::from_record(key, record)
+                    Ok(_) => None,
+                    Err(err) => Some(Err(err)),
+                })
+                .peekable();
+            let mut pending = pending.iter().peekable();
+            let mut entries = Vec::new();
+            // Both in key order: walk them together, the overlay's record winning a tie.
+            while entries.len() < limit {
+                let from_table = match (rows.peek(), pending.peek()) {
+                    (None, None) => break,
+                    (Some(Err(_)), _) => true,
+                    (Some(Ok((table_key, _))), Some((pending_key, _))) => table_key < *pending_key,
+                    (Some(Ok(_)), None) => true,
+                    (None, Some(_)) => false,
+                };
+                let (stored_key, record) = if from_table {
+                    let Some(row) = rows.next() else { break };
+                    let (stored_key, value) = row?;
+                    let record = crate::record::decode(&stored_key, &value).map_err(|err| {
+                        Error::Corrupt {
+                            key: Key::new(stored_key.get(1..).unwrap_or_default()),
+                            reason: err.0,
+                        }
+                    })?;
+                    (stored_key, Some(record))
+                } else {
+                    let Some((stored_key, record)) = pending.next() else {
+                        break;
+                    };
+                    if let Some(Ok((table_key, _))) = rows.peek()
+                        && table_key == stored_key
+                    {
+                        rows.next();
+                    }
+                    (stored_key.clone(), record.clone())
+                };
+                if let Some(record) = record
+                    && record.is_live(now)
+                    && let Some(entry) = Entry::from_record(
+                        Key::new(stored_key.get(1..).unwrap_or_default()),
+                        record,
+                    )
                 {
                     entries.push(entry);
                 }
@@ -83,7 +112,9 @@ impl Store {
 
     fn counts(&self) -> Result<(u64, u64)> {
         let now = self.engine().now();
-        self.engine().storage.read(|txn| storage::count(txn, now))
+        self.engine()
+            .storage
+            .read_merged(&[], |txn, pending| storage::count(txn, pending, now))
     }
 
     /// The number of live keys (records not yet expired).
@@ -111,15 +142,15 @@ impl Store {
     /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
     /// records; [`Error::Corrupt`] naming the first damaged record; [`Error::Storage`].
     pub fn verify(&self) -> Result<VerifyReport> {
-        self.engine().storage.exclusive(|db| {
+        let repaired = self.engine().storage.exclusive(|db, pending| {
             let clean = db.check_integrity()?;
             let txn = db.begin_read()?;
-            let (records, _) = storage::check_tables(&txn)?;
-            Ok(VerifyReport {
-                records,
-                repaired: !clean,
-            })
-        })
+            storage::check_tables(&txn, pending)?;
+            Ok(!clean)
+        })?;
+        // The journal's entries were checked when the file was opened; count them in.
+        let (records, _) = self.counts()?;
+        Ok(VerifyReport { records, repaired })
     }
 
     /// Rewrites the file to give free space back to the operating system. Holds off every
@@ -128,6 +159,6 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`].
     pub fn compact(&self) -> Result<bool> {
-        self.engine().storage.exclusive(|db| Ok(db.compact()?))
+        self.engine().storage.exclusive(|db, _| Ok(db.compact()?))
     }
 }

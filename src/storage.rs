@@ -3,10 +3,12 @@
 //!
 //! Nothing here decides what a record should become; that is [`crate::rules`].
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use redb::{
@@ -17,6 +19,7 @@ use redb::{
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
 use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
+use crate::journal::{self, Changes, Merge, Overlay, Pending};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
 /// Records by stored key (namespace tag + key): the envelope bytes.
@@ -26,6 +29,9 @@ pub(crate) const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 pub(crate) const EXPIRY: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("expiry");
 /// Format version, store id, last fencing token.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Group commits not yet merged into the tables, by sequence number (see
+/// [`crate::journal`]).
+pub(crate) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 
 const META_FORMAT_VERSION: &str = "format_version";
 const META_STORE_ID: &str = "store_id";
@@ -54,6 +60,18 @@ enum Slot {
 /// The store file and the redb database on it.
 pub(crate) struct Storage {
     slot: RwLock<Slot>,
+    /// Committed changes not yet in the tables. Lock order: `slot`, then `overlay`.
+    overlay: RwLock<Overlay>,
+    /// Whether the overlay holds any key, set under its write lock: a read finding it false
+    /// skips the lock (which two threads reading at once would otherwise bounce between
+    /// cores).
+    overlay_keys: AtomicBool,
+    /// The last fencing token issued (the meta table has it as of the last merge).
+    last_token: AtomicU64,
+    /// How many times the file was reopened after a failed commit. A reopen replaces the
+    /// overlay with the file's journal, so a read that checked the overlay before it must
+    /// check again.
+    reopens: AtomicU64,
     backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
     path: Option<PathBuf>,
@@ -82,12 +100,18 @@ impl Storage {
         let opened = opened.and_then(|(db, shared)| {
             // A database dropped here (its meta table failed the check) may panic too.
             guarded("checking the store's meta table", || {
-                init_or_check(&db, path.as_deref()).map(|id| (db, id, shared))
+                let id = init_or_check(&db, path.as_deref())?;
+                let (token, overlay) = recover(&db)?;
+                Ok((db, id, token, overlay, shared))
             })
         });
         match opened {
-            Ok((db, store_id, shared)) => Ok(Storage {
+            Ok((db, store_id, token, overlay, shared)) => Ok(Storage {
                 slot: RwLock::new(Slot::Open(db)),
+                overlay_keys: AtomicBool::new(overlay.has_keys()),
+                overlay: RwLock::new(overlay),
+                last_token: AtomicU64::new(token),
+                reopens: AtomicU64::new(0),
                 backend: shared,
                 path,
                 cache_size,
@@ -104,6 +128,69 @@ impl Storage {
     /// The random id written into the file when it was created; tickets carry it.
     pub(crate) fn store_id(&self) -> u64 {
         self.store_id
+    }
+
+    /// Reads one key's latest committed record: from the overlay if a commit since the last
+    /// merge changed it, from the tables otherwise.
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
+        self.overlay_then_tables(|| {
+            if self.overlay_keys.load(Ordering::Acquire)
+                && let Some(latest) = self.overlay.read().get(stored_key)
+            {
+                return Ok(latest.map(Ok));
+            }
+            self.read(|txn| {
+                let records = txn.open_table(RECORDS)?;
+                load(&records, stored_key)
+            })
+        })
+    }
+
+    /// Runs `read`, which looks in the overlay and then in a read transaction, again until no
+    /// reopen came between the two. The overlay must come first: a merge commits the tables
+    /// before it forgets the keys it moved, so a key missing there is current in any read
+    /// transaction begun after. A reopen replaces the overlay with the file's journal.
+    fn overlay_then_tables<T>(&self, read: impl Fn() -> Result<T>) -> Result<T> {
+        loop {
+            let reopens = self.reopens.load(Ordering::Acquire);
+            let out = read()?;
+            if self.reopens.load(Ordering::Acquire) == reopens {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// How many keys have changes waiting for a merge.
+    pub(crate) fn pending_keys(&self) -> usize {
+        self.overlay.read().keys()
+    }
+
+    /// Whether enough committed changes wait that a merge is due.
+    pub(crate) fn wants_merge(&self) -> bool {
+        self.overlay.read().wants_merge()
+    }
+
+    /// Runs `f` on a read transaction together with the overlay's changes to keys starting
+    /// with `prefix`, which take precedence over the tables: the scanning readers' view of
+    /// everything committed, with no write.
+    pub(crate) fn read_merged<T>(
+        &self,
+        prefix: &[u8],
+        f: impl Fn(&ReadTransaction, &Pending) -> Result<T>,
+    ) -> Result<T> {
+        self.overlay_then_tables(|| {
+            let pending = if self.overlay_keys.load(Ordering::Acquire) {
+                self.overlay.read().snapshot(prefix)
+            } else {
+                Pending::new()
+            };
+            self.read(|txn| f(txn, &pending))
+        })
+    }
+
+    /// The last fencing token issued.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.last_token.load(Ordering::Acquire)
     }
 
     /// Runs `f` on a read transaction of the last commit.
@@ -141,7 +228,7 @@ impl Storage {
                 match &*slot {
                     // A panic inside redb leaves the slot to be reopened below, as a failed
                     // commit does.
-                    Slot::Open(db) => break guarded("writing", || Self::write_in(db, mode, f)),
+                    Slot::Open(db) => break guarded("writing", || self.write_in(db, mode, f)),
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -160,6 +247,7 @@ impl Storage {
     }
 
     fn write_in<T>(
+        &self,
         db: &Database,
         mode: CommitMode,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
@@ -171,32 +259,55 @@ impl Storage {
             Durability::None
         })?;
         txn.set_quick_repair(mode.quick_repair);
-        let out = {
+        let first_token = self.last_token.load(Ordering::Acquire);
+        let (out, entries, merge, token) = {
             let mut writer = Writer {
-                records: txn.open_table(RECORDS)?,
-                expiry: txn.open_table(EXPIRY)?,
-                meta: txn.open_table(META)?,
+                tables: Tables::open(&txn)?,
+                journal: txn.open_table(JOURNAL)?,
+                overlay: &self.overlay,
+                pending: HashMap::new(),
+                order: Vec::new(),
+                token: first_token,
+                merge: None,
             };
-            f(&mut writer)?
+            let out = f(&mut writer)?;
+            let entries = writer.append(first_token)?;
+            (out, entries, writer.merge, writer.token)
         };
         txn.commit()?;
+        if merge.is_some() || !entries.is_empty() {
+            let mut overlay = self.overlay.write();
+            if let Some(done) = &merge {
+                overlay.merged(done);
+            }
+            for (seq, changes) in entries {
+                overlay.committed(seq, changes);
+            }
+            self.overlay_keys
+                .store(overlay.has_keys(), Ordering::Release);
+        }
+        self.last_token.store(token, Ordering::Release);
         Ok(out)
     }
 
     /// Runs `f` with the database to itself: no reads or writes run meanwhile.
-    pub(crate) fn exclusive<T>(&self, f: impl FnOnce(&mut Database) -> Result<T>) -> Result<T> {
+    /// `f` also gets the overlay's changes, which take precedence over the tables.
+    pub(crate) fn exclusive<T>(
+        &self,
+        f: impl FnOnce(&mut Database, &Pending) -> Result<T>,
+    ) -> Result<T> {
         loop {
             {
                 let mut slot = self.slot.write();
                 match &mut *slot {
                     Slot::Open(db) => {
-                        return guarded_call("checking the file", || f(db)).unwrap_or_else(
-                            |panicked| {
+                        let pending = self.overlay.read().snapshot(&[]);
+                        return guarded_call("checking the file", || f(db, &pending))
+                            .unwrap_or_else(|panicked| {
                                 let broken = std::mem::replace(&mut *slot, Slot::Broken);
                                 drop_quietly(broken);
                                 Err(panicked)
-                            },
-                        );
+                            });
                     }
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
@@ -222,6 +333,16 @@ impl Storage {
             Slot::Closed => Err(Error::Closed),
             Slot::Broken => {
                 let db = open_database(&self.backend, self.path.as_deref(), self.cache_size)?;
+                // What the file holds is the truth now: a commit that failed may or may not
+                // have reached it, and the overlay may hold commits it lost.
+                let (token, overlay) = guarded("reading the journal", || recover(&db))?;
+                let mut current = self.overlay.write();
+                *current = overlay;
+                self.overlay_keys
+                    .store(current.has_keys(), Ordering::Release);
+                drop(current);
+                self.last_token.store(token, Ordering::Release);
+                self.reopens.fetch_add(1, Ordering::AcqRel);
                 *slot = Slot::Open(db);
                 Ok(())
             }
@@ -349,7 +470,12 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         }
     }
     let store_id = random_id();
-    let txn = db.begin_write()?;
+    let mut txn = db.begin_write()?;
+    // Two phases, so that should the fsync fail (and Linux forget the writes it was to make,
+    // "fsyncgate") the header still names the empty file, and the next open creates the
+    // tables again. One phase would leave a header naming pages that reads see but the disk
+    // may never get, which no later commit rewrites.
+    txn.set_quick_repair(true);
     {
         let mut meta = txn.open_table(META)?;
         meta.insert(META_FORMAT_VERSION, u64::from(FORMAT_VERSION))?;
@@ -357,6 +483,7 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         meta.insert(META_LAST_TOKEN, 0)?;
         txn.open_table(RECORDS)?;
         txn.open_table(EXPIRY)?;
+        txn.open_table(JOURNAL)?;
     }
     txn.commit()?;
     Ok(store_id)
@@ -425,46 +552,93 @@ pub(crate) fn due_range(now: u64) -> (Bound<IndexKey>, Bound<IndexKey>) {
     }
 }
 
-/// The tables of one write transaction.
-pub(crate) struct Writer<'t> {
+/// Reads what the journal holds (the file was not closed cleanly) into a fresh overlay, so that
+/// reads see it at once and the next merge moves it into the tables; returns it with the
+/// last fencing token issued. A file closed cleanly has an empty journal.
+fn recover(db: &Database) -> Result<(u64, Overlay)> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let mut token = last_token(&meta)?;
+    let mut overlay = Overlay::default();
+    let journal = match txn.open_table(JOURNAL) {
+        Ok(journal) => journal,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((token, overlay)),
+        Err(err) => return Err(err.into()),
+    };
+    for entry in journal.iter()? {
+        let (seq, bytes) = entry?;
+        let seq = seq.value();
+        let (entry_token, changes) =
+            journal::decode(bytes.value()).map_err(|reason| Error::CorruptFile {
+                reason: format!("journal entry {seq}: {reason}"),
+            })?;
+        token = token.max(entry_token);
+        overlay.committed(seq, changes);
+    }
+    Ok((token, overlay))
+}
+
+fn last_token(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
+    match meta.get(META_LAST_TOKEN)? {
+        Some(token) => Ok(token.value()),
+        None => Err(Error::CorruptFile {
+            reason: format!("the meta table has no {META_LAST_TOKEN}"),
+        }),
+    }
+}
+
+/// The records, the expiry index and the meta table, in one write transaction.
+struct Tables<'t> {
     records: Table<'t, &'static [u8], &'static [u8]>,
     expiry: Table<'t, (u64, &'static [u8]), ()>,
     meta: Table<'t, &'static str, u64>,
 }
 
-impl Writer<'_> {
-    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
-        load(&self.records, stored_key)
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>> {
+        Ok(Tables {
+            records: txn.open_table(RECORDS)?,
+            expiry: txn.open_table(EXPIRY)?,
+            meta: txn.open_table(META)?,
+        })
     }
 
-    /// Stores `record`, moving its expiry-index entry from `old_expires_at`.
-    pub(crate) fn put(
-        &mut self,
-        stored_key: &[u8],
-        old_expires_at: Option<u64>,
-        record: &Record,
-    ) -> Result<()> {
-        if let Some(old) = old_expires_at
-            && old != record.expires_at
-        {
-            self.expiry.remove((old, stored_key))?;
+    /// Makes `record` (or its absence) the key's record, keeping the expiry index in step.
+    fn apply(&mut self, stored_key: &[u8], record: Option<&Record>) -> Result<()> {
+        let old_expires_at = match load(&self.records, stored_key)? {
+            None => None,
+            Some(Ok(old)) => Some(old.expires_at),
+            Some(Err(_)) => {
+                // Only `expire` replaces a damaged record (other operations refuse it), and its
+                // `expires_at` cannot be trusted: every index entry naming the key goes.
+                self.delete_damaged(stored_key)?;
+                None
+            }
+        };
+        match record {
+            Some(record) => {
+                if let Some(old) = old_expires_at
+                    && old != record.expires_at
+                {
+                    self.expiry.remove((old, stored_key))?;
+                }
+                self.records
+                    .insert(stored_key, record::encode(stored_key, record).as_slice())?;
+                self.expiry.insert((record.expires_at, stored_key), ())?;
+            }
+            None => {
+                if let Some(old) = old_expires_at {
+                    self.records.remove(stored_key)?;
+                    self.expiry.remove((old, stored_key))?;
+                }
+            }
         }
-        self.records
-            .insert(stored_key, record::encode(stored_key, record).as_slice())?;
-        self.expiry.insert((record.expires_at, stored_key), ())?;
-        Ok(())
-    }
-
-    /// Removes a record and its expiry-index entry.
-    pub(crate) fn delete(&mut self, stored_key: &[u8], expires_at: u64) -> Result<()> {
-        self.records.remove(stored_key)?;
-        self.expiry.remove((expires_at, stored_key))?;
         Ok(())
     }
 
     /// Removes a record that does not decode, and every index entry pointing at it (found by a
     /// scan: its `expires_at` cannot be trusted).
-    pub(crate) fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
+    fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
         self.records.remove(stored_key)?;
         let mut stale = Vec::new();
         for entry in self.expiry.iter()? {
@@ -480,16 +654,89 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Moves a merge's changes into the tables and retires its journal entries.
+    fn merge(
+        &mut self,
+        journal: &mut Table<'_, u64, &'static [u8]>,
+        work: &Merge,
+        token: u64,
+    ) -> Result<()> {
+        for (stored_key, record) in &work.changes {
+            self.apply(stored_key, record.as_ref())?;
+        }
+        journal.retain_in(..work.retire_below, |_, _| false)?;
+        self.meta.insert(META_LAST_TOKEN, token)?;
+        Ok(())
+    }
+}
+
+/// One write transaction as the engine sees it: reads see the tables, the overlay and this
+/// transaction's own changes; changes go to one journal entry, appended when it commits.
+pub(crate) struct Writer<'t> {
+    tables: Tables<'t>,
+    journal: Table<'t, u64, &'static [u8]>,
+    overlay: &'t RwLock<Overlay>,
+    /// This transaction's changes by key, and the keys in the order first changed.
+    pending: HashMap<Vec<u8>, Option<Record>>,
+    order: Vec<Vec<u8>>,
+    /// The last fencing token issued, this transaction's included.
+    token: u64,
+    /// What this transaction merged, for the overlay to forget once it commits.
+    merge: Option<Merge>,
+}
+
+impl Writer<'_> {
+    /// The key's record as this transaction sees it.
+    pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
+        if let Some(record) = self.pending.get(stored_key) {
+            return Ok(record.clone().map(Ok));
+        }
+        if let Some(record) = self.overlay.read().get(stored_key) {
+            return Ok(record.map(Ok));
+        }
+        load(&self.tables.records, stored_key)
+    }
+
+    /// Makes `record` the key's record.
+    pub(crate) fn put(&mut self, stored_key: &[u8], record: Record) {
+        self.change(stored_key, Some(record));
+    }
+
+    /// Removes the key's record, damaged or not.
+    pub(crate) fn delete(&mut self, stored_key: &[u8]) {
+        self.change(stored_key, None);
+    }
+
+    fn change(&mut self, stored_key: &[u8], record: Option<Record>) {
+        if self.pending.insert(stored_key.to_vec(), record).is_none() {
+            self.order.push(stored_key.to_vec());
+        }
+    }
+
+    /// Moves the oldest changes waiting in the overlay (about `limit` keys; all if `None`) into
+    /// the tables. Runs in a transaction of its own, before any change of its own.
+    pub(crate) fn merge(&mut self, limit: Option<usize>) -> Result<()> {
+        debug_assert!(self.pending.is_empty() && self.merge.is_none());
+        let Some(work) = self.overlay.read().merge(limit) else {
+            return Ok(());
+        };
+        self.tables.merge(&mut self.journal, &work, self.token)?;
+        self.merge = Some(work);
+        Ok(())
+    }
+
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
-    /// more are due.
+    /// more are due. Merges everything first, so that the tables are current.
     ///
     /// The index entry is only a pointer: a record is removed only if it decodes and is itself
     /// due under the index entry's time. A damaged or stray index entry (one that names a live
     /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
     /// the index can never delete a live completed record.
     pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
+        self.merge(None)?;
+        let tables = &mut self.tables;
         let mut due = Vec::new();
-        for entry in self.expiry.range(due_range(now))?.take(limit + 1) {
+        for entry in tables.expiry.range(due_range(now))?.take(limit + 1) {
             let (index_key, _) = entry?;
             let (expires_at, key) = index_key.value();
             due.push((expires_at, key.to_vec()));
@@ -498,54 +745,108 @@ impl Writer<'_> {
         due.truncate(limit);
         let mut removed = 0;
         for (expires_at, key) in &due {
-            self.expiry.remove((*expires_at, key.as_slice()))?;
+            tables.expiry.remove((*expires_at, key.as_slice()))?;
             let matches = matches!(
-                self.load(key)?,
+                load(&tables.records, key)?,
                 Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now)
             );
             if matches {
-                self.records.remove(key.as_slice())?;
+                tables.records.remove(key.as_slice())?;
                 removed += 1;
             }
         }
         Ok((removed, more))
     }
 
-    pub(crate) fn last_token(&self) -> Result<u64> {
-        match self.meta.get(META_LAST_TOKEN)? {
-            Some(token) => Ok(token.value()),
-            None => Err(Error::CorruptFile {
-                reason: format!("the meta table has no {META_LAST_TOKEN}"),
-            }),
-        }
+    /// The last fencing token issued.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.token
     }
 
-    pub(crate) fn set_last_token(&mut self, token: u64) -> Result<()> {
-        self.meta.insert(META_LAST_TOKEN, token)?;
-        Ok(())
+    pub(crate) fn set_last_token(&mut self, token: u64) {
+        self.token = token;
+    }
+
+    /// Appends this transaction's changes to the journal, as entries of about a page each
+    /// (a larger value would need contiguous pages, which fragments the file); returns each
+    /// entry's sequence number and changes, for the overlay.
+    fn append(&mut self, first_token: u64) -> Result<Vec<(u64, Changes)>> {
+        if self.order.is_empty() && self.token == first_token {
+            return Ok(Vec::new());
+        }
+        let mut entries: Vec<(u64, Changes)> = Vec::new();
+        let mut seq = self.overlay.read().next_seq();
+        let mut current: Changes = Vec::new();
+        let mut size = 0usize;
+        for key in std::mem::take(&mut self.order) {
+            let record = self.pending.remove(&key).flatten();
+            let weight = journal::weight(&key, record.as_ref());
+            if !current.is_empty() && size.saturating_add(weight) > journal::ENTRY_BYTES {
+                entries.push((seq, std::mem::take(&mut current)));
+                seq = seq.saturating_add(1);
+                size = 0;
+            }
+            size = size.saturating_add(weight);
+            current.push((key, record));
+        }
+        // Also when nothing but the token changed: the entry carries it.
+        entries.push((seq, current));
+        for (seq, changes) in &entries {
+            self.journal
+                .insert(*seq, journal::encode(self.token, changes).as_slice())?;
+        }
+        Ok(entries)
     }
 }
 
-/// Counts of what the tables hold, for `stats()` and `len()`.
-pub(crate) fn count(txn: &ReadTransaction, now: u64) -> Result<(u64, u64)> {
-    let records = txn.open_table(RECORDS)?.len()?;
+/// Counts of records and of those due at `now`, for `stats()` and `len()`: the tables', with
+/// the overlay's changes applied.
+pub(crate) fn count(txn: &ReadTransaction, pending: &Pending, now: u64) -> Result<(u64, u64)> {
+    let table = txn.open_table(RECORDS)?;
+    let mut records = table.len()?;
     let expiry = txn.open_table(EXPIRY)?;
     let mut due = 0u64;
     for entry in expiry.range(due_range(now))? {
         entry?;
         due += 1;
     }
+    for (stored_key, latest) in pending {
+        // Take the table's record out of the counts (a damaged one counts as not due, as its
+        // time cannot be trusted), then put the latest one in.
+        match load(&table, stored_key)? {
+            Some(Ok(old)) => {
+                records = records.saturating_sub(1);
+                if !old.is_live(now) {
+                    due = due.saturating_sub(1);
+                }
+            }
+            Some(Err(_)) => records = records.saturating_sub(1),
+            None => {}
+        }
+        if let Some(record) = latest {
+            records += 1;
+            if !record.is_live(now) {
+                due += 1;
+            }
+        }
+    }
     Ok((records, due))
 }
 
 /// Checks that every record decodes and that records and expiry index agree.
-pub(crate) fn check_tables(txn: &ReadTransaction) -> Result<(u64, u64)> {
+/// A record the journal has replaced since (`pending`) is counted but not decoded: `expire`
+/// may have replaced it because it was damaged.
+pub(crate) fn check_tables(txn: &ReadTransaction, pending: &Pending) -> Result<(u64, u64)> {
     let records = txn.open_table(RECORDS)?;
     let expiry = txn.open_table(EXPIRY)?;
     let mut record_count = 0u64;
     for entry in records.iter()? {
         let (key, value) = entry?;
         let stored_key = key.value();
+        if pending.contains_key(stored_key) {
+            record_count += 1;
+            continue;
+        }
         let record = record::decode(stored_key, value.value()).map_err(|err| Error::Corrupt {
             key: crate::Key::new(stored_key.get(1..).unwrap_or_default()),
             reason: err.0,

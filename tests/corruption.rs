@@ -62,6 +62,9 @@ fn base_images(dir: &std::path::Path) -> Result<(Vec<u8>, Vec<u8>), Box<dyn std:
             }
         }
     }
+    // A sweep merges the journal into the tables first: the clean image holds every record in
+    // the records table, the crashed one below has its last writes in the journal.
+    store.sweep()?;
     store.close()?;
     let clean = std::fs::read(&path)?;
     // The same file, open and written to when the "crash" copies it: not closed cleanly.

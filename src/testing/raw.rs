@@ -14,19 +14,27 @@ use super::model::{Rec, RecState};
 
 /// Every record in the file by caller key, and the last token issued.
 pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
-    store.engine().storage.read(|txn| {
+    let storage = &store.engine().storage;
+    let records = storage.read_merged(&[], |txn, pending| {
         let table = txn.open_table(crate::storage::RECORDS)?;
-        let mut records = BTreeMap::new();
+        let mut latest = BTreeMap::new();
         for row in table.iter()? {
             let (stored_key, value) = row?;
-            let key = stored_key.value().get(1..).unwrap_or_default().to_vec();
             let record =
                 crate::record::decode(stored_key.value(), value.value()).map_err(|err| {
                     Error::Corrupt {
-                        key: Key::new(key.clone()),
+                        key: Key::new(stored_key.value().get(1..).unwrap_or_default()),
                         reason: err.0,
                     }
                 })?;
+            latest.insert(stored_key.value().to_vec(), Some(record));
+        }
+        // The journal's changes not yet merged into the table take precedence.
+        latest.extend(pending.clone());
+        let mut records = BTreeMap::new();
+        for (stored_key, record) in latest {
+            let Some(record) = record else { continue };
+            let key = stored_key.get(1..).unwrap_or_default().to_vec();
             let state = match record.state {
                 RecordState::InProgress {
                     claimed_at,
@@ -58,11 +66,7 @@ pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>,
                 },
             );
         }
-        // The meta table's key for the last token issued (docs/FORMAT.md).
-        let last_token = txn
-            .open_table(crate::storage::META)?
-            .get("last_token")?
-            .map_or(0, |token| token.value());
-        Ok((records, last_token))
-    })
+        Ok(records)
+    })?;
+    Ok((records, storage.last_token()))
 }

@@ -96,8 +96,9 @@ pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, Strin
             .map_err(|err| format!("step {index} ({step:?}): {err}"))?;
         runner.report.steps += 1;
     }
-    runner.finish()?;
+    // The calls the steps made: `finish` disarms every fault before it makes its own.
     runner.report.io = runner.first_disk.counts();
+    runner.finish()?;
     Ok(runner.report)
 }
 
