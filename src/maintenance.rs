@@ -16,7 +16,7 @@ use crate::sweeper;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyReport {
-    /// Records checked (all decoded and passed their checksum).
+    /// Records in the store, the journal's included (each passed its checksum).
     pub records: u64,
     /// Whether redb had to repair the file (after which it passed).
     pub repaired: bool,
@@ -135,8 +135,10 @@ impl Store {
     }
 
     /// Checks the whole file: redb's integrity check (every page checksum, repairing what it
-    /// can), then every record's envelope and the expiry index against the records. Holds off
-    /// every other call while it runs.
+    /// can), then every record's envelope and the expiry index against the records. Records
+    /// that the journal has replaced since are counted, not decoded (`expire` may have
+    /// replaced a damaged one); the journal's own entries were checked when the file was
+    /// opened. Holds off every other call while it runs.
     ///
     /// # Errors
     /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
