@@ -167,23 +167,23 @@ impl StoreBuilder {
     /// so that reopening after a crash loads it instead of checking and walking every page of
     /// the file. Default: on.
     ///
-    /// It makes every durable commit two-phase (two fsyncs instead of one) and writes the
-    /// allocator state, which grows with the file; group commit shares both among the
-    /// commit's callers. Measured on a 2-core VM for a store of one million scattered keys
-    /// (257 MiB; `cargo bench --bench crash_reopen`, all figures in `BENCHMARKS.md`):
+    /// Every durable commit of the store is two-phase (two fsyncs), with or without it: a
+    /// one-phase commit whose fsync fails can leave, once Linux has forgotten the failed
+    /// writes, a file that no longer opens after a later power cut. So turning quick repair
+    /// off saves only the writing of the allocator state, which grows with the file, and
+    /// makes the reopen after a crash walk the whole file. Measured on a 2-core VM for a
+    /// store of one million scattered keys (257 MiB; `cargo bench --bench crash_reopen`, all
+    /// figures in `BENCHMARKS.md`):
     ///
     /// | | on (default) | off |
     /// | --- | --- | --- |
     /// | reopen after `kill -9`, page cache warm | 1–9 ms | 0.2–0.6 s |
     /// | reopen after a power cut, page cache cold | 7–16 ms | 0.9–1.4 s |
-    /// | durable claims, 1 thread | 0.5–0.7× of off | one fsync each |
-    /// | durable claims, 32 threads | 0.5–0.95× of off | |
     ///
-    /// The reopen time without it grows with the file, so it stays on by default: a crash
-    /// must not cost a restart of seconds. Turn it off for small stores, or when commit
-    /// latency matters more than restart time after a crash (a clean close needs no repair
-    /// either way). Under [`Durability::Periodic`] only the periodic durable commit pays for
-    /// it. An [in-memory](Self::in_memory) store has no crash to recover from and ignores it.
+    /// Leave it on unless the file stays small and the last few per cent of commit rate
+    /// matter more than restart time (a clean close needs no repair either way). Under
+    /// [`Durability::Periodic`] only the periodic durable commit pays for it. An
+    /// [in-memory](Self::in_memory) store has no crash to recover from and ignores it.
     pub fn quick_repair(mut self, enabled: bool) -> StoreBuilder {
         self.quick_repair = enabled;
         self

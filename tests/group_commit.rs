@@ -793,16 +793,10 @@ fn commit_failure_fails_only_its_batch(quick_repair: bool) -> TestResult {
     };
     assert!(store.mark_seen("seen")?);
 
-    // The leader's commit parks in its sync; the followers queue behind it and form the next
-    // batch, whose sync fails. Every sync after that succeeds.
-    let fail_first_sync = [SyncPlan::Hold, SyncPlan::Fail];
-    let fail_second_sync = [SyncPlan::Hold, SyncPlan::Succeed, SyncPlan::Fail];
-    disk.plan(if quick_repair {
-        // A commit with quick repair syncs twice; fail the first sync of the second batch.
-        &fail_second_sync
-    } else {
-        &fail_first_sync
-    })?;
+    // The leader's commit parks in its first sync; the followers queue behind it and form
+    // the next batch, whose first sync fails (every commit is two-phase: two syncs). Every
+    // sync after that succeeds.
+    disk.plan(&[SyncPlan::Hold, SyncPlan::Succeed, SyncPlan::Fail])?;
     let followers: Vec<String> = (0..8).map(|i| format!("batch-{i}")).collect();
     let (leader_result, follower_results) = std::thread::scope(|scope| {
         let leader = scope.spawn(|| store.claim("leader"));

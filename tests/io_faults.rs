@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dedupe_store::testing::{
-    Arm, Fate, Fault, IoCall, IoFailure, Rng, SimDisk, Step, run, run_armed,
+    Arm, Fate, Fault, IoCall, IoFailure, Rng, RunOptions, SimDisk, Step, run, run_armed, run_with,
 };
 use dedupe_store::{Claim, ClaimOptions, Store};
 
@@ -238,7 +238,9 @@ fn a_real_full_filesystem() -> TestResult {
 }
 
 /// A failed fsync on Linux may mark the pages it failed to write clean ("fsyncgate"): reads
-/// still see them, no later fsync writes them, a power cut loses them.
+/// still see them, no later fsync writes them, a power cut loses them. Run with and without
+/// quick repair: a one-phase commit would fail this either way, and only quick repair forces
+/// two phases in redb.
 #[test]
 fn a_failed_sync_that_forgets_its_writes() -> TestResult {
     let _watchdog = Watchdog::new("io_faults::a_failed_sync_that_forgets_its_writes");
@@ -246,17 +248,22 @@ fn a_failed_sync_that_forgets_its_writes() -> TestResult {
     let (mut runs, mut failures) = (0, Vec::new());
     for seed in 0..knob("DEDUPE_FAULT_FSYNCGATE", 4) {
         let steps = workload::small(2000 + seed, 24);
-        let syncs = run(&steps, false)?.io.syncs;
-        for nth in 1..=syncs {
-            let fault = Fault {
-                call: IoCall::Sync,
-                nth,
-                times: 1,
-                failure: IoFailure::Eio,
-            };
-            runs += 1;
-            if let Err(err) = run_armed(&steps, false, Arm::FaultForgetting(fault)) {
-                failures.push(format!("seed {seed}, sync {nth}: {err}"));
+        for quick_repair in [true, false] {
+            let options = RunOptions::default().quick_repair(quick_repair);
+            let syncs = run_with(&steps, false, Arm::Nothing, options)?.io.syncs;
+            for nth in 1..=syncs {
+                let fault = Fault {
+                    call: IoCall::Sync,
+                    nth,
+                    times: 1,
+                    failure: IoFailure::Eio,
+                };
+                runs += 1;
+                if let Err(err) = run_with(&steps, false, Arm::FaultForgetting(fault), options) {
+                    failures.push(format!(
+                        "seed {seed}, quick repair {quick_repair}, sync {nth}: {err}"
+                    ));
+                }
             }
         }
     }

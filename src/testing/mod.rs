@@ -21,7 +21,7 @@ mod step;
 pub use disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SECTOR, SimDisk};
 pub use model::{Model, Rec, RecState, Refusal};
 pub use rng::Rng;
-pub use scenario::{Arm, Report, run, run_armed};
+pub use scenario::{Arm, Report, RunOptions, run, run_armed, run_with};
 pub use step::{LEASE, MAX_STEPS, START_MILLIS, Step, TTL};
 
 /// Decodes fuzz bytes as a stored record: the first byte is the stored key's length, then the

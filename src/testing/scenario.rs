@@ -52,6 +52,29 @@ pub enum Arm {
     FaultForgetting(Fault),
 }
 
+/// How a run opens its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunOptions {
+    /// [`StoreBuilder::quick_repair`](crate::StoreBuilder::quick_repair). Default: on, as for
+    /// a store.
+    pub quick_repair: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions { quick_repair: true }
+    }
+}
+
+impl RunOptions {
+    /// Sets [`RunOptions::quick_repair`].
+    pub fn quick_repair(mut self, enabled: bool) -> RunOptions {
+        self.quick_repair = enabled;
+        self
+    }
+}
+
 /// Runs `steps` with the store on a fresh [`SimDisk`]. With `faults` off, `Fail` and
 /// `PowerCut` steps are skipped and any storage error is a failure.
 ///
@@ -66,6 +89,19 @@ pub fn run(steps: &[Step], faults: bool) -> Result<Report, String> {
 /// # Errors
 /// As for [`run`].
 pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, String> {
+    run_with(steps, faults, arm, RunOptions::default())
+}
+
+/// [`run_armed`] with the store opened as `options` say.
+///
+/// # Errors
+/// As for [`run`].
+pub fn run_with(
+    steps: &[Step],
+    faults: bool,
+    arm: Arm,
+    options: RunOptions,
+) -> Result<Report, String> {
     let disk = SimDisk::new();
     let armed = !matches!(arm, Arm::Nothing);
     match arm {
@@ -87,6 +123,7 @@ pub fn run_armed(steps: &[Step], faults: bool, arm: Arm) -> Result<Report, Strin
         tickets: Vec::new(),
         faults: faults || armed,
         honour_steps: faults,
+        options,
         report: Report::default(),
     };
     runner.open_store()?;
@@ -114,6 +151,7 @@ struct Runner {
     tickets: Vec<Ticket>,
     faults: bool,
     honour_steps: bool,
+    options: RunOptions,
     report: Report,
 }
 
@@ -141,6 +179,7 @@ impl Runner {
                 .lease(LEASE)
                 .ttl(TTL)
                 .without_sweeper()
+                .quick_repair(self.options.quick_repair)
                 .open_backend(self.disk.clone());
             match opened {
                 Ok(store) => {
