@@ -189,6 +189,7 @@ impl Storage {
     }
 
     /// The last fencing token issued.
+    #[cfg(feature = "testing")]
     pub(crate) fn last_token(&self) -> u64 {
         self.last_token.load(Ordering::Acquire)
     }
