@@ -612,42 +612,38 @@ impl<'t> Tables<'t> {
     }
 
     /// Makes `record` (or its absence) the key's record, keeping the expiry index in step.
+    /// The record it replaces comes back from the insert or removal itself, so each key costs
+    /// one descent of the records table, not two.
     fn apply(&mut self, stored_key: &[u8], record: Option<&Record>) -> Result<()> {
-        let old_expires_at = match load(&self.records, stored_key)? {
-            None => None,
-            Some(Ok(old)) => Some(old.expires_at),
-            Some(Err(_)) => {
-                // Only `expire` replaces a damaged record (other operations refuse it), and its
-                // `expires_at` cannot be trusted: every index entry naming the key goes.
-                self.delete_damaged(stored_key)?;
-                None
-            }
+        let replaced = match record {
+            Some(record) => self
+                .records
+                .insert(stored_key, record::encode(stored_key, record).as_slice())?
+                .map(|old| record::decode(stored_key, old.value()).map(|old| old.expires_at)),
+            None => self
+                .records
+                .remove(stored_key)?
+                .map(|old| record::decode(stored_key, old.value()).map(|old| old.expires_at)),
         };
-        match record {
-            Some(record) => {
-                if let Some(old) = old_expires_at
-                    && old != record.expires_at
-                {
-                    self.expiry.remove((old, stored_key))?;
-                }
-                self.records
-                    .insert(stored_key, record::encode(stored_key, record).as_slice())?;
-                self.expiry.insert((record.expires_at, stored_key), ())?;
+        let new_expires_at = record.map(|record| record.expires_at);
+        match replaced {
+            Some(Ok(old)) if Some(old) != new_expires_at => {
+                self.expiry.remove((old, stored_key))?;
             }
-            None => {
-                if let Some(old) = old_expires_at {
-                    self.records.remove(stored_key)?;
-                    self.expiry.remove((old, stored_key))?;
-                }
-            }
+            None | Some(Ok(_)) => {}
+            // Only `expire` replaces a damaged record (other operations refuse it), and its
+            // `expires_at` cannot be trusted: every index entry naming the key goes.
+            Some(Err(_)) => self.forget_index_entries(stored_key)?,
+        }
+        if let Some(expires_at) = new_expires_at {
+            self.expiry.insert((expires_at, stored_key), ())?;
         }
         Ok(())
     }
 
-    /// Removes a record that does not decode, and every index entry pointing at it (found by a
-    /// scan: its `expires_at` cannot be trusted).
-    fn delete_damaged(&mut self, stored_key: &[u8]) -> Result<()> {
-        self.records.remove(stored_key)?;
+    /// Removes every index entry naming `stored_key`, found by a scan (for a record that does
+    /// not decode, whose `expires_at` cannot be trusted).
+    fn forget_index_entries(&mut self, stored_key: &[u8]) -> Result<()> {
         let mut stale = Vec::new();
         for entry in self.expiry.iter()? {
             let (index_key, _) = entry?;
