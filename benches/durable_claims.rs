@@ -1,11 +1,12 @@
 //! Durable claims of fresh keys at 1, 8, 32 and 64 threads: this store (with its defaults, and
 //! with quick repair off) against raw redb with one durable transaction per claim and against
 //! SQLite (WAL, synchronous=FULL, `INSERT ... ON CONFLICT DO NOTHING`, one transaction per
-//! claim). SQLite runs two ways: one connection shared behind a mutex (writers queue in the
-//! process), and a connection per thread (writers contend for SQLite's lock and back off in
-//! its busy handler, as with a connection pool). One more row shows
-//! `Durability::Periodic(100 ms)`, which acknowledges before the fsync: it is not durable per
-//! claim, so no peer compares with it.
+//! claim). Raw redb runs two ways: with its default one-phase commits (the baseline of the
+//! ratios), and with two-phase commits, as the store commits. SQLite runs two ways too: one
+//! connection shared behind a mutex (writers queue in the process), and a connection per
+//! thread (writers contend for SQLite's lock and back off in its busy handler, as with a
+//! connection pool). One more row shows `Durability::Periodic(100 ms)`, which acknowledges
+//! before the fsync: it is not durable per claim, so no peer compares with it.
 //!
 //! `cargo bench --bench durable_claims` prints criterion's estimates, then a table of ops/s,
 //! the ratio to raw redb at the same thread count, and p50/p99/max per-claim latency.
@@ -21,11 +22,12 @@ use dedupe_store::{Claim, Durability, Store};
 use support::{Recorder, raw_redb, sqlite};
 
 const THREADS: [usize; 4] = [1, 8, 32, 64];
-const SYSTEMS: [&str; 6] = [
+const SYSTEMS: [&str; 7] = [
     "dedupe-store",
     "dedupe-store, quick repair off",
     "dedupe-store, Periodic(100 ms)",
     "raw redb",
+    "raw redb, two-phase",
     "sqlite, shared connection",
     "sqlite, connection per thread",
 ];
@@ -47,8 +49,9 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
                 .path()
                 .join(format!("{}-{threads}.db", system.replace([' ', ','], "")));
             match system {
-                "raw redb" => {
+                "raw redb" | "raw redb, two-phase" => {
                     let db = raw_redb::create(&path);
+                    let two_phase = system == "raw redb, two-phase";
                     support::bench_parallel(
                         &mut group,
                         &id,
@@ -57,7 +60,7 @@ fn bench(c: &mut Criterion, recorder: &Recorder) {
                         &ids,
                         || (),
                         |(), n| {
-                            assert!(raw_redb::claim(&db, &support::key(n)));
+                            assert!(raw_redb::claim_committed(&db, &support::key(n), two_phase));
                         },
                     );
                 }

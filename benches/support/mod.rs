@@ -250,7 +250,13 @@ pub mod raw_redb {
 
     /// Claims `key` if it is absent, in its own durable transaction. Returns whether it was.
     pub fn claim(db: &Database, key: &str) -> bool {
-        let txn = db.begin_write().expect("begin_write");
+        claim_committed(db, key, false)
+    }
+
+    /// [`claim`], committed in one phase (redb's default) or two (as the store commits).
+    pub fn claim_committed(db: &Database, key: &str, two_phase: bool) -> bool {
+        let mut txn = db.begin_write().expect("begin_write");
+        txn.set_two_phase_commit(two_phase);
         let fresh = {
             let mut table = txn.open_table(CLAIMS).expect("open table");
             let fresh = table.get(key).expect("get").is_none();
