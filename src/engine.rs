@@ -12,7 +12,7 @@ use crate::batch::{self, Batcher};
 use crate::builder::{Config, Durability};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::journal;
+use crate::journal::{self, Backlog};
 use crate::key::Key;
 use crate::notify::KeyEvents;
 use crate::record::Record;
@@ -133,19 +133,25 @@ impl Engine {
         self.storage.load(stored_key)
     }
 
-    /// Queues `work` for the next commit and waits for its answer. Then, if the journal has
-    /// grown past its threshold, this caller merges it (one caller at a time).
+    /// Queues `work` for the next commit and waits for its answer. Then, if merging has fallen
+    /// behind the writes (or, under `Periodic`, whose batches carry no merges, if a merge is
+    /// due), this caller merges the backlog down (one caller at a time).
     pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
         let reply = self.submit_now(work);
-        if self.storage.wants_merge() && !self.merging.swap(true, Ordering::AcqRel) {
+        let threshold = match self.config.durability {
+            Durability::Immediate => Backlog::Behind,
+            Durability::Periodic(_) => Backlog::Due,
+        };
+        if self.storage.backlog() >= threshold && !self.merging.swap(true, Ordering::AcqRel) {
             // The caller's own work is done. It merges, a chunk per commit so that other
-            // writers go on between them, until the backlog is under the threshold again,
-            // but no more than the backlog it found: a large atomic batch pays for merging
-            // itself, and no caller merges for ever behind writers that outpace it. A failed
-            // merge leaves the journal as it was, for the next one.
+            // writers go on between them, until no merge is due, but no more than the backlog
+            // it found: a large atomic batch pays for merging itself, and no caller merges for
+            // ever behind writers that outpace it. A failed merge leaves the journal as it
+            // was, for the next one.
             let chunks = self.storage.pending_keys() / journal::MERGE_CHUNK + 1;
             for _ in 0..chunks {
-                if !self.storage.wants_merge() || self.submit_now(Work::Merge).is_err() {
+                if self.storage.backlog() == Backlog::Small || self.submit_now(Work::Merge).is_err()
+                {
                     break;
                 }
             }
@@ -243,6 +249,14 @@ impl Engine {
     /// Runs one batch in one write transaction. Called by the batch's leader.
     fn execute(&self, works: Vec<Work>) -> Vec<Result<Reply>> {
         let durable = self.durable(&works);
+        // A durable batch of writes carries a merge when one is due, which then shares the
+        // batch's two fsyncs instead of paying two of its own. A batch that skips its fsync
+        // does not: merges are durable (see `durable`).
+        let carries_merge = durable
+            && works
+                .iter()
+                .all(|work| matches!(work, Work::One(..) | Work::Many(_) | Work::Flush))
+            && self.storage.backlog() >= Backlog::Due;
         let mode = CommitMode {
             durable,
             quick_repair: self.config.quick_repair,
@@ -250,6 +264,9 @@ impl Engine {
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let mut swept = 0usize;
         let result = self.storage.write(mode, |writer| {
+            if carries_merge {
+                writer.merge(Some(journal::MERGE_CHUNK))?;
+            }
             let first_token = writer.last_token();
             let mut token = first_token;
             let mut replies = Vec::with_capacity(works.len());

@@ -5,16 +5,20 @@
 //! second. So a batch's changes go to the journal instead, as entries of about half a page
 //! appended under the next sequence numbers (the tail leaf, whatever the keys), and into an
 //! in-memory overlay that every read consults before the tables. Merges move the overlay into
-//! the records and expiry tables later, in commits of their own of a few hundred keys in key
-//! order, so that each leaf is written once for all the keys landing in it. A merge deletes
-//! the journal entries it covered in the same transaction.
+//! the records and expiry tables later, a few hundred keys at a time in key order, so that
+//! each leaf is written once for all the keys landing in it. A merge deletes the journal
+//! entries it covered in the same transaction.
 //!
 //! On open, whatever the journal holds (the file was not closed cleanly, or recently) is read
 //! into the overlay in entry order, with no write: the next merge moves it. A reopen after a
 //! failed commit does the same, since the file, not the overlay, is then the truth.
 //!
-//! Only writes merge: a write that finds enough waiting (one caller at a time, after its own
-//! commit), and each sweep batch, which merges everything first. Readers that scan the tables
+//! Only writes merge. Once a merge is due, the next durable batch carries one chunk in its own
+//! transaction, ahead of its writes, so the merge shares the batch's fsyncs. Should merging
+//! fall behind (one large atomic batch, or `Durability::Periodic`, whose batches skip the
+//! fsync and so carry no merge), the writer that finds it merges the backlog down in commits
+//! of their own, one chunk each, after its own commit. Each sweep batch merges everything
+//! first. Readers that scan the tables
 //! (`list`, `stats`, `len`, `verify`) apply a snapshot of the overlay to what they read
 //! instead, and `close` leaves the journal as it is, so that no read and no close writes to a
 //! file that may be damaged.
@@ -31,12 +35,28 @@ use crate::record::{self, Record, RecordState};
 /// The value length that marks a removal.
 const REMOVED: u32 = u32::MAX;
 
-/// Keys waiting in the overlay that make the next writer merge.
+/// Keys waiting in the overlay that make a merge due: the next durable batch carries one.
 pub(crate) const MERGE_KEYS: usize = 1024;
-/// Bytes of records waiting in the overlay that make the next writer merge.
-pub(crate) const MERGE_BYTES: usize = 8 << 20;
-/// The most keys one merge commit moves, so that it holds the writer briefly.
+/// Bytes of records waiting in the overlay that make a merge due.
+pub(crate) const MERGE_BYTES: usize = 2 << 20;
+/// Keys (or, times the same factor, bytes) waiting that show merging behind: the writer that
+/// finds it merges the backlog down in commits of their own.
+pub(crate) const BEHIND_FACTOR: usize = 4;
+/// The most keys one merge moves, so that it holds the writer briefly.
 pub(crate) const MERGE_CHUNK: usize = 256;
+/// The most bytes of records one merge moves (unless one record alone is larger).
+pub(crate) const MERGE_CHUNK_BYTES: usize = 2 << 20;
+
+/// How much waits in the overlay, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Backlog {
+    /// Less than a merge's worth.
+    Small,
+    /// A merge is due.
+    Due,
+    /// Merging has fallen behind the writes.
+    Behind,
+}
 
 /// The size a journal entry is kept under (unless one change alone is larger): about half a
 /// page, so that an entry never needs a run of contiguous pages.
@@ -183,9 +203,16 @@ impl Overlay {
         self.next_seq = seq.saturating_add(1);
     }
 
-    /// Whether enough waits that a merge is due.
-    pub(crate) fn wants_merge(&self) -> bool {
-        self.latest.len() >= MERGE_KEYS || self.bytes >= MERGE_BYTES
+    /// How much waits for a merge.
+    pub(crate) fn backlog(&self) -> Backlog {
+        let (keys, bytes) = (self.latest.len(), self.bytes);
+        if keys >= MERGE_KEYS * BEHIND_FACTOR || bytes >= MERGE_BYTES * BEHIND_FACTOR {
+            Backlog::Behind
+        } else if keys >= MERGE_KEYS || bytes >= MERGE_BYTES {
+            Backlog::Due
+        } else {
+            Backlog::Small
+        }
     }
 
     /// How many keys have changes here.
@@ -198,16 +225,18 @@ impl Overlay {
         !self.latest.is_empty()
     }
 
-    /// The oldest entries holding about `limit` keys (all of them if `None`), with the latest
-    /// record of every key they name. `None` if nothing waits.
+    /// The oldest entries holding about `limit` keys (all of them if `None`) and at most about
+    /// [`MERGE_CHUNK_BYTES`] with a limit, with the latest record of every key they name.
+    /// `None` if nothing waits.
     pub(crate) fn merge(&self, limit: Option<usize>) -> Option<Merge> {
         let mut changes = Vec::new();
+        let mut bytes = 0usize;
         let mut seen = std::collections::HashSet::new();
         let mut retire_below = None;
         for (seq, keys) in &self.entries {
             if let Some(limit) = limit
                 && !changes.is_empty()
-                && changes.len() >= limit
+                && (changes.len() >= limit || bytes >= MERGE_CHUNK_BYTES)
             {
                 break;
             }
@@ -215,6 +244,7 @@ impl Overlay {
                 if let Some(record) = self.latest.get(key)
                     && seen.insert(key.as_slice())
                 {
+                    bytes = bytes.saturating_add(weight(key, record.as_ref()));
                     changes.push((key.clone(), record.clone()));
                 }
             }

@@ -19,7 +19,7 @@ use redb::{
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
 use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
-use crate::journal::{self, Changes, Merge, Overlay, Pending};
+use crate::journal::{self, Backlog, Changes, Merge, Overlay, Pending};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
 /// Records by stored key (namespace tag + key): the envelope bytes.
@@ -165,9 +165,9 @@ impl Storage {
         self.overlay.read().keys()
     }
 
-    /// Whether enough committed changes wait that a merge is due.
-    pub(crate) fn wants_merge(&self) -> bool {
-        self.overlay.read().wants_merge()
+    /// How much committed change waits for a merge.
+    pub(crate) fn backlog(&self) -> Backlog {
+        self.overlay.read().backlog()
     }
 
     /// Runs `f` on a read transaction together with the overlay's changes to keys starting
