@@ -195,8 +195,12 @@ impl Overlay {
         for (key, record) in changes {
             self.bytes = self.bytes.saturating_add(weight(&key, record.as_ref()));
             keys.push(key.clone());
+            let key_len = key.len();
             if let Some(old) = self.latest.insert(key, record) {
-                self.bytes = self.bytes.saturating_sub(weight(&[], old.as_ref()));
+                // What the key's earlier change added, key included.
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(key_len.saturating_add(weight(&[], old.as_ref())));
             }
         }
         self.entries.push_back((seq, keys));
@@ -329,6 +333,31 @@ mod tests {
             assert!(decode(&flipped).is_err(), "flip at {i} was not caught");
             assert!(decode(&bytes[..i]).is_err(), "cut at {i} was not caught");
         }
+    }
+
+    #[test]
+    fn the_byte_count_returns_to_zero_once_everything_is_merged() {
+        let mut overlay = Overlay::default();
+        // The same keys changed again and again, as claims then completions are.
+        for seq in 0..100u64 {
+            let key = format!("key-{}", seq % 7).into_bytes();
+            let change = if seq % 5 == 0 {
+                None
+            } else {
+                Some(record(seq))
+            };
+            overlay.committed(seq, vec![(key, change)]);
+        }
+        let expected: usize = overlay
+            .latest
+            .iter()
+            .map(|(key, record)| weight(key, record.as_ref()))
+            .sum();
+        assert_eq!(overlay.bytes, expected);
+        let all = overlay.merge(None).expect("work waits");
+        overlay.merged(&all);
+        assert_eq!(overlay.bytes, 0);
+        assert_eq!(overlay.backlog(), Backlog::Small);
     }
 
     #[test]
