@@ -1,6 +1,8 @@
 //! What quick repair costs and what it buys, on a store of one million keys:
 //!
-//! - the cost: durable claims per second at 1 and 32 threads with quick repair on and off;
+//! - the cost: durable claims per second at 1 and 32 threads with quick repair on and off, of
+//!   new keys that sort together (`cost/N`, a counter) and of new keys scattered over the
+//!   tree (as UUIDs or hashes are), whose merges write one leaf per key;
 //! - the gain: how long `open` takes after the process writing the store was killed with
 //!   SIGKILL in the middle of its commits (redb must repair a file that was not closed
 //!   cleanly: quickly from the saved allocator state, or by walking every tree).
@@ -107,7 +109,13 @@ fn timed_open(path: &Path, quick_repair: bool) -> Duration {
     took
 }
 
-fn claims_per_sec(path: &Path, quick_repair: bool, threads: usize, count: u64) -> support::Figures {
+fn claims_per_sec(
+    path: &Path,
+    quick_repair: bool,
+    scattered: bool,
+    threads: usize,
+    count: u64,
+) -> support::Figures {
     let store = Store::builder()
         .quick_repair(quick_repair)
         .open(path)
@@ -120,7 +128,12 @@ fn claims_per_sec(path: &Path, quick_repair: bool, threads: usize, count: u64) -
         &ids,
         || (),
         |(), n| {
-            let claim = store.claim(format!("cost/{n}")).expect("claim");
+            let key = if scattered {
+                format!("cost/{:016x}", support::scatter(n))
+            } else {
+                format!("cost/{n}")
+            };
+            let claim = store.claim(key).expect("claim");
             assert!(matches!(claim, Claim::Acquired(_)));
         },
     );
@@ -161,21 +174,24 @@ fn main() {
 
     support::print_machine();
     println!("\n## Quick repair: per-claim cost on a {keys}-key store\n");
-    println!("| quick repair | threads | claims/s | p50 | p99 | max |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for threads in [1usize, 32] {
-        let count = if threads == 1 { 2_000 } else { 40_000 };
-        for quick_repair in [true, false] {
-            support::copy_file(&template, &work);
-            let f = claims_per_sec(&work, quick_repair, threads, count);
-            println!(
-                "| {} | {threads} | {:.0} | {} | {} | {} |",
-                if quick_repair { "on" } else { "off" },
-                f.ops_per_sec,
-                support::human(f.p50),
-                support::human(f.p99),
-                support::human(f.max)
-            );
+    println!("| new keys | quick repair | threads | claims/s | p50 | p99 | max |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for scattered in [false, true] {
+        for threads in [1usize, 32] {
+            let count = if threads == 1 { 2_000 } else { 40_000 };
+            for quick_repair in [true, false] {
+                support::copy_file(&template, &work);
+                let f = claims_per_sec(&work, quick_repair, scattered, threads, count);
+                println!(
+                    "| {} | {} | {threads} | {:.0} | {} | {} | {} |",
+                    if scattered { "scattered" } else { "in order" },
+                    if quick_repair { "on" } else { "off" },
+                    f.ops_per_sec,
+                    support::human(f.p50),
+                    support::human(f.p99),
+                    support::human(f.max)
+                );
+            }
         }
     }
 
