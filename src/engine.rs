@@ -26,8 +26,8 @@ pub(crate) enum Work {
     One(Key, Op),
     /// Several operations applied all or nothing, in order.
     Many(Vec<(Key, Op)>),
-    /// Remove up to this many due records (after merging everything).
-    Sweep(usize),
+    /// Remove up to this many due records; `thorough` merges everything first.
+    Sweep { limit: usize, thorough: bool },
     /// Move the oldest [`journal::MERGE_CHUNK`] or so keys from the journal into the tables.
     Merge,
     /// Make everything committed so far durable.
@@ -54,7 +54,7 @@ impl Work {
             Work::Many(ops) => {
                 batch::weight(ops.len(), ops.iter().map(|(_, op)| op.payload_len()).sum())
             }
-            Work::Sweep(limit) => batch::weight(*limit, 0),
+            Work::Sweep { limit, .. } => batch::weight(*limit, 0),
             Work::Flush => 1,
             Work::Merge => batch::weight(journal::MERGE_CHUNK, 0),
         }
@@ -164,7 +164,7 @@ impl Engine {
         let weight = work.weight();
         // A sweep or merge commits alone, so that no claim waits for its hundreds of
         // table writes.
-        let solo = matches!(work, Work::Sweep(_) | Work::Merge);
+        let solo = matches!(work, Work::Sweep { .. } | Work::Merge);
         self.batcher.submit(
             work,
             weight,
@@ -194,9 +194,10 @@ impl Engine {
         }
     }
 
-    /// Removes up to `limit` due records in one transaction.
-    pub(crate) fn sweep_batch(&self, limit: usize) -> Result<(usize, bool)> {
-        match self.submit(Work::Sweep(limit))? {
+    /// Removes up to `limit` due records in one transaction (see [`Writer::sweep`] for
+    /// `thorough`).
+    pub(crate) fn sweep_batch(&self, limit: usize, thorough: bool) -> Result<(usize, bool)> {
+        match self.submit(Work::Sweep { limit, thorough })? {
             Reply::Swept { removed, more } => Ok((removed, more)),
             _ => unreachable!("a Sweep work is answered with Reply::Swept"),
         }
@@ -234,7 +235,7 @@ impl Engine {
         // like any other commit: skipping its fsync saves little (the next commit's fsync
         // writes its pages anyway) and let the file grow by half again in `benches/file_size`,
         // since redb reuses the pages a commit frees only after a durable commit.
-        if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
+        if works.iter().all(|work| matches!(work, Work::Sweep { .. })) {
             return false;
         }
         match self.config.durability {
@@ -278,8 +279,8 @@ impl Engine {
                     Work::Many(ops) => {
                         Reply::Many(self.apply_many(writer, ops, &mut token, &mut changed)?)
                     }
-                    Work::Sweep(limit) => {
-                        let (removed, more) = writer.sweep(self.now(), *limit)?;
+                    Work::Sweep { limit, thorough } => {
+                        let (removed, more) = writer.sweep(self.now(), *limit, *thorough)?;
                         swept += removed;
                         Reply::Swept { removed, more }
                     }

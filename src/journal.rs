@@ -224,6 +224,13 @@ impl Overlay {
         self.latest.len()
     }
 
+    /// Whether a record here is due at `now` (a sweep would miss it until merged).
+    pub(crate) fn has_due(&self, now: u64) -> bool {
+        self.latest
+            .values()
+            .any(|record| record.as_ref().is_some_and(|record| !record.is_live(now)))
+    }
+
     /// Whether any key has a record here (entries may remain whose keys were all merged).
     pub(crate) fn has_keys(&self) -> bool {
         !self.latest.is_empty()

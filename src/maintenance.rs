@@ -89,12 +89,15 @@ impl Store {
     }
 
     /// Removes every expired record now, in bounded batches (one short transaction each).
-    /// Returns how many were removed. The background sweeper does the same on its interval.
+    /// Returns how many were removed. It first moves every change waiting in the journal into
+    /// the tables, so that afterwards the tables hold everything. The background sweeper
+    /// removes expired records the same way on its interval, merging first only when a record
+    /// waiting in the journal is due.
     ///
     /// # Errors
     /// [`Error::Storage`]; batches committed before the failure stay removed.
     pub fn sweep(&self) -> Result<usize> {
-        sweeper::sweep_all(self.engine(), || false)
+        sweeper::sweep_all(self.engine(), true, || false)
     }
 
     /// Counters since open and gauges read now. Counting expired records awaiting the sweeper

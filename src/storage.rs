@@ -730,14 +730,27 @@ impl Writer<'_> {
     }
 
     /// Removes up to `limit` records due at `now`. Returns how many were removed and whether
-    /// more are due. Merges everything first, so that the tables are current.
+    /// more are due.
+    ///
+    /// It sweeps the tables. Records still in the journal reach the index only once merged,
+    /// so a `thorough` sweep, or one that finds a due record waiting there, merges everything
+    /// first. Otherwise it leaves the journal alone: removing a table record that the journal
+    /// has since replaced is safe, since reads and the later merge both take the journal's
+    /// version, and the merge finds no old record to unindex.
     ///
     /// The index entry is only a pointer: a record is removed only if it decodes and is itself
     /// due under the index entry's time. A damaged or stray index entry (one that names a live
     /// record, a damaged one, or none) is dropped and its record left alone, so that damage in
     /// the index can never delete a live completed record.
-    pub(crate) fn sweep(&mut self, now: u64, limit: usize) -> Result<(usize, bool)> {
-        self.merge(None)?;
+    pub(crate) fn sweep(
+        &mut self,
+        now: u64,
+        limit: usize,
+        thorough: bool,
+    ) -> Result<(usize, bool)> {
+        if thorough || self.overlay.read().has_due(now) {
+            self.merge(None)?;
+        }
         let tables = &mut self.tables;
         let mut due = Vec::new();
         for entry in tables.expiry.range(due_range(now))?.take(limit + 1) {

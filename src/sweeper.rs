@@ -120,7 +120,9 @@ fn run(
         if let (Some(at), Some(every)) = (next_sweep, sweep_every)
             && now >= at
         {
-            if let Err(err) = sweep_all(engine, || signal.stopped()) {
+            // Not thorough: a merge of everything each interval would hold the writer for a
+            // long commit on a large store of scattered keys, to sweep nothing.
+            if let Err(err) = sweep_all(engine, false, || signal.stopped()) {
                 engine.counters.sweeper_failed(&err);
             }
             next_sweep = Some(Instant::now() + every);
@@ -130,11 +132,12 @@ fn run(
 
 /// Sweeps in batches until nothing is due or `stop()` says so, then makes the removals
 /// durable (sweep batches commit without an fsync of their own). Returns how many were
-/// removed.
-pub(crate) fn sweep_all(engine: &Engine, stop: impl Fn() -> bool) -> Result<usize> {
+/// removed. `thorough` merges the journal first whatever it holds (see
+/// [`Writer::sweep`](crate::storage::Writer::sweep)).
+pub(crate) fn sweep_all(engine: &Engine, thorough: bool, stop: impl Fn() -> bool) -> Result<usize> {
     let mut total = 0;
     let swept = loop {
-        match engine.sweep_batch(engine.config.sweep_batch) {
+        match engine.sweep_batch(engine.config.sweep_batch, thorough) {
             Ok((removed, more)) => {
                 total += removed;
                 if !more || stop() {
