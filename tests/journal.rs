@@ -320,7 +320,9 @@ fn the_sweeper_keeps_newer_records_waiting_in_the_journal() -> TestResult {
     assert_eq!(store.sweep()?, 0);
     check(&store)?;
     clock.advance(Duration::from_secs(7200));
-    assert_eq!(store.sweep()?, 500);
+    // The background sweeper may take a share of them; together they remove all 500.
+    store.sweep()?;
     assert_eq!(store.len()?, 0);
+    assert_eq!(store.stats()?.swept, 500);
     Ok(())
 }
