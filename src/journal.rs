@@ -17,11 +17,12 @@
 //! transaction, ahead of its writes, so the merge shares the batch's fsyncs. Should merging
 //! fall behind (one large atomic batch, or `Durability::Periodic`, whose batches skip the
 //! fsync and so carry no merge), the writer that finds it merges the backlog down in commits
-//! of their own, one chunk each, after its own commit. Each sweep batch merges everything
-//! first. Readers that scan the tables
-//! (`list`, `stats`, `len`, `verify`) apply a snapshot of the overlay to what they read
-//! instead, and `close` leaves the journal as it is, so that no read and no close writes to a
-//! file that may be damaged.
+//! of their own, one chunk each, after its own commit. `Store::sweep` merges everything
+//! first; the background sweeper only when a record waiting here is due (it sweeps the
+//! tables, and records here reach the expiry index once merged). Readers that scan the
+//! tables (`list`, `stats`, `len`, `verify`) apply a snapshot of the overlay to what they
+//! read instead, and `close` leaves the journal as it is, so that no read and no close writes
+//! to a file that may be damaged.
 //!
 //! An entry is `[crc32: u32 LE][token: u64 LE][count: u32 LE]` followed by `count` changes,
 //! each `[key length: u32 LE][stored key][value length: u32 LE][record envelope]`, where a
@@ -194,14 +195,10 @@ impl Overlay {
         let mut keys = Vec::with_capacity(changes.len());
         for (key, record) in changes {
             self.bytes = self.bytes.saturating_add(weight(&key, record.as_ref()));
-            keys.push(key.clone());
-            let key_len = key.len();
-            if let Some(old) = self.latest.insert(key, record) {
-                // What the key's earlier change added, key included.
-                self.bytes = self
-                    .bytes
-                    .saturating_sub(key_len.saturating_add(weight(&[], old.as_ref())));
+            if let Some(old) = self.latest.insert(key.clone(), record) {
+                self.bytes = self.bytes.saturating_sub(weight(&key, old.as_ref()));
             }
+            keys.push(key);
         }
         self.entries.push_back((seq, keys));
         self.next_seq = seq.saturating_add(1);

@@ -615,16 +615,14 @@ impl<'t> Tables<'t> {
     /// The record it replaces comes back from the insert or removal itself, so each key costs
     /// one descent of the records table, not two.
     fn apply(&mut self, stored_key: &[u8], record: Option<&Record>) -> Result<()> {
-        let replaced = match record {
+        let old = match record {
             Some(record) => self
                 .records
-                .insert(stored_key, record::encode(stored_key, record).as_slice())?
-                .map(|old| record::decode(stored_key, old.value()).map(|old| old.expires_at)),
-            None => self
-                .records
-                .remove(stored_key)?
-                .map(|old| record::decode(stored_key, old.value()).map(|old| old.expires_at)),
+                .insert(stored_key, record::encode(stored_key, record).as_slice())?,
+            None => self.records.remove(stored_key)?,
         };
+        let replaced =
+            old.map(|old| record::decode(stored_key, old.value()).map(|old| old.expires_at));
         let new_expires_at = record.map(|record| record.expires_at);
         match replaced {
             Some(Ok(old)) if Some(old) != new_expires_at => {
