@@ -29,6 +29,13 @@ fn completed(store: &Store, key: &str) -> dedupe_store::Result<Option<Vec<u8>>> 
     }))
 }
 
+fn acquire(store: &Store, key: &str) -> Result<dedupe_store::Ticket, Box<dyn std::error::Error>> {
+    store
+        .claim(key)?
+        .ticket()
+        .ok_or_else(|| format!("{key} was not acquired").into())
+}
+
 #[test]
 fn acknowledged_writes_in_the_journal_survive_a_power_cut() -> TestResult {
     let clock = ManualClock::new(T0);
@@ -278,19 +285,14 @@ fn the_sweeper_keeps_newer_records_waiting_in_the_journal() -> TestResult {
     };
     let store = open()?;
     for i in 0..1500 {
-        let Claim::Acquired(ticket) = store.claim(format!("k{i}"))? else {
-            return Err(format!("k{i} was not acquired").into());
-        };
-        store.complete(&ticket, b"old")?;
+        store.complete(&acquire(&store, &format!("k{i}"))?, b"old")?;
     }
     // Everything into the tables, nothing due yet.
     assert_eq!(store.sweep()?, 0);
     clock.advance(Duration::from_secs(2));
     // 500 keys get a new life, which waits in the journal (too few for a merge).
     for i in 0..500 {
-        let Claim::Acquired(ticket) = store.claim(format!("k{i}"))? else {
-            return Err(format!("k{i} was not acquired again").into());
-        };
+        let ticket = acquire(&store, &format!("k{i}"))?;
         store.complete_with_ttl(&ticket, b"new", Duration::from_secs(3600))?;
     }
     // The background sweeper removes the 1,500 due table records, the 500 replaced ones
