@@ -8,11 +8,25 @@
 //! exclusive lock on the whole file, the lock requests of the databases it opens are already
 //! satisfied: they are answered without touching the operating system's locks, which a shared
 //! request would otherwise downgrade.
+//!
+//! The backend also keeps the file's header honest after a failed write or sync. A commit
+//! writes its pages and then the header that names them; when the fsync fails, Linux may mark
+//! the unwritten pages clean ("fsyncgate"), so the page cache shows the new header and pages
+//! while the disk has neither, and no later fsync writes them. A redb reopened on that cache
+//! would build new commits on pages the disk never got, and a power cut would then leave a
+//! file whose every root is corrupt. So the backend remembers the header as of the last sync
+//! that succeeded and, after a failure, writes it back (and syncs it) before anything else
+//! reaches the file; until then, reads of the header see it. The reopened redb then starts
+//! from the last durable commit, whose pages are on disk: redb never reuses them before a
+//! newer commit is durable. This holds for one-phase commits as for two-phase ones, so the
+//! store needs no second fsync per commit to survive a failed one.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
 use redb::{BackendError, StorageBackend};
 
 use crate::error::{Error, Result};
@@ -49,17 +63,83 @@ pub(crate) fn lock_whole_file(
     }
 }
 
+/// The bytes at the start of a redb file that say which commit is current: the magic number,
+/// the god byte and both commit slots (redb's `DB_HEADER_SIZE`, fixed by its file format).
+const HEADER_LEN: usize = 320;
+
+/// What the backend knows of the file's header.
+#[derive(Debug, Default)]
+struct Header {
+    /// The header as last written, or as first read before any write.
+    written: Option<Vec<u8>>,
+    /// The header as of the last sync that succeeded.
+    synced: Option<Vec<u8>>,
+}
+
+impl Header {
+    /// Takes the part of a write (or of a first read) at `offset` that falls in the header.
+    fn note(&mut self, offset: u64, data: &[u8]) {
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start >= HEADER_LEN {
+            return;
+        }
+        let end = start.saturating_add(data.len()).min(HEADER_LEN);
+        let written = match &mut self.written {
+            Some(written) => written,
+            // Until the whole header has been seen, a part of it says too little.
+            None if start == 0 && end == HEADER_LEN => self.written.insert(vec![0; HEADER_LEN]),
+            None => return,
+        };
+        written[start..end].copy_from_slice(&data[..end - start]);
+    }
+
+    /// Everything written is now on disk.
+    fn sync_done(&mut self) {
+        self.synced.clone_from(&self.written);
+    }
+}
+
 /// A backend shared by successive redb databases. redb's `close` is ignored here; the store
 /// calls [`SharedBackend::release`] when it closes.
 #[derive(Debug, Clone)]
 pub(crate) struct SharedBackend {
     inner: Arc<dyn StorageBackend>,
     lock: FileLock,
+    header: Arc<Mutex<Header>>,
+    /// A write or sync failed, and the synced header has not been written back since.
+    restore: Arc<AtomicBool>,
 }
 
 impl SharedBackend {
     pub(crate) fn new(inner: Arc<dyn StorageBackend>, lock: FileLock) -> SharedBackend {
-        SharedBackend { inner, lock }
+        SharedBackend {
+            inner,
+            lock,
+            header: Arc::new(Mutex::new(Header::default())),
+            restore: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// After a failure, puts the header of the last successful sync back on the disk, so that
+    /// nothing is built on a commit whose fsync failed. A no-op when nothing failed.
+    fn restore_header(&self, header: &mut Header) -> std::io::Result<()> {
+        if !self.restore.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(synced) = header.synced.clone() {
+            self.inner.write(0, &synced)?;
+            self.inner.sync_data()?;
+            header.written = Some(synced);
+        }
+        self.restore.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn failed(&self, err: std::io::Error) -> std::io::Error {
+        self.restore.store(true, Ordering::Release);
+        err
     }
 
     /// Closes the backend, releasing its locks. Called once, when the store closes.
@@ -77,16 +157,66 @@ impl StorageBackend for SharedBackend {
         self.inner.len()
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, out)
+        self.inner.read(offset, out)?;
+        if offset >= HEADER_LEN as u64 {
+            return Ok(());
+        }
+        let mut header = self.header.lock();
+        if header.written.is_none() {
+            // Nothing written yet: the file's header is as durable as anything known.
+            header.note(offset, out);
+            header.sync_done();
+        }
+        if self.restore.load(Ordering::Acquire)
+            && let Some(synced) = &header.synced
+        {
+            // The disk's header is in doubt until it is written back: show the durable one.
+            let start = offset as usize;
+            let end = start.saturating_add(out.len()).min(HEADER_LEN);
+            out[..end - start].copy_from_slice(&synced[start..end]);
+        }
+        Ok(())
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len < HEADER_LEN as u64 {
+            let mut header = self.header.lock();
+            self.restore_header(&mut header)?;
+            // A file cut shorter than its header is being made anew.
+            *header = Header::default();
+            return self.inner.set_len(len);
+        }
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
+        let mut header = self.header.lock();
+        self.restore_header(&mut header)?;
+        match self.inner.sync_data() {
+            Ok(()) => {
+                header.sync_done();
+                Ok(())
+            }
+            Err(err) => {
+                let err = self.failed(err);
+                // At once, while nothing else writes; if it fails, the next write tries again.
+                let _ = self.restore_header(&mut header);
+                Err(err)
+            }
+        }
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.inner.write(offset, data)
+        if offset >= HEADER_LEN as u64 && !self.restore.load(Ordering::Acquire) {
+            return self
+                .inner
+                .write(offset, data)
+                .map_err(|err| self.failed(err));
+        }
+        let mut header = self.header.lock();
+        self.restore_header(&mut header)?;
+        self.inner
+            .write(offset, data)
+            .map_err(|err| self.failed(err))?;
+        header.note(offset, data);
+        Ok(())
     }
     fn close(&self) -> std::io::Result<()> {
         Ok(())
@@ -152,5 +282,161 @@ impl StorageBackend for SharedBackend {
             return Ok(false);
         }
         self.inner.query_lock_range(start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A disk whose failed sync forgets the writes it was to persist, as Linux does: reads
+    /// keep seeing them, the disk image keeps the old bytes.
+    #[derive(Debug, Default)]
+    struct ForgetfulDisk {
+        cache: Mutex<Vec<u8>>,
+        disk: Mutex<Vec<u8>>,
+        /// The next this many syncs fail.
+        failing_syncs: AtomicUsize,
+        failing_writes: AtomicUsize,
+    }
+
+    fn failing(count: &AtomicUsize) -> bool {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    impl StorageBackend for ForgetfulDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.cache.lock().len() as u64)
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            let cache = self.cache.lock();
+            let start = offset as usize;
+            out.copy_from_slice(&cache[start..start + out.len()]);
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.cache.lock().resize(len as usize, 0);
+            Ok(())
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            let cache = self.cache.lock();
+            if !failing(&self.failing_syncs) {
+                self.disk.lock().clone_from(&cache);
+                return Ok(());
+            }
+            Err(std::io::Error::other("sync failed"))
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            if failing(&self.failing_writes) {
+                return Err(std::io::Error::other("write failed"));
+            }
+            let mut cache = self.cache.lock();
+            let end = offset as usize + data.len();
+            if cache.len() < end {
+                cache.resize(end, 0);
+            }
+            cache[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn setup() -> (Arc<ForgetfulDisk>, SharedBackend) {
+        let disk = Arc::new(ForgetfulDisk::default());
+        let backend = SharedBackend::new(disk.clone(), FileLock::Unsupported);
+        (disk, backend)
+    }
+
+    fn header(byte: u8) -> Vec<u8> {
+        vec![byte; HEADER_LEN]
+    }
+
+    fn read_header(backend: &SharedBackend) -> Vec<u8> {
+        let mut out = header(0);
+        backend.read(0, &mut out).expect("read the header");
+        out
+    }
+
+    #[test]
+    fn a_failed_sync_puts_the_synced_header_back() {
+        let (disk, backend) = setup();
+        backend.write(0, &header(1)).expect("write");
+        backend.write(4096, &[9; 100]).expect("write a page");
+        backend.sync_data().expect("sync");
+        backend.write(0, &header(2)).expect("write");
+        disk.failing_syncs.store(1, Ordering::Release);
+        assert!(backend.sync_data().is_err());
+        // The header is back, on disk and in the cache, and nothing is left to restore.
+        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+        assert_eq!(read_header(&backend), header(1));
+        assert!(!backend.restore.load(Ordering::Acquire));
+        // Later commits carry on from the restored header.
+        backend.write(0, &header(3)).expect("write");
+        backend.sync_data().expect("sync");
+        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(3));
+    }
+
+    #[test]
+    fn until_the_header_is_back_reads_see_the_synced_one() {
+        let (disk, backend) = setup();
+        backend.write(0, &header(1)).expect("write");
+        backend.sync_data().expect("sync");
+        backend.write(0, &header(2)).expect("write");
+        // The sync and the restore's own sync fail.
+        disk.failing_syncs.store(2, Ordering::Release);
+        assert!(backend.sync_data().is_err());
+        assert_eq!(disk.cache.lock()[..HEADER_LEN], header(1));
+        assert!(backend.restore.load(Ordering::Acquire));
+        // A reopen reads the durable header, whatever the cache holds.
+        disk.cache.lock()[..HEADER_LEN].copy_from_slice(&header(2));
+        assert_eq!(read_header(&backend), header(1));
+        let mut part = [0u8; 8];
+        backend
+            .read(100, &mut part)
+            .expect("read part of the header");
+        assert_eq!(part, [1; 8]);
+        // The next write puts it back first.
+        backend.write(8192, &[7; 10]).expect("write");
+        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+        assert!(!backend.restore.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_failed_write_restores_the_header_before_the_next_one() {
+        let (disk, backend) = setup();
+        backend.write(0, &header(1)).expect("write");
+        backend.sync_data().expect("sync");
+        backend.write(0, &header(2)).expect("write");
+        disk.failing_writes.store(1, Ordering::Release);
+        assert!(backend.write(4096, &[5; 10]).is_err());
+        assert_eq!(read_header(&backend), header(1));
+        backend.write(4096, &[6; 10]).expect("write");
+        assert_eq!(disk.cache.lock()[..HEADER_LEN], header(1));
+        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+    }
+
+    #[test]
+    fn a_header_first_read_counts_as_synced() {
+        let (disk, backend) = setup();
+        disk.write(0, &header(4)).expect("write");
+        disk.sync_data().expect("sync");
+        assert_eq!(read_header(&backend), header(4));
+        backend.write(0, &header(5)).expect("write");
+        disk.failing_syncs.store(1, Ordering::Release);
+        assert!(backend.sync_data().is_err());
+        assert_eq!(read_header(&backend), header(4));
+    }
+
+    #[test]
+    fn without_a_known_header_nothing_is_restored() {
+        let (disk, backend) = setup();
+        // Only part of the header was ever written: there is nothing whole to put back.
+        backend.write(0, &[3; 16]).expect("write");
+        disk.failing_syncs.store(1, Ordering::Release);
+        assert!(backend.sync_data().is_err());
+        assert_eq!(disk.cache.lock()[..16], [3; 16]);
+        assert!(!backend.restore.load(Ordering::Acquire));
     }
 }

@@ -251,7 +251,7 @@ impl Engine {
     fn execute(&self, works: Vec<Work>) -> Vec<Result<Reply>> {
         let durable = self.durable(&works);
         // A durable batch of writes carries a merge when one is due, which then shares the
-        // batch's two fsyncs instead of paying two of its own. A batch that skips its fsync
+        // batch's fsync instead of paying for a commit of its own. A batch that skips its fsync
         // does not: merges are durable (see `durable`).
         let carries_merge = durable
             && works

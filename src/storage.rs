@@ -259,14 +259,10 @@ impl Storage {
         } else {
             Durability::None
         })?;
+        // Saving the allocator state makes redb commit in two phases (two fsyncs); without it a
+        // commit takes one. Either survives a failed fsync that Linux forgets: the backend
+        // puts the last synced header back before the reopen reads it (`backend.rs`).
         txn.set_quick_repair(mode.quick_repair);
-        // Two phases whether or not the commit saves the allocator state: the header names
-        // the new pages only once they are on disk. A one-phase commit writes the header with
-        // them, so if its fsync fails and Linux forgets the writes ("fsyncgate"), the reopen
-        // that follows reads a header naming pages the disk never got, later commits share
-        // them, and a power cut leaves a file that does not open
-        // (`io_faults::a_failed_sync_that_forgets_its_writes`).
-        txn.set_two_phase_commit(true);
         let first_token = self.last_token.load(Ordering::Acquire);
         let (out, entries, merge, token) = {
             let mut writer = Writer {
@@ -479,9 +475,9 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
     }
     let store_id = random_id();
     let mut txn = db.begin_write()?;
-    // Two phases (as every commit of the store), so that should the fsync fail (and Linux
-    // forget the writes it was to make, "fsyncgate") the header still names the empty file,
-    // and the next open creates the tables again.
+    // Two phases, once per file: should the fsync fail (and Linux forget the writes it was
+    // to make, "fsyncgate") the header still names the empty file, and the next open creates
+    // the tables again.
     txn.set_quick_repair(true);
     txn.set_two_phase_commit(true);
     {

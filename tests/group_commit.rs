@@ -794,9 +794,13 @@ fn commit_failure_fails_only_its_batch(quick_repair: bool) -> TestResult {
     assert!(store.mark_seen("seen")?);
 
     // The leader's commit parks in its first sync; the followers queue behind it and form
-    // the next batch, whose first sync fails (every commit is two-phase: two syncs). Every
-    // sync after that succeeds.
-    disk.plan(&[SyncPlan::Hold, SyncPlan::Succeed, SyncPlan::Fail])?;
+    // the next batch, whose first sync fails (with quick repair a commit is two-phase: two
+    // syncs; without, one). Every sync after that succeeds.
+    if quick_repair {
+        disk.plan(&[SyncPlan::Hold, SyncPlan::Succeed, SyncPlan::Fail])?;
+    } else {
+        disk.plan(&[SyncPlan::Hold, SyncPlan::Fail])?;
+    }
     let followers: Vec<String> = (0..8).map(|i| format!("batch-{i}")).collect();
     let (leader_result, follower_results) = std::thread::scope(|scope| {
         let leader = scope.spawn(|| store.claim("leader"));

@@ -238,9 +238,9 @@ fn a_real_full_filesystem() -> TestResult {
 }
 
 /// A failed fsync on Linux may mark the pages it failed to write clean ("fsyncgate"): reads
-/// still see them, no later fsync writes them, a power cut loses them. Run with and without
-/// quick repair: a one-phase commit would fail this either way, and only quick repair forces
-/// two phases in redb.
+/// still see them, no later fsync writes them, a power cut loses them. Run with one-phase
+/// commits (the default) and with quick repair's two phases: the one-phase run fails unless
+/// the backend writes the last synced header back after the failure (`src/backend.rs`).
 #[test]
 fn a_failed_sync_that_forgets_its_writes() -> TestResult {
     let _watchdog = Watchdog::new("io_faults::a_failed_sync_that_forgets_its_writes");

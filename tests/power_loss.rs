@@ -9,7 +9,7 @@ mod fault_support;
 
 use std::time::{Duration, Instant};
 
-use dedupe_store::testing::{Arm, Fate, Rng, SimDisk, Step, run, run_armed};
+use dedupe_store::testing::{Arm, Fate, Rng, RunOptions, SimDisk, Step, run, run_with};
 use dedupe_store::{Claim, Durability, ManualClock, Store};
 
 use fault_support::{Watchdog, concurrent, figure, knob, workload};
@@ -20,14 +20,26 @@ fn fates(seed: u64) -> [Fate; 3] {
     [Fate::DropAll, Fate::KeepAll, Fate::Random(seed)]
 }
 
+/// Odd seeds run with quick repair (two-phase commits), even ones with the default one-phase
+/// commits, so that both recoveries meet every cut.
+fn options(seed: u64) -> RunOptions {
+    RunOptions::default().quick_repair(seed % 2 == 1)
+}
+
 /// Cuts the power at every sync of `steps`, once per fate. Returns the crash points run.
 fn every_sync_point(steps: &[Step], seed: u64) -> Result<u64, String> {
-    let syncs = run(steps, false)?.io.syncs;
+    let options = options(seed);
+    let syncs = run_with(steps, false, Arm::Nothing, options)?.io.syncs;
     let mut points = 0;
     for at in 1..=syncs {
         for fate in fates(seed.wrapping_mul(1_000_003).wrapping_add(at)) {
-            let report = run_armed(steps, false, Arm::PowerCut(at, fate))
-                .map_err(|err| format!("seed {seed}, power cut at sync {at} ({fate:?}): {err}"))?;
+            let report =
+                run_with(steps, false, Arm::PowerCut(at, fate), options).map_err(|err| {
+                    format!(
+                        "seed {seed}, quick repair {}, power cut at sync {at} ({fate:?}): {err}",
+                        options.quick_repair
+                    )
+                })?;
             // The last syncs of a run may shift by one between runs (the order of a batch's
             // keys varies), so a cut planned there may not happen; every other one must.
             if report.power_cuts == 0 && at + 2 < syncs {
@@ -68,8 +80,12 @@ fn random_sync_points_of_longer_workloads() -> TestResult {
         let steps = workload::small(seed, 40);
         let at = 1 + rng.below(120);
         let fate = fates(seed)[rng.below_usize(3)];
-        run_armed(&steps, false, Arm::PowerCut(at, fate)).map_err(|err| {
-            format!("run {index}, seed {seed}, cut at sync {at} ({fate:?}): {err}")
+        let options = options(index);
+        run_with(&steps, false, Arm::PowerCut(at, fate), options).map_err(|err| {
+            format!(
+                "run {index}, seed {seed}, quick repair {}, cut at sync {at} ({fate:?}): {err}",
+                options.quick_repair
+            )
         })?;
     }
     figure(

@@ -53,18 +53,12 @@ pub enum Arm {
 }
 
 /// How a run opens its store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RunOptions {
-    /// [`StoreBuilder::quick_repair`](crate::StoreBuilder::quick_repair). Default: on, as for
+    /// [`StoreBuilder::quick_repair`](crate::StoreBuilder::quick_repair). Default: off, as for
     /// a store.
     pub quick_repair: bool,
-}
-
-impl Default for RunOptions {
-    fn default() -> RunOptions {
-        RunOptions { quick_repair: true }
-    }
 }
 
 impl RunOptions {
