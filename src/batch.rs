@@ -14,6 +14,17 @@
 //! next request yet), which cost more than it saved. Waking them first is the natural batching
 //! window.
 //!
+//! A batch also takes in work that queued while it was being applied, until nothing more is
+//! waiting, and only then commits: a caller that arrives just after the batch began shares its
+//! fsync instead of waiting a whole commit for the next one. Measured at 32 threads
+//! (`durable_claims`, alternating builds): 38.4–39.8k claims/s against 36.5–37.1k/s. The
+//! batcher's `joins` says which work may join; the rest waits for a batch of its own making.
+//!
+//! Also measured and left out: waking a whole batch with one futex call (every caller asleep
+//! on one word) costs as much as waking each caller, since the kernel's wake-up of each thread
+//! is what takes the time on this VM, and the herd of woken callers delays the leader's
+//! hand-off of the lead.
+//!
 //! Some work runs alone ("solo"): a sweep batch removes hundreds of records, and a claim that
 //! shared its commit would wait for all of them. A leader skips solo work queued behind it;
 //! that work is then at the front, so it leads the very next batch, by itself.
@@ -78,15 +89,19 @@ struct Queue<W, R> {
 /// A queue of write requests `W` answered with `R`.
 pub(crate) struct Batcher<W, R> {
     queue: Mutex<Queue<W, R>>,
+    /// Whether a work may join a batch that is already running.
+    joins: fn(&W) -> bool,
 }
 
 impl<W, R> Batcher<W, R> {
-    pub(crate) fn new() -> Batcher<W, R> {
+    /// A batcher whose running batches take in queued work for which `joins` is true.
+    pub(crate) fn new(joins: fn(&W) -> bool) -> Batcher<W, R> {
         Batcher {
             queue: Mutex::new(Queue {
                 pending: VecDeque::new(),
                 leader: false,
             }),
+            joins,
         }
     }
 
@@ -101,7 +116,7 @@ impl<W, R> Batcher<W, R> {
         work: W,
         weight: usize,
         solo: bool,
-        run: impl FnOnce(Vec<W>) -> Vec<R>,
+        run: impl FnOnce(Vec<W>, &mut dyn FnMut() -> Vec<W>) -> Vec<R>,
         on_panic: fn() -> R,
     ) -> R {
         let slot = Arc::new(Slot {
@@ -130,14 +145,15 @@ impl<W, R> Batcher<W, R> {
     fn lead(
         &self,
         own: &Arc<Slot<R>>,
-        run: impl FnOnce(Vec<W>) -> Vec<R>,
+        run: impl FnOnce(Vec<W>, &mut dyn FnMut() -> Vec<W>) -> Vec<R>,
         on_panic: fn() -> R,
     ) -> R {
         let mut slots = Vec::new();
         let mut works = Vec::new();
+        let mut taken = 0usize;
+        let mut solo_batch = false;
         {
             let mut queue = self.queue.lock();
-            let mut taken = 0usize;
             let mut next = 0;
             // The leader's own work is at the front: it is always taken, alone if it is solo.
             while let Some(candidate) = queue.pending.get(next) {
@@ -158,17 +174,20 @@ impl<W, R> Batcher<W, R> {
                 works.push(queued.work);
                 slots.push(queued.slot);
                 if queued.solo {
+                    solo_batch = true;
                     break;
                 }
             }
         }
         // The lead passes on even if `run` panics, answering this batch's callers first.
-        let handoff = Handoff {
+        let mut handoff = Handoff {
             batcher: self,
+            joinable: !solo_batch,
+            taken,
             slots,
             on_panic,
         };
-        let answers = run(works);
+        let answers = run(works, &mut || handoff.join());
         handoff.finish(own, answers)
     }
 }
@@ -176,11 +195,42 @@ impl<W, R> Batcher<W, R> {
 /// Answers a batch's callers and passes the lead on, also when the batch panicked.
 struct Handoff<'b, W, R> {
     batcher: &'b Batcher<W, R>,
+    /// Whether work queued since the batch began may join it (not when it runs solo work).
+    joinable: bool,
+    /// The batch's weight so far.
+    taken: usize,
     slots: Vec<Arc<Slot<R>>>,
     on_panic: fn() -> R,
 }
 
 impl<W, R> Handoff<'_, W, R> {
+    /// Takes the work queued since the batch began, up to the batch's weight: callers that
+    /// arrived while it was being applied join it instead of waiting for the next commit.
+    fn join(&mut self) -> Vec<W> {
+        let mut works = Vec::new();
+        if !self.joinable {
+            return works;
+        }
+        let mut queue = self.batcher.queue.lock();
+        let mut next = 0;
+        while let Some(candidate) = queue.pending.get(next) {
+            if candidate.solo || !(self.batcher.joins)(&candidate.work) {
+                next += 1;
+                continue;
+            }
+            if self.taken.saturating_add(candidate.weight) > MAX_BATCH_WEIGHT {
+                break;
+            }
+            let Some(queued) = queue.pending.remove(next) else {
+                break;
+            };
+            self.taken = self.taken.saturating_add(queued.weight);
+            works.push(queued.work);
+            self.slots.push(queued.slot);
+        }
+        works
+    }
+
     fn finish(mut self, own: &Arc<Slot<R>>, answers: Vec<R>) -> R {
         let mut mine = None;
         let mut answers = answers.into_iter();
@@ -217,12 +267,12 @@ mod tests {
 
     #[test]
     fn a_lone_caller_leads_its_own_batch() {
-        let batcher: Batcher<u32, u32> = Batcher::new();
+        let batcher: Batcher<u32, u32> = Batcher::new(|_| true);
         let answer = batcher.submit(
             7,
             1,
             false,
-            |works| {
+            |works, _| {
                 assert_eq!(works, vec![7]);
                 works.iter().map(|w| w * 2).collect()
             },
@@ -233,7 +283,7 @@ mod tests {
 
     #[test]
     fn concurrent_callers_share_batches_and_each_gets_its_own_answer() {
-        let batcher: Arc<Batcher<usize, usize>> = Arc::new(Batcher::new());
+        let batcher: Arc<Batcher<usize, usize>> = Arc::new(Batcher::new(|_| true));
         let batches = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..16)
             .map(|t| {
@@ -246,7 +296,7 @@ mod tests {
                             work,
                             1,
                             false,
-                            |works| {
+                            |works, _| {
                                 batches.fetch_add(1, Ordering::SeqCst);
                                 std::thread::sleep(std::time::Duration::from_micros(200));
                                 works.iter().map(|w| w + 1).collect()
@@ -270,13 +320,160 @@ mod tests {
 
     #[test]
     fn a_panicking_batch_answers_everyone_and_passes_the_lead() {
-        let batcher: Batcher<u32, u32> = Batcher::new();
+        let batcher: Batcher<u32, u32> = Batcher::new(|_| true);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            batcher.submit(1, 1, false, |_| panic!("boom"), || 0)
+            batcher.submit(1, 1, false, |_, _| panic!("boom"), || 0)
         }));
         assert!(result.is_err());
         // The batcher is usable afterwards: the lead was released.
-        assert_eq!(batcher.submit(2, 1, false, |w| w, || 0), 2);
+        assert_eq!(batcher.submit(2, 1, false, |w, _| w, || 0), 2);
+    }
+
+    #[test]
+    fn work_queued_while_a_batch_runs_joins_it() {
+        // Odd work may join a running batch, even work may not.
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|work| work % 2 == 1));
+        let batches: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(Vec::new()));
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = {
+            let (batcher, batches, release) = (batcher.clone(), batches.clone(), release.clone());
+            std::thread::spawn(move || {
+                batcher.submit(
+                    1,
+                    1,
+                    false,
+                    |mut works, more| {
+                        while !release.load(Ordering::SeqCst) {
+                            std::thread::yield_now();
+                        }
+                        // Applying the first work, the leader finds the others queued.
+                        loop {
+                            let joined = more();
+                            if joined.is_empty() {
+                                break;
+                            }
+                            works.extend(joined);
+                        }
+                        record(&batches, works.clone())
+                            .iter()
+                            .map(|w| w * 10)
+                            .collect()
+                    },
+                    || u32::MAX,
+                )
+            })
+        };
+        while !(batcher.queue.lock().leader && queued(&batcher) == 0) {
+            std::thread::yield_now();
+        }
+        let queued: Vec<_> = [(2, false), (3, false), (4, false), (5, true), (7, false)]
+            .into_iter()
+            .enumerate()
+            .map(|(position, (work, solo))| {
+                let (submitter, batches) = (batcher.clone(), batches.clone());
+                let handle = std::thread::spawn(move || {
+                    submitter.submit(
+                        work,
+                        1,
+                        solo,
+                        |works, _| record(&batches, works).iter().map(|w| w * 10).collect(),
+                        || u32::MAX,
+                    )
+                });
+                wait_for_queue(&batcher, position + 1);
+                (work, handle)
+            })
+            .collect();
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(first.join().expect("first"), 10);
+        for (work, handle) in queued {
+            assert_eq!(
+                handle.join().expect("queued"),
+                work * 10,
+                "the answer of {work}"
+            );
+        }
+        let batches = batches.lock().clone();
+        // 3 and 7 joined the running batch; 2 and 4 may not join, and 5 runs solo.
+        assert_eq!(batches[0], vec![1, 3, 7]);
+        assert_eq!(batches[1..], [vec![2, 4], vec![5]]);
+    }
+
+    #[test]
+    fn joining_stops_at_the_batch_weight() {
+        let batcher: Batcher<u32, u32> = Batcher::new(|_| true);
+        {
+            let mut queue = batcher.queue.lock();
+            queue.leader = true;
+            for work in 0..3 {
+                queue.pending.push_back(Queued {
+                    work,
+                    weight: MAX_BATCH_WEIGHT / 2,
+                    solo: false,
+                    slot: Arc::new(Slot {
+                        state: Mutex::new(SlotState::Waiting),
+                        wake: Condvar::new(),
+                    }),
+                });
+            }
+        }
+        let mut handoff = Handoff {
+            batcher: &batcher,
+            joinable: true,
+            taken: 1,
+            slots: Vec::new(),
+            on_panic: || u32::MAX,
+        };
+        // One half-weight work fits beside the running one; the next would pass the cap.
+        assert_eq!(handoff.join(), vec![0]);
+        assert!(handoff.join().is_empty());
+        assert_eq!(queued(&batcher), 2);
+        let answered = handoff.slots.clone();
+        drop(handoff);
+        // Dropped unfinished (as by a panic), the batch answers its joiner and passes the lead.
+        assert!(matches!(
+            *answered[0].state.lock(),
+            SlotState::Done(u32::MAX)
+        ));
+        assert!(matches!(
+            *batcher.queue.lock().pending[0].slot.state.lock(),
+            SlotState::Lead
+        ));
+    }
+
+    #[test]
+    fn a_solo_batch_takes_no_joiners() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
+        let joined = batcher.submit(
+            9,
+            1,
+            true,
+            |works, more| {
+                let late = {
+                    let mut queue = batcher.queue.lock();
+                    queue.pending.push_back(Queued {
+                        work: 10,
+                        weight: 1,
+                        solo: false,
+                        slot: Arc::new(Slot {
+                            state: Mutex::new(SlotState::Waiting),
+                            wake: Condvar::new(),
+                        }),
+                    });
+                    queue.pending.len()
+                };
+                assert_eq!(late, 1);
+                assert!(more().is_empty(), "solo work must commit alone");
+                works
+            },
+            || u32::MAX,
+        );
+        assert_eq!(joined, 9);
+        // The late work now leads the next batch.
+        assert!(matches!(
+            *batcher.queue.lock().pending[0].slot.state.lock(),
+            SlotState::Lead
+        ));
     }
 
     fn queued(batcher: &Batcher<u32, u32>) -> usize {
@@ -296,7 +493,7 @@ mod tests {
 
     #[test]
     fn solo_work_never_shares_a_batch_and_waits_at_most_one() {
-        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new());
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
         let batches: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(Vec::new()));
         let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // The first leader holds its batch until the four others have queued behind it, in
@@ -308,7 +505,7 @@ mod tests {
                     0,
                     1,
                     false,
-                    |works| {
+                    |works, _| {
                         while !release.load(Ordering::SeqCst) {
                             std::thread::yield_now();
                         }
@@ -328,7 +525,13 @@ mod tests {
             .map(|(position, (work, solo))| {
                 let (submitter, batches) = (batcher.clone(), batches.clone());
                 let handle = std::thread::spawn(move || {
-                    submitter.submit(work, 1, solo, |works| record(&batches, works), || u32::MAX)
+                    submitter.submit(
+                        work,
+                        1,
+                        solo,
+                        |works, _| record(&batches, works),
+                        || u32::MAX,
+                    )
                 });
                 wait_for_queue(&batcher, position + 1);
                 handle

@@ -95,7 +95,8 @@ impl Engine {
             config,
             counters: Counters::default(),
             events: KeyEvents::new(),
-            batcher: Batcher::new(),
+            // Operations may join a running batch; sweeps, merges and flushes wait for their own.
+            batcher: Batcher::new(|work| matches!(work, Work::One(..) | Work::Many(_))),
             last_durable: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
             merging: AtomicBool::new(false),
@@ -169,7 +170,7 @@ impl Engine {
             work,
             weight,
             solo,
-            |works| self.execute(works),
+            |works, more| self.execute(works, more),
             || {
                 Err(Error::from(redb::Error::Io(std::io::Error::other(
                     "a commit panicked; its writes were not acknowledged",
@@ -247,8 +248,13 @@ impl Engine {
         }
     }
 
-    /// Runs one batch in one write transaction. Called by the batch's leader.
-    fn execute(&self, works: Vec<Work>) -> Vec<Result<Reply>> {
+    /// Runs one batch in one write transaction, taking in through `more` the operations queued
+    /// while it is applied. Called by the batch's leader.
+    fn execute(
+        &self,
+        mut works: Vec<Work>,
+        more: &mut dyn FnMut() -> Vec<Work>,
+    ) -> Vec<Result<Reply>> {
         let durable = self.durable(&works);
         // A durable batch of writes carries a merge when one is due, which then shares the
         // batch's fsync instead of paying for a commit of its own. A batch that skips its fsync
@@ -271,7 +277,17 @@ impl Engine {
             let first_token = writer.last_token();
             let mut token = first_token;
             let mut replies = Vec::with_capacity(works.len());
-            for work in &works {
+            loop {
+                let Some(work) = works.get(replies.len()) else {
+                    // Everything so far is applied: take in what queued meanwhile, and commit
+                    // once nothing more is waiting.
+                    let joined = more();
+                    if joined.is_empty() {
+                        break;
+                    }
+                    works.extend(joined);
+                    continue;
+                };
                 let reply = match work {
                     Work::One(key, op) => {
                         Reply::One(self.apply_one(writer, key, op, &mut token, &mut changed)?)
