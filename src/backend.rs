@@ -353,6 +353,13 @@ mod tests {
         vec![byte; HEADER_LEN]
     }
 
+    /// Header 1 synced, then header 2 written over it and not yet synced.
+    fn synced_then_rewritten(backend: &SharedBackend) {
+        backend.write(0, &header(1)).expect("write");
+        backend.sync_data().expect("sync");
+        backend.write(0, &header(2)).expect("write");
+    }
+
     fn read_header(backend: &SharedBackend) -> Vec<u8> {
         let mut out = header(0);
         backend.read(0, &mut out).expect("read the header");
@@ -362,10 +369,8 @@ mod tests {
     #[test]
     fn a_failed_sync_puts_the_synced_header_back() {
         let (disk, backend) = setup();
-        backend.write(0, &header(1)).expect("write");
         backend.write(4096, &[9; 100]).expect("write a page");
-        backend.sync_data().expect("sync");
-        backend.write(0, &header(2)).expect("write");
+        synced_then_rewritten(&backend);
         disk.failing_syncs.store(1, Ordering::Release);
         assert!(backend.sync_data().is_err());
         // The header is back, on disk and in the cache, and nothing is left to restore.
@@ -381,9 +386,7 @@ mod tests {
     #[test]
     fn until_the_header_is_back_reads_see_the_synced_one() {
         let (disk, backend) = setup();
-        backend.write(0, &header(1)).expect("write");
-        backend.sync_data().expect("sync");
-        backend.write(0, &header(2)).expect("write");
+        synced_then_rewritten(&backend);
         // The sync and the restore's own sync fail.
         disk.failing_syncs.store(2, Ordering::Release);
         assert!(backend.sync_data().is_err());
@@ -406,9 +409,7 @@ mod tests {
     #[test]
     fn a_failed_write_restores_the_header_before_the_next_one() {
         let (disk, backend) = setup();
-        backend.write(0, &header(1)).expect("write");
-        backend.sync_data().expect("sync");
-        backend.write(0, &header(2)).expect("write");
+        synced_then_rewritten(&backend);
         disk.failing_writes.store(1, Ordering::Release);
         assert!(backend.write(4096, &[5; 10]).is_err());
         assert_eq!(read_header(&backend), header(1));

@@ -263,7 +263,7 @@ impl<W, R> Drop for Handoff<'_, W, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     #[test]
     fn a_lone_caller_leads_its_own_batch() {
@@ -333,70 +333,22 @@ mod tests {
     fn work_queued_while_a_batch_runs_joins_it() {
         // Odd work may join a running batch, even work may not.
         let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|work| work % 2 == 1));
-        let batches: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(Vec::new()));
-        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let first = {
-            let (batcher, batches, release) = (batcher.clone(), batches.clone(), release.clone());
-            std::thread::spawn(move || {
-                batcher.submit(
-                    1,
-                    1,
-                    false,
-                    |mut works, more| {
-                        while !release.load(Ordering::SeqCst) {
-                            std::thread::yield_now();
-                        }
-                        // Applying the first work, the leader finds the others queued.
-                        loop {
-                            let joined = more();
-                            if joined.is_empty() {
-                                break;
-                            }
-                            works.extend(joined);
-                        }
-                        record(&batches, works.clone())
-                            .iter()
-                            .map(|w| w * 10)
-                            .collect()
-                    },
-                    || u32::MAX,
-                )
-            })
-        };
-        while !(batcher.queue.lock().leader && queued(&batcher) == 0) {
-            std::thread::yield_now();
-        }
-        let queued: Vec<_> = [(2, false), (3, false), (4, false), (5, true), (7, false)]
-            .into_iter()
-            .enumerate()
-            .map(|(position, (work, solo))| {
-                let (submitter, batches) = (batcher.clone(), batches.clone());
-                let handle = std::thread::spawn(move || {
-                    submitter.submit(
-                        work,
-                        1,
-                        solo,
-                        |works, _| record(&batches, works).iter().map(|w| w * 10).collect(),
-                        || u32::MAX,
-                    )
-                });
-                wait_for_queue(&batcher, position + 1);
-                (work, handle)
-            })
-            .collect();
+        let batches = Batches::default();
+        let release = Arc::new(AtomicBool::new(false));
+        let first = held_leader(&batcher, &batches, &release, 1, true);
+        let queued = queue_in_order(
+            &batcher,
+            &batches,
+            &[(2, false), (3, false), (4, false), (5, true), (7, false)],
+        );
         release.store(true, Ordering::SeqCst);
-        assert_eq!(first.join().expect("first"), 10);
+        assert_eq!(first.join().expect("first"), 1);
         for (work, handle) in queued {
-            assert_eq!(
-                handle.join().expect("queued"),
-                work * 10,
-                "the answer of {work}"
-            );
+            assert_eq!(handle.join().expect("queued"), work);
         }
-        let batches = batches.lock().clone();
         // 3 and 7 joined the running batch; 2 and 4 may not join, and 5 runs solo.
-        assert_eq!(batches[0], vec![1, 3, 7]);
-        assert_eq!(batches[1..], [vec![2, 4], vec![5]]);
+        let batches = batches.lock().clone();
+        assert_eq!(batches, vec![vec![1, 3, 7], vec![2, 4], vec![5]]);
     }
 
     #[test]
@@ -486,43 +438,66 @@ mod tests {
         }
     }
 
+    /// The batches a test's callers formed, in commit order.
+    type Batches = Arc<Mutex<Vec<Vec<u32>>>>;
+
+    /// Records a batch and answers each work with itself.
     fn record(batches: &Mutex<Vec<Vec<u32>>>, works: Vec<u32>) -> Vec<u32> {
         batches.lock().push(works.clone());
         works
     }
 
-    #[test]
-    fn solo_work_never_shares_a_batch_and_waits_at_most_one() {
-        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
-        let batches: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(Vec::new()));
-        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // The first leader holds its batch until the four others have queued behind it, in
-        // the order given.
-        let first = {
-            let (batcher, batches, release) = (batcher.clone(), batches.clone(), release.clone());
-            std::thread::spawn(move || {
-                batcher.submit(
-                    0,
-                    1,
-                    false,
-                    |works, _| {
-                        while !release.load(Ordering::SeqCst) {
-                            std::thread::yield_now();
+    /// Starts a leader with `work` that holds its batch until `release`, then (if `join`)
+    /// takes in what queued meanwhile, and records it. Returns once the leader has taken its
+    /// own work out of the queue.
+    fn held_leader(
+        batcher: &Arc<Batcher<u32, u32>>,
+        batches: &Batches,
+        release: &Arc<AtomicBool>,
+        work: u32,
+        join: bool,
+    ) -> std::thread::JoinHandle<u32> {
+        let (leader, batches, release) = (batcher.clone(), batches.clone(), release.clone());
+        let handle = std::thread::spawn(move || {
+            leader.submit(
+                work,
+                1,
+                false,
+                |mut works, more| {
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                    if join {
+                        loop {
+                            let joined = more();
+                            if joined.is_empty() {
+                                break;
+                            }
+                            works.extend(joined);
                         }
-                        record(&batches, works)
-                    },
-                    || u32::MAX,
-                )
-            })
-        };
-        // Until the leader has taken its own work out of the queue.
-        while !(batcher.queue.lock().leader && queued(&batcher) == 0) {
+                    }
+                    record(&batches, works)
+                },
+                || u32::MAX,
+            )
+        });
+        while !(batcher.queue.lock().leader && queued(batcher) == 0) {
             std::thread::yield_now();
         }
-        let queued: Vec<_> = [(1, false), (2, true), (3, false), (4, false)]
-            .into_iter()
+        handle
+    }
+
+    /// Queues each `(work, solo)` behind the running batch, in the order given; the batches
+    /// they lead are recorded.
+    fn queue_in_order(
+        batcher: &Arc<Batcher<u32, u32>>,
+        batches: &Batches,
+        works: &[(u32, bool)],
+    ) -> Vec<(u32, std::thread::JoinHandle<u32>)> {
+        works
+            .iter()
             .enumerate()
-            .map(|(position, (work, solo))| {
+            .map(|(position, &(work, solo))| {
                 let (submitter, batches) = (batcher.clone(), batches.clone());
                 let handle = std::thread::spawn(move || {
                     submitter.submit(
@@ -533,13 +508,26 @@ mod tests {
                         || u32::MAX,
                     )
                 });
-                wait_for_queue(&batcher, position + 1);
-                handle
+                wait_for_queue(batcher, position + 1);
+                (work, handle)
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn solo_work_never_shares_a_batch_and_waits_at_most_one() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
+        let batches = Batches::default();
+        let release = Arc::new(AtomicBool::new(false));
+        let first = held_leader(&batcher, &batches, &release, 0, false);
+        let queued = queue_in_order(
+            &batcher,
+            &batches,
+            &[(1, false), (2, true), (3, false), (4, false)],
+        );
         release.store(true, Ordering::SeqCst);
         assert_eq!(first.join().expect("first"), 0);
-        for (work, handle) in (1..).zip(queued) {
+        for (work, handle) in queued {
             assert_eq!(handle.join().expect("queued"), work);
         }
         let batches = batches.lock().clone();
