@@ -124,6 +124,11 @@ impl StoreBuilder {
     }
 
     /// How often the background sweeper removes expired records. Default: every second.
+    ///
+    /// While writers are busy the sweeper pauses 40 ms between batches, as long as it still
+    /// removes records well ahead of the rate the writers create them, so that claims rarely
+    /// share their fsync with a sweep's pages; it sweeps at full speed otherwise.
+    /// [`Store::sweep`](crate::Store::sweep) never pauses.
     pub fn sweep_interval(mut self, interval: Duration) -> StoreBuilder {
         self.sweep_interval = Some(interval);
         self

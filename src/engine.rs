@@ -321,10 +321,15 @@ impl Engine {
                 } else {
                     self.dirty.store(true, Ordering::Release);
                 }
+                let mut ops = 0;
                 for reply in &replies {
                     match reply {
-                        Reply::One(answer) => self.counters.record(answer),
+                        Reply::One(answer) => {
+                            ops += 1;
+                            self.counters.record(answer);
+                        }
                         Reply::Many(Ok(answers)) => {
+                            ops += answers.len();
                             answers.iter().for_each(|a| self.counters.record(a))
                         }
                         Reply::Many(Err(_))
@@ -333,6 +338,7 @@ impl Engine {
                         | Reply::Merged => {}
                     }
                 }
+                self.counters.wrote(ops);
                 self.counters.swept(swept);
                 for key in &changed {
                     self.events.changed(key);

@@ -97,7 +97,7 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`]; batches committed before the failure stay removed.
     pub fn sweep(&self) -> Result<usize> {
-        sweeper::sweep_all(self.engine(), true, || false)
+        sweeper::sweep_all(self.engine(), true, None, || false)
     }
 
     /// Counters since open and gauges read now. Counting expired records awaiting the sweeper

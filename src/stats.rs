@@ -78,6 +78,9 @@ pub(crate) struct Counters {
     duplicates: AtomicU64,
     expired: AtomicU64,
     swept: AtomicU64,
+    /// Operations committed by the writer (not counted in [`Stats`]; the sweeper paces
+    /// itself by them).
+    written: AtomicU64,
     commit_failures: AtomicU64,
     sweeper_errors: AtomicU64,
     last_sweeper_error: Mutex<Option<String>>,
@@ -117,6 +120,16 @@ impl Counters {
 
     pub(crate) fn swept(&self, removed: usize) {
         bump(&self.swept, removed as u64);
+    }
+
+    /// Counts operations the writer committed.
+    pub(crate) fn wrote(&self, ops: usize) {
+        bump(&self.written, ops as u64);
+    }
+
+    /// Operations the writer committed since open.
+    pub(crate) fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     pub(crate) fn commit_failed(&self) {

@@ -4,6 +4,15 @@
 //! It sleeps on a condvar with a timeout, so a shutdown wakes it at once, and it checks for
 //! shutdown between batches, so even a large backlog does not delay a close. Its failures are
 //! counted in [`Stats`](crate::Stats) and it keeps running.
+//!
+//! While writers are busy it yields to them. A sweep batch commits without an fsync of its
+//! own, so the next claim's fsync writes the pages the batch dirtied: with one thread claiming
+//! during a sweep of a million records, every claim paid for one, p50 1.03 ms against 197 µs
+//! quiet. So between two batches the sweeper pauses ([`YIELD_PAUSE`]) whenever operations were
+//! committed meanwhile, as long as the paced sweep still removes records faster than
+//! [`YIELD_HEADROOM`] times the rate of those operations, which bounds the records any
+//! workload can leave waiting; it sweeps at full speed when writers outpace that, and when
+//! they are idle. An explicit [`Store::sweep`](crate::Store::sweep) never pauses.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,6 +26,31 @@ use crate::error::{Error, Result};
 
 /// The thread's name, as shown by debuggers and `top -H`.
 pub(crate) const THREAD_NAME: &str = "dedupe-sweeper";
+
+/// The background sweeper's pause between two batches while writers are busy.
+pub(crate) const YIELD_PAUSE: Duration = Duration::from_millis(40);
+
+/// How much faster than the writes (operations per second) the paced sweep must remove
+/// records for the sweeper to pause: each operation leaves at most one record to expire.
+pub(crate) const YIELD_HEADROOM: f64 = 1.25;
+
+/// Whether to pause between two batches: `removed` records went in the last batch, which took
+/// `took`; `busy` says an operation was committed within the last [`YIELD_PAUSE`], and
+/// `writes` were committed over `window` (the sweep so far).
+pub(crate) fn pause_after(
+    removed: usize,
+    took: Duration,
+    busy: bool,
+    writes: u64,
+    window: Duration,
+) -> Option<Duration> {
+    if !busy || removed == 0 {
+        return None;
+    }
+    let write_rate = writes as f64 / window.as_secs_f64().max(1e-6);
+    let paced_rate = removed as f64 / (took + YIELD_PAUSE).as_secs_f64();
+    (paced_rate >= YIELD_HEADROOM * write_rate).then_some(YIELD_PAUSE)
+}
 
 #[derive(Default)]
 struct Signal {
@@ -122,7 +156,10 @@ fn run(
         {
             // Not thorough: a merge of everything each interval would hold the writer for a
             // long commit on a large store of scattered keys, to sweep nothing.
-            if let Err(err) = sweep_all(engine, false, || signal.stopped()) {
+            let paced = Pacing {
+                sleep: &|pause| signal.sleep_until(Instant::now() + pause),
+            };
+            if let Err(err) = sweep_all(engine, false, Some(&paced), || signal.stopped()) {
                 engine.counters.sweeper_failed(&err);
             }
             next_sweep = Some(Instant::now() + every);
@@ -130,18 +167,56 @@ fn run(
     }
 }
 
+/// How a background sweep yields to writers: `sleep` waits the given time and says whether the
+/// sweeper was stopped meanwhile.
+pub(crate) struct Pacing<'a> {
+    pub sleep: &'a dyn Fn(Duration) -> bool,
+}
+
 /// Sweeps in batches until nothing is due or `stop()` says so, then makes the removals
 /// durable (sweep batches commit without an fsync of their own). Returns how many were
 /// removed. `thorough` merges the journal first whatever it holds (see
-/// [`Writer::sweep`](crate::storage::Writer::sweep)).
-pub(crate) fn sweep_all(engine: &Engine, thorough: bool, stop: impl Fn() -> bool) -> Result<usize> {
+/// [`Writer::sweep`](crate::storage::Writer::sweep)). With `pacing`, pauses between batches
+/// while writers are busy (see the module docs).
+pub(crate) fn sweep_all(
+    engine: &Engine,
+    thorough: bool,
+    pacing: Option<&Pacing<'_>>,
+    stop: impl Fn() -> bool,
+) -> Result<usize> {
     let mut total = 0;
+    let sweep_start = Instant::now();
+    let writes_at_start = engine.counters.written();
+    let mut writes_seen = writes_at_start;
+    // When the count of committed operations last moved.
+    let mut last_write: Option<Instant> = None;
     let swept = loop {
+        let started = Instant::now();
         match engine.sweep_batch(engine.config.sweep_batch, thorough) {
             Ok((removed, more)) => {
                 total += removed;
                 if !more || stop() {
                     break Ok(total);
+                }
+                if let Some(pacing) = pacing {
+                    let writes = engine.counters.written();
+                    if writes != writes_seen {
+                        writes_seen = writes;
+                        last_write = Some(Instant::now());
+                    }
+                    let busy = last_write.is_some_and(|at| at.elapsed() < YIELD_PAUSE);
+                    let pause = pause_after(
+                        removed,
+                        started.elapsed(),
+                        busy,
+                        writes.saturating_sub(writes_at_start),
+                        sweep_start.elapsed(),
+                    );
+                    if let Some(pause) = pause
+                        && (pacing.sleep)(pause)
+                    {
+                        break Ok(total);
+                    }
                 }
             }
             Err(err) => break Err(err),
@@ -151,4 +226,32 @@ pub(crate) fn sweep_all(engine: &Engine, thorough: bool, stop: impl Fn() -> bool
         engine.flush_if_dirty()?;
     }
     swept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn no_pause_while_writers_are_idle() {
+        // Nothing written lately, however busy the sweep's start was.
+        assert_eq!(pause_after(256, MS, false, 4, MS), None);
+        assert_eq!(pause_after(0, MS, true, 4, MS), None);
+    }
+
+    #[test]
+    fn pauses_while_the_paced_sweep_outruns_the_writes() {
+        // 256 records per 41 ms is about 6,240/s: it outruns 4,000 writes a second by 1.25×.
+        assert_eq!(pause_after(256, MS, true, 4, MS), Some(YIELD_PAUSE));
+    }
+
+    #[test]
+    fn full_speed_when_writes_would_outrun_the_paced_sweep() {
+        // 40,000 writes a second would leave records faster than 6,240/s removes them.
+        assert_eq!(pause_after(256, MS, true, 40, MS), None);
+        // So would 5,000 a second, within the headroom.
+        assert_eq!(pause_after(256, MS, true, 5, MS), None);
+    }
 }

@@ -66,6 +66,30 @@ fn the_sweeper_sweeps_and_is_joined_on_drop_and_close() -> TestResult {
     assert_eq!(stats.live_keys, 1);
     assert_eq!(stats.sweeper_errors, 0);
 
+    // While a writer is busy the sweeper pauses between batches, and still clears a backlog.
+    let keys: Vec<String> = (0..2000).map(|i| format!("backlog{i}")).collect();
+    store.mark_seen_many_with_ttl(&keys, Duration::from_secs(60))?;
+    clock.advance(Duration::from_secs(60));
+    let writing = std::sync::atomic::AtomicBool::new(true);
+    let cleared = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| -> Result<u64, dedupe_store::Error> {
+            let mut written = 0;
+            while writing.load(std::sync::atomic::Ordering::Acquire) {
+                store.mark_seen(format!("fresh{written}"))?;
+                written += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(written)
+        });
+        let cleared = eventually(|| Ok(store.stats()?.swept == 3000));
+        writing.store(false, std::sync::atomic::Ordering::Release);
+        let written = writer.join().map_err(|_| "the writer panicked")??;
+        assert!(written > 0);
+        cleared
+    })?;
+    assert!(cleared, "the sweeper starved behind a busy writer");
+    assert_eq!(store.stats()?.expired_pending, 0);
+
     // Clones share one sweeper; it stops when the last one drops, and the file is free.
     let clone = store.clone();
     drop(store);
