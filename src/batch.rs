@@ -148,44 +148,30 @@ impl<W, R> Batcher<W, R> {
         run: impl FnOnce(Vec<W>, &mut dyn FnMut() -> Vec<W>) -> Vec<R>,
         on_panic: fn() -> R,
     ) -> R {
-        let mut slots = Vec::new();
-        let mut works = Vec::new();
-        let mut taken = 0usize;
-        let mut solo_batch = false;
-        {
-            let mut queue = self.queue.lock();
-            let mut next = 0;
-            // The leader's own work is at the front: it is always taken, alone if it is solo.
-            while let Some(candidate) = queue.pending.get(next) {
-                if !works.is_empty() {
-                    if candidate.solo {
-                        // Left at its place: it leads the next batch.
-                        next += 1;
-                        continue;
-                    }
-                    if taken.saturating_add(candidate.weight) > MAX_BATCH_WEIGHT {
-                        break;
-                    }
-                }
-                let Some(queued) = queue.pending.remove(next) else {
-                    break;
-                };
-                taken = taken.saturating_add(queued.weight);
-                works.push(queued.work);
-                slots.push(queued.slot);
-                if queued.solo {
-                    solo_batch = true;
-                    break;
-                }
-            }
-        }
         // The lead passes on even if `run` panics, answering this batch's callers first.
         let mut handoff = Handoff {
             batcher: self,
-            joinable: !solo_batch,
-            taken,
-            slots,
+            joinable: false,
+            taken: 0,
+            slots: Vec::new(),
             on_panic,
+        };
+        let works = {
+            let mut queue = self.queue.lock();
+            // The leader's own work is at the front: it is always taken, alone if it is solo.
+            match queue.pending.pop_front() {
+                Some(first) => {
+                    handoff.taken = first.weight;
+                    handoff.slots.push(first.slot);
+                    let mut works = vec![first.work];
+                    if !first.solo {
+                        handoff.joinable = true;
+                        works.extend(handoff.take(&mut queue, |_| true));
+                    }
+                    works
+                }
+                None => Vec::new(),
+            }
         };
         let answers = run(works, &mut || handoff.join());
         handoff.finish(own, answers)
@@ -204,17 +190,14 @@ struct Handoff<'b, W, R> {
 }
 
 impl<W, R> Handoff<'_, W, R> {
-    /// Takes the work queued since the batch began, up to the batch's weight: callers that
-    /// arrived while it was being applied join it instead of waiting for the next commit.
-    fn join(&mut self) -> Vec<W> {
+    /// Moves the queued work that `accepts` allows into the batch, oldest first, up to the
+    /// batch's weight. Solo work, and work it does not accept, keeps its place: the oldest of
+    /// it leads the next batch.
+    fn take(&mut self, queue: &mut Queue<W, R>, accepts: impl Fn(&W) -> bool) -> Vec<W> {
         let mut works = Vec::new();
-        if !self.joinable {
-            return works;
-        }
-        let mut queue = self.batcher.queue.lock();
         let mut next = 0;
         while let Some(candidate) = queue.pending.get(next) {
-            if candidate.solo || !(self.batcher.joins)(&candidate.work) {
+            if candidate.solo || !accepts(&candidate.work) {
                 next += 1;
                 continue;
             }
@@ -229,6 +212,17 @@ impl<W, R> Handoff<'_, W, R> {
             self.slots.push(queued.slot);
         }
         works
+    }
+
+    /// Takes the work queued since the batch began that may join it: callers that arrived
+    /// while it was being applied share its commit instead of waiting for the next one.
+    fn join(&mut self) -> Vec<W> {
+        if !self.joinable {
+            return Vec::new();
+        }
+        let batcher = self.batcher;
+        let mut queue = batcher.queue.lock();
+        self.take(&mut queue, batcher.joins)
     }
 
     fn finish(mut self, own: &Arc<Slot<R>>, answers: Vec<R>) -> R {
