@@ -285,72 +285,42 @@ impl StorageBackend for SharedBackend {
     }
 }
 
-#[cfg(test)]
+// The project's simulated disk, which can fail a sync and forget its writes as Linux does, is
+// part of the `testing` feature.
+#[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use crate::testing::{Fault, IoCall, IoFailure, SimDisk};
 
-    /// A disk whose failed sync forgets the writes it was to persist, as Linux does: reads
-    /// keep seeing them, the disk image keeps the old bytes.
-    #[derive(Debug, Default)]
-    struct ForgetfulDisk {
-        cache: Mutex<Vec<u8>>,
-        disk: Mutex<Vec<u8>>,
-        /// The next this many syncs fail.
-        failing_syncs: AtomicUsize,
-        failing_writes: AtomicUsize,
-    }
-
-    fn failing(count: &AtomicUsize) -> bool {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-    }
-
-    impl StorageBackend for ForgetfulDisk {
-        fn len(&self) -> std::io::Result<u64> {
-            Ok(self.cache.lock().len() as u64)
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-            let cache = self.cache.lock();
-            let start = offset as usize;
-            out.copy_from_slice(&cache[start..start + out.len()]);
-            Ok(())
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.cache.lock().resize(len as usize, 0);
-            Ok(())
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            let cache = self.cache.lock();
-            if !failing(&self.failing_syncs) {
-                self.disk.lock().clone_from(&cache);
-                return Ok(());
-            }
-            Err(std::io::Error::other("sync failed"))
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            if failing(&self.failing_writes) {
-                return Err(std::io::Error::other("write failed"));
-            }
-            let mut cache = self.cache.lock();
-            let end = offset as usize + data.len();
-            if cache.len() < end {
-                cache.resize(end, 0);
-            }
-            cache[offset as usize..end].copy_from_slice(data);
-            Ok(())
-        }
-    }
-
-    fn setup() -> (Arc<ForgetfulDisk>, SharedBackend) {
-        let disk = Arc::new(ForgetfulDisk::default());
-        let backend = SharedBackend::new(disk.clone(), FileLock::Unsupported);
+    /// A backend on a disk whose failed sync forgets the writes it was to persist.
+    fn setup() -> (SimDisk, SharedBackend) {
+        let disk = SimDisk::new();
+        disk.failed_sync_forgets_writes(true);
+        let backend = SharedBackend::new(Arc::new(disk.clone()), FileLock::Unsupported);
         (disk, backend)
+    }
+
+    /// Fails the next `times` calls of `call`.
+    fn fail_next(disk: &SimDisk, call: IoCall, times: u64) {
+        disk.arm(Fault {
+            call,
+            nth: 1,
+            times,
+            failure: IoFailure::Eio,
+        });
     }
 
     fn header(byte: u8) -> Vec<u8> {
         vec![byte; HEADER_LEN]
+    }
+
+    /// The header as the disk holds it durably, and as reads see it.
+    fn durable_header(disk: &SimDisk) -> Vec<u8> {
+        disk.durable_image()[..HEADER_LEN].to_vec()
+    }
+
+    fn cached_header(disk: &SimDisk) -> Vec<u8> {
+        disk.current_image()[..HEADER_LEN].to_vec()
     }
 
     /// Header 1 synced, then header 2 written over it and not yet synced.
@@ -371,16 +341,16 @@ mod tests {
         let (disk, backend) = setup();
         backend.write(4096, &[9; 100]).expect("write a page");
         synced_then_rewritten(&backend);
-        disk.failing_syncs.store(1, Ordering::Release);
+        fail_next(&disk, IoCall::Sync, 1);
         assert!(backend.sync_data().is_err());
         // The header is back, on disk and in the cache, and nothing is left to restore.
-        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+        assert_eq!(durable_header(&disk), header(1));
         assert_eq!(read_header(&backend), header(1));
         assert!(!backend.restore.load(Ordering::Acquire));
         // Later commits carry on from the restored header.
         backend.write(0, &header(3)).expect("write");
         backend.sync_data().expect("sync");
-        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(3));
+        assert_eq!(durable_header(&disk), header(3));
     }
 
     #[test]
@@ -388,12 +358,12 @@ mod tests {
         let (disk, backend) = setup();
         synced_then_rewritten(&backend);
         // The sync and the restore's own sync fail.
-        disk.failing_syncs.store(2, Ordering::Release);
+        fail_next(&disk, IoCall::Sync, 2);
         assert!(backend.sync_data().is_err());
-        assert_eq!(disk.cache.lock()[..HEADER_LEN], header(1));
+        assert_eq!(cached_header(&disk), header(1));
         assert!(backend.restore.load(Ordering::Acquire));
         // A reopen reads the durable header, whatever the cache holds.
-        disk.cache.lock()[..HEADER_LEN].copy_from_slice(&header(2));
+        disk.write(0, &header(2)).expect("write the cache");
         assert_eq!(read_header(&backend), header(1));
         let mut part = [0u8; 8];
         backend
@@ -402,7 +372,7 @@ mod tests {
         assert_eq!(part, [1; 8]);
         // The next write puts it back first.
         backend.write(8192, &[7; 10]).expect("write");
-        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+        assert_eq!(durable_header(&disk), header(1));
         assert!(!backend.restore.load(Ordering::Acquire));
     }
 
@@ -410,12 +380,12 @@ mod tests {
     fn a_failed_write_restores_the_header_before_the_next_one() {
         let (disk, backend) = setup();
         synced_then_rewritten(&backend);
-        disk.failing_writes.store(1, Ordering::Release);
+        fail_next(&disk, IoCall::Write, 1);
         assert!(backend.write(4096, &[5; 10]).is_err());
         assert_eq!(read_header(&backend), header(1));
         backend.write(4096, &[6; 10]).expect("write");
-        assert_eq!(disk.cache.lock()[..HEADER_LEN], header(1));
-        assert_eq!(disk.disk.lock()[..HEADER_LEN], header(1));
+        assert_eq!(cached_header(&disk), header(1));
+        assert_eq!(durable_header(&disk), header(1));
     }
 
     #[test]
@@ -425,7 +395,7 @@ mod tests {
         disk.sync_data().expect("sync");
         assert_eq!(read_header(&backend), header(4));
         backend.write(0, &header(5)).expect("write");
-        disk.failing_syncs.store(1, Ordering::Release);
+        fail_next(&disk, IoCall::Sync, 1);
         assert!(backend.sync_data().is_err());
         assert_eq!(read_header(&backend), header(4));
     }
@@ -435,9 +405,9 @@ mod tests {
         let (disk, backend) = setup();
         // Only part of the header was ever written: there is nothing whole to put back.
         backend.write(0, &[3; 16]).expect("write");
-        disk.failing_syncs.store(1, Ordering::Release);
+        fail_next(&disk, IoCall::Sync, 1);
         assert!(backend.sync_data().is_err());
-        assert_eq!(disk.cache.lock()[..16], [3; 16]);
+        assert_eq!(disk.current_image()[..16], [3; 16]);
         assert!(!backend.restore.load(Ordering::Acquire));
     }
 }
