@@ -11,7 +11,9 @@ use redb::backends::{FileBackend, InMemoryBackend};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
-use crate::limits::{self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT};
+use crate::limits::{
+    self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT, MAX_SWEEP_BATCH_SIZE,
+};
 use crate::store::Store;
 
 /// When an acknowledged write is on disk.
@@ -142,7 +144,8 @@ impl StoreBuilder {
     }
 
     /// How many records one sweep transaction removes at most, so a large backlog never holds
-    /// the writer for long. Default: 256.
+    /// the writer for long: 1 to [`MAX_SWEEP_BATCH_SIZE`](crate::MAX_SWEEP_BATCH_SIZE).
+    /// Default: 256.
     pub fn sweep_batch_size(mut self, records: usize) -> StoreBuilder {
         self.sweep_batch = records;
         self
@@ -284,6 +287,14 @@ impl StoreBuilder {
         if self.sweep_batch == 0 {
             return Err(Error::InvalidConfig {
                 reason: "sweep_batch_size must be at least 1".to_string(),
+            });
+        }
+        if self.sweep_batch > MAX_SWEEP_BATCH_SIZE {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "sweep_batch_size is {}, over the limit of {MAX_SWEEP_BATCH_SIZE}",
+                    self.sweep_batch
+                ),
             });
         }
         Ok(Config {

@@ -125,7 +125,7 @@ pub use error::{Error, Result, StorageError};
 pub use key::{Key, MAX_KEY_LEN};
 pub use limits::{
     DEFAULT_MAX_RESPONSE_BYTES, MAX_CHECKPOINT_STATE, MAX_DURATION, MAX_FINGERPRINT_LEN,
-    MAX_RESPONSE_BYTES_LIMIT, MAX_STEP_LEN,
+    MAX_RESPONSE_BYTES_LIMIT, MAX_STEP_LEN, MAX_SWEEP_BATCH_SIZE,
 };
 pub use maintenance::VerifyReport;
 pub use redb::StorageBackend;

@@ -16,6 +16,11 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// accepts: 256 MiB.
 pub const MAX_RESPONSE_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 
+/// The most records [`StoreBuilder::sweep_batch_size`](crate::StoreBuilder::sweep_batch_size)
+/// accepts for one sweep transaction: 65,536. A sweep batch holds the writer while it runs, so
+/// batches stay small enough that claims never wait long behind one.
+pub const MAX_SWEEP_BATCH_SIZE: usize = 64 * 1024;
+
 /// The longest checkpoint step name accepted, in bytes.
 pub const MAX_STEP_LEN: usize = 256;
 

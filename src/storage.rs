@@ -747,7 +747,11 @@ impl Writer<'_> {
         }
         let tables = &mut self.tables;
         let mut due = Vec::new();
-        for entry in tables.expiry.range(due_range(now))?.take(limit + 1) {
+        for entry in tables
+            .expiry
+            .range(due_range(now))?
+            .take(limit.saturating_add(1))
+        {
             let (index_key, _) = entry?;
             let (expires_at, key) = index_key.value();
             due.push((expires_at, key.to_vec()));

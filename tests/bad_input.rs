@@ -243,15 +243,37 @@ fn bad_builder_settings() -> TestResult {
         Store::builder().max_response_bytes(usize::MAX).in_memory(),
         Err(Error::InvalidConfig { .. })
     ));
-    assert!(matches!(
-        Store::builder().sweep_batch_size(0).in_memory(),
-        Err(Error::InvalidConfig { .. })
-    ));
+    for records in [0, dedupe_store::MAX_SWEEP_BATCH_SIZE + 1, usize::MAX] {
+        assert!(
+            matches!(
+                Store::builder().sweep_batch_size(records).in_memory(),
+                Err(Error::InvalidConfig { .. })
+            ),
+            "sweep_batch_size({records}) was accepted"
+        );
+    }
     // A bad setting creates no file.
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("never.redb");
     assert!(Store::builder().ttl(Duration::ZERO).open(&path).is_err());
     assert!(!path.exists());
+    Ok(())
+}
+
+#[test]
+fn the_largest_sweep_batch_sweeps() -> TestResult {
+    let clock = dedupe_store::ManualClock::new(1_000);
+    let store = Store::builder()
+        .clock(clock.clone())
+        .without_sweeper()
+        .sweep_batch_size(dedupe_store::MAX_SWEEP_BATCH_SIZE)
+        .in_memory()?;
+    for key in ["a", "b", "c"] {
+        assert!(store.mark_seen_with_ttl(key, Duration::from_millis(1))?);
+    }
+    clock.advance(Duration::from_millis(5));
+    assert_eq!(store.sweep()?, 3);
+    assert_eq!(store.stats()?.swept, 3);
     Ok(())
 }
 
