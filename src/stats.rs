@@ -22,7 +22,9 @@ pub struct Stats {
     pub takeovers: u64,
     /// Claims answered `Completed`: replays of a stored outcome.
     pub replays: u64,
-    /// Claims answered `InProgress`.
+    /// Claims answered `InProgress`. A [`Store::claim_or_wait`](crate::Store::claim_or_wait)
+    /// that finds the key in progress counts once, however often it looks again while it
+    /// waits, and then counts the answer it ends with.
     pub in_progress: u64,
     /// Claims answered `Mismatch`.
     pub mismatches: u64,
@@ -101,7 +103,9 @@ impl Counters {
                 }
             }
             Answer::Claim(Claim::Completed(_)) => bump(&self.replays, 1),
-            Answer::Claim(Claim::InProgress { .. }) => bump(&self.in_progress, 1),
+            // Counted by the store, once per answer a caller gets (see `in_progress`): a
+            // `claim_or_wait` claims again each time it wakes.
+            Answer::Claim(Claim::InProgress { .. }) => {}
             Answer::Claim(Claim::Mismatch { .. }) => bump(&self.mismatches, 1),
             Answer::Completed => bump(&self.completes, 1),
             Answer::Released => bump(&self.releases, 1),
@@ -116,6 +120,11 @@ impl Counters {
             Answer::Refused(Error::LeaseLost { .. }) => bump(&self.lease_lost, 1),
             Answer::Refused(_) => {}
         }
+    }
+
+    /// Counts a claim answered `InProgress`.
+    pub(crate) fn in_progress(&self) {
+        bump(&self.in_progress, 1);
     }
 
     pub(crate) fn swept(&self, removed: usize) {

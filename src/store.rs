@@ -187,7 +187,16 @@ impl Store {
     pub fn claim_with(&self, key: impl AsRef<[u8]>, options: &ClaimOptions) -> Result<Claim> {
         let key = checked_key(key.as_ref())?;
         let op = self.claim_op(options)?;
-        self.run_claim(key, op)
+        let claim = self.run_claim(key, op)?;
+        Ok(self.answered(claim))
+    }
+
+    /// Counts the claim's answer as the caller gets it.
+    fn answered(&self, claim: Claim) -> Claim {
+        if matches!(claim, Claim::InProgress { .. }) {
+            self.engine().counters.in_progress();
+        }
+        claim
     }
 
     fn claim_op(&self, options: &ClaimOptions) -> Result<Op> {
@@ -241,16 +250,29 @@ impl Store {
         let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
         let deadline = Instant::now().checked_add(timeout);
         let events = &self.engine().events;
+        // A wait that meets the key in progress counts as one in-progress answer, however
+        // often it looks again.
+        let mut counted = false;
         loop {
             let seen = events.generation(&stored_key);
             let claim = self.run_claim(key.clone(), op.clone())?;
             let Claim::InProgress { lease_until, .. } = claim else {
                 return Ok(claim);
             };
+            if !std::mem::replace(&mut counted, true) {
+                self.engine().counters.in_progress();
+            }
+            let mut waited = false;
             loop {
                 let now = Instant::now();
                 if deadline.is_some_and(|deadline| now >= deadline) {
-                    return Ok(claim);
+                    // Answer as a claim would now: the lease may have run out, or moved on,
+                    // since the last look.
+                    return if waited {
+                        self.run_claim(key, op)
+                    } else {
+                        Ok(claim)
+                    };
                 }
                 let lease_left =
                     Duration::from_millis(lease_until.saturating_sub(self.engine().now()));
@@ -264,6 +286,7 @@ impl Store {
                 if events.wait(&stored_key, seen, until) {
                     break;
                 }
+                waited = true;
             }
         }
     }

@@ -134,3 +134,62 @@ fn many_waiters_get_the_one_outcome() -> TestResult {
         Ok(())
     })
 }
+
+#[test]
+fn at_the_timeout_answers_as_a_claim_would_then() -> TestResult {
+    on_both(|f| {
+        let ticket = f.acquire("k")?;
+        let store = f.store.clone();
+        let waiting = std::thread::spawn(move || {
+            store.claim_or_wait("k", &ClaimOptions::new(), Duration::from_millis(300))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        // The lease is still live at the timeout, but a third of it has passed meanwhile.
+        f.advance(LEASE / 3);
+        match waiting.join().map_err(|_| "waiter panicked")?? {
+            Claim::InProgress {
+                lease_until,
+                retry_after,
+                ..
+            } => {
+                assert_eq!(lease_until, ticket.lease_until());
+                assert_eq!(retry_after, LEASE - LEASE / 3);
+            }
+            other => return Err(format!("expected InProgress, got {other:?}").into()),
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn a_wait_counts_the_answer_its_caller_gets() -> TestResult {
+    on_both(|f| {
+        let mut ticket = f.acquire("k")?;
+        let waiter = waiter(&f.store);
+        std::thread::sleep(Duration::from_millis(50));
+        // Heartbeats wake the waiter, which looks again each time.
+        for _ in 0..3 {
+            f.store.extend(&mut ticket, LEASE)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f.store.complete(&ticket, b"done")?;
+        assert!(matches!(
+            waiter.join().map_err(|_| "waiter panicked")??,
+            Claim::Completed(_)
+        ));
+        // The wait met the key in progress (once, however often it looked) and ended with
+        // the replay.
+        let stats = f.store.stats()?;
+        assert_eq!((stats.in_progress, stats.replays), (1, 1));
+        // A wait that times out counts once too.
+        let _busy = f.acquire("busy")?;
+        let timed_out =
+            f.store
+                .claim_or_wait("busy", &ClaimOptions::new(), Duration::from_millis(30))?;
+        assert!(matches!(timed_out, Claim::InProgress { .. }));
+        assert_eq!(f.store.stats()?.in_progress, 2);
+        assert!(matches!(f.store.claim("busy")?, Claim::InProgress { .. }));
+        assert_eq!(f.store.stats()?.in_progress, 3);
+        Ok(())
+    })
+}
