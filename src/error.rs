@@ -136,9 +136,9 @@ pub enum Error {
         supported: u32,
     },
 
-    /// The file is a redb database but not a dedupe store (it has other tables and none of
-    /// ours). Nothing was changed.
-    #[error("{} is a redb file but not a dedupe store", path.display())]
+    /// The file is not a dedupe store: a redb database of another program (it has other
+    /// tables and none of ours), or not a redb file at all. Nothing was changed.
+    #[error("{} is not a dedupe store file", path.display())]
     NotAStore {
         /// The file.
         path: PathBuf,

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 const REDB_HEADER_LEN: usize = 320;
 
 /// redb's magic number, the first bytes of every redb file (its file format, version 3).
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+pub(crate) const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
 /// The largest file [`discard_interrupted_creation`] reads through; a larger one is never an
 /// interrupted creation (redb creates files of a few hundred KiB).

@@ -18,7 +18,7 @@ use redb::{
 
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
-use crate::guard::{discard_interrupted_creation, drop_quietly, guarded, guarded_call};
+use crate::guard::{REDB_MAGIC, discard_interrupted_creation, drop_quietly, guarded, guarded_call};
 use crate::journal::{self, Backlog, Changes, Merge, Overlay, Pending};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
@@ -72,6 +72,8 @@ pub(crate) struct Storage {
     /// overlay with the file's journal, so a read that checked the overlay before it must
     /// check again.
     reopens: AtomicU64,
+    /// Set by [`Storage::close`]: reads that the overlay could answer get `Closed` too.
+    closed: AtomicBool,
     backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
     path: Option<PathBuf>,
@@ -112,6 +114,7 @@ impl Storage {
                 overlay: RwLock::new(overlay),
                 last_token: AtomicU64::new(token),
                 reopens: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
                 backend: shared,
                 path,
                 cache_size,
@@ -152,6 +155,9 @@ impl Storage {
     /// transaction begun after. A reopen replaces the overlay with the file's journal.
     fn overlay_then_tables<T>(&self, read: impl Fn() -> Result<T>) -> Result<T> {
         loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
             let reopens = self.reopens.load(Ordering::Acquire);
             let out = read()?;
             if self.reopens.load(Ordering::Acquire) == reopens {
@@ -355,6 +361,7 @@ impl Storage {
 
     /// Closes the database and releases the file. Later calls get [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
             Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
@@ -430,12 +437,16 @@ fn check_before_writing(
     path: Option<&Path>,
     cache_size: usize,
 ) -> Result<()> {
-    if backend
+    let len = backend
         .len()
-        .map_err(|err| Error::from(redb::Error::Io(err)))?
-        == 0
-    {
+        .map_err(|err| Error::from(redb::Error::Io(err)))?;
+    if len == 0 {
         return Ok(());
+    }
+    if !starts_as_redb(backend, len)? {
+        return Err(Error::NotAStore {
+            path: display_path(path),
+        });
     }
     let db = match Database::builder()
         .set_cache_size(cache_size)
@@ -456,6 +467,18 @@ fn check_before_writing(
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(()),
         Err(err) => Err(err.into()),
     }
+}
+
+/// Whether a file of `len` bytes begins as a redb file does.
+fn starts_as_redb(backend: &SharedBackend, len: u64) -> Result<bool> {
+    if len < REDB_MAGIC.len() as u64 {
+        return Ok(false);
+    }
+    let mut start = [0u8; REDB_MAGIC.len()];
+    backend
+        .read(0, &mut start)
+        .map_err(|err| Error::from(redb::Error::Io(err)))?;
+    Ok(start == REDB_MAGIC)
 }
 
 /// Checks the file's format, or writes the meta table into a new file. Returns the store id.

@@ -586,7 +586,10 @@ impl Store {
     /// [`Error::Storage`] or [`Error::Io`] if the final flush or the release failed.
     pub fn close(self) -> Result<()> {
         drop(self.handle.sweeper.lock().take());
-        self.engine().storage.close()
+        let closed = self.engine().storage.close();
+        // Callers waiting in `claim_or_wait` on other clones look again, and get `Closed`.
+        self.engine().events.changed_all();
+        closed
     }
 }
 

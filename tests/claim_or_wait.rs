@@ -193,3 +193,30 @@ fn a_wait_counts_the_answer_its_caller_gets() -> TestResult {
         Ok(())
     })
 }
+
+#[test]
+fn closing_the_store_ends_the_wait() -> TestResult {
+    on_both(|f| {
+        let _held = f.acquire("k")?;
+        let waiter = waiter(&f.store);
+        std::thread::sleep(Duration::from_millis(50));
+        let closed_at = Instant::now();
+        f.store.clone().close()?;
+        // The lease has 30 s to run and the wait 30 s more: only the close can end it now.
+        match waiter.join().map_err(|_| "waiter panicked")? {
+            Err(dedupe_store::Error::Closed) => {}
+            other => return Err(format!("expected Closed, got {other:?}").into()),
+        }
+        assert!(
+            closed_at.elapsed() < Duration::from_secs(10),
+            "the waiter slept on after the close"
+        );
+        // Reads the store could still answer from memory are refused too.
+        assert!(matches!(f.store.get("k"), Err(dedupe_store::Error::Closed)));
+        assert!(matches!(
+            f.store.claim("k"),
+            Err(dedupe_store::Error::Closed)
+        ));
+        Ok(())
+    })
+}

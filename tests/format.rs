@@ -98,10 +98,18 @@ fn a_file_that_is_not_redb_is_an_error_not_a_panic() -> TestResult {
         &path,
         b"this is not a database, just some text that is long enough".repeat(200),
     )?;
+    let before = std::fs::read(&path)?;
     let err = Store::open(&path)
         .err()
         .ok_or("a text file opened as a store")?;
-    assert!(err.is_storage(), "unexpected error kind: {err:?}");
+    assert!(
+        matches!(err, Error::NotAStore { .. }),
+        "unexpected error: {err:?}"
+    );
+    assert!(std::fs::read(&path)? == before, "the file was rewritten");
+    // Too short to hold redb's header at all.
+    std::fs::write(&path, b"text")?;
+    assert!(matches!(Store::open(&path), Err(Error::NotAStore { .. })));
     let missing_dir = dir.path().join("no/such/dir/store.redb");
     assert!(matches!(Store::open(missing_dir), Err(Error::Io { .. })));
     Ok(())

@@ -53,8 +53,8 @@ impl Failure {
                  choose another file with --db or DEDUPE_DB"
             ),
             Error::NotAStore { .. } => format!(
-                "{doing}: {db} is a redb file but not a dedupe store; point --db or DEDUPE_DB \
-                 at a dedupe store file"
+                "{doing}: {db} is not a dedupe store file (nothing was changed); point --db or \
+                 DEDUPE_DB at a dedupe store file"
             ),
             Error::UnsupportedFormat { .. } => format!(
                 "{doing}: {db}: {err}; use the dedupe version that wrote the file (nothing was \
