@@ -26,8 +26,11 @@ pub enum Durability {
     Immediate,
     /// Writes are committed without an fsync, and a background commit fsyncs them at least this
     /// often. A crash (or power loss) loses at most the writes of the last interval, like Redis'
-    /// `appendfsync everysec`; a process that exits cleanly loses nothing. Acknowledged writes
-    /// are visible to every later call at once either way.
+    /// `appendfsync everysec`. Closing the store, or dropping its last handle, makes every
+    /// write durable first; a process that ends without either (`std::process::exit`, a
+    /// store kept in a `static`) may lose the last interval as a crash does. Acknowledged
+    /// writes are visible to every later call at once either way. The interval is rounded up
+    /// to whole milliseconds.
     Periodic(Duration),
 }
 
@@ -130,7 +133,8 @@ impl StoreBuilder {
     /// While writers are busy the sweeper pauses 40 ms between batches, as long as it still
     /// removes records well ahead of the rate the writers create them, so that claims rarely
     /// share their fsync with a sweep's pages; it sweeps at full speed otherwise.
-    /// [`Store::sweep`](crate::Store::sweep) never pauses.
+    /// [`Store::sweep`](crate::Store::sweep) never pauses. The interval is rounded up to whole
+    /// milliseconds.
     pub fn sweep_interval(mut self, interval: Duration) -> StoreBuilder {
         self.sweep_interval = Some(interval);
         self
@@ -270,12 +274,21 @@ impl StoreBuilder {
     fn config(&self) -> Result<Config> {
         let ttl = limits::duration_millis("ttl", self.ttl)?;
         let lease = limits::duration_millis("lease", self.lease)?;
-        if let Some(interval) = self.sweep_interval {
-            limits::duration_millis("sweep interval", interval)?;
-        }
-        if let Durability::Periodic(interval) = self.durability {
-            limits::duration_millis("durability interval", interval)?;
-        }
+        // Intervals run in whole milliseconds, rounded up as the check rounds them: a
+        // nanosecond interval must not keep a thread spinning.
+        let sweep_interval = match self.sweep_interval {
+            Some(interval) => Some(Duration::from_millis(limits::duration_millis(
+                "sweep interval",
+                interval,
+            )?)),
+            None => None,
+        };
+        let durability = match self.durability {
+            Durability::Periodic(interval) => Durability::Periodic(Duration::from_millis(
+                limits::duration_millis("durability interval", interval)?,
+            )),
+            other => other,
+        };
         if self.max_response_bytes > MAX_RESPONSE_BYTES_LIMIT {
             return Err(Error::InvalidConfig {
                 reason: format!(
@@ -300,10 +313,10 @@ impl StoreBuilder {
         Ok(Config {
             ttl,
             lease,
-            sweep_interval: self.sweep_interval,
+            sweep_interval,
             sweep_batch: self.sweep_batch,
             max_response_bytes: self.max_response_bytes,
-            durability: self.durability,
+            durability,
             quick_repair: self.quick_repair,
             cache_size: self.cache_size,
         })
