@@ -5,8 +5,8 @@ mod common;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{LEASE, TestResult, on_both};
-use dedupe_store::{Claim, ClaimOptions, Store};
+use common::{Fixture, LEASE, TestResult, on_both};
+use dedupe_store::{Claim, ClaimOptions, Store, Ticket};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -16,12 +16,18 @@ fn waiter(store: &Store) -> JoinHandle<dedupe_store::Result<Claim>> {
     std::thread::spawn(move || store.claim_or_wait("k", &ClaimOptions::new(), LONG))
 }
 
+/// Claims "k" and starts a [`waiter`] on it, which has begun to wait once this returns.
+fn owner_and_waiter(f: &Fixture) -> TestResult<(Ticket, JoinHandle<dedupe_store::Result<Claim>>)> {
+    let ticket = f.acquire("k")?;
+    let waiter = waiter(&f.store);
+    std::thread::sleep(Duration::from_millis(50));
+    Ok((ticket, waiter))
+}
+
 #[test]
 fn returns_the_outcome_when_the_owner_completes_during_the_wait() -> TestResult {
     on_both(|f| {
-        let ticket = f.acquire("k")?;
-        let waiter = waiter(&f.store);
-        std::thread::sleep(Duration::from_millis(50));
+        let (ticket, waiter) = owner_and_waiter(f)?;
         f.store.complete(&ticket, b"first attempt's answer")?;
         match waiter.join().map_err(|_| "waiter panicked")?? {
             Claim::Completed(outcome) => assert_eq!(outcome.response, b"first attempt's answer"),
@@ -34,9 +40,7 @@ fn returns_the_outcome_when_the_owner_completes_during_the_wait() -> TestResult 
 #[test]
 fn acquires_when_the_owner_releases_during_the_wait() -> TestResult {
     on_both(|f| {
-        let ticket = f.acquire("k")?;
-        let waiter = waiter(&f.store);
-        std::thread::sleep(Duration::from_millis(50));
+        let (ticket, waiter) = owner_and_waiter(f)?;
         f.store.release(&ticket)?;
         let claim = waiter.join().map_err(|_| "waiter panicked")??;
         let next = claim
@@ -76,9 +80,7 @@ fn times_out_as_in_progress() -> TestResult {
 #[test]
 fn takes_over_when_the_owner_lease_passes_during_the_wait() -> TestResult {
     on_both(|f| {
-        let crashed = f.acquire("k")?;
-        let waiter = waiter(&f.store);
-        std::thread::sleep(Duration::from_millis(50));
+        let (crashed, waiter) = owner_and_waiter(f)?;
         // Nobody writes: only the clock moves past the lease.
         f.advance(LEASE);
         let ticket = waiter
@@ -164,9 +166,7 @@ fn at_the_timeout_answers_as_a_claim_would_then() -> TestResult {
 #[test]
 fn a_wait_counts_the_answer_its_caller_gets() -> TestResult {
     on_both(|f| {
-        let mut ticket = f.acquire("k")?;
-        let waiter = waiter(&f.store);
-        std::thread::sleep(Duration::from_millis(50));
+        let (mut ticket, waiter) = owner_and_waiter(f)?;
         // Heartbeats wake the waiter, which looks again each time.
         for _ in 0..3 {
             f.store.extend(&mut ticket, LEASE)?;
@@ -197,9 +197,7 @@ fn a_wait_counts_the_answer_its_caller_gets() -> TestResult {
 #[test]
 fn closing_the_store_ends_the_wait() -> TestResult {
     on_both(|f| {
-        let _held = f.acquire("k")?;
-        let waiter = waiter(&f.store);
-        std::thread::sleep(Duration::from_millis(50));
+        let (_held, waiter) = owner_and_waiter(f)?;
         let closed_at = Instant::now();
         f.store.clone().close()?;
         // The lease has 30 s to run and the wait 30 s more: only the close can end it now.
