@@ -13,13 +13,25 @@ use crate::error::{Error, Result};
 const REDB_HEADER_LEN: usize = 320;
 
 /// redb's magic number, the first bytes of every redb file (its file format, version 3).
-pub(crate) const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
-/// The largest file [`discard_interrupted_creation`] reads through; a larger one is never an
+/// The largest file [`inspect_file`] reads through; a larger one is never an
 /// interrupted creation (redb creates files of a few hundred KiB).
 const MAX_CREATION_LEN: u64 = 64 * 1024 * 1024;
 
-/// Empties a file whose creation was cut short, so it is created again.
+/// What a file holds, as far as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileStart {
+    /// Nothing: a new file, or one whose creation was cut short (now emptied).
+    Empty,
+    /// redb's magic number.
+    Redb,
+    /// Something else: not a redb file.
+    Foreign,
+}
+
+/// Says what the file starts as, and empties a file whose creation was cut short, so that it
+/// is created again.
 ///
 /// redb initialises a new file by sizing it, writing its header without the magic number,
 /// syncing, and only then writing the magic number. A crash (or power loss) before that last
@@ -27,11 +39,8 @@ const MAX_CREATION_LEN: u64 = 64 * 1024 * 1024;
 /// forever. Such a file holds nothing: no byte past the header is set, and where the magic
 /// number goes there are zeros, or the start of the magic number and then zeros (the power
 /// went while that write was landing). Only a file in exactly that state is emptied; anything
-/// else, a complete magic number included, is left to redb, which reports what it finds.
-pub(crate) fn discard_interrupted_creation(
-    backend: &dyn StorageBackend,
-    path: Option<&Path>,
-) -> Result<()> {
+/// else is left as it is: a complete magic number for redb to open, anything more is foreign.
+pub(crate) fn inspect_file(backend: &dyn StorageBackend, path: Option<&Path>) -> Result<FileStart> {
     let io = |err: std::io::Error| match path {
         Some(path) => Error::Io {
             path: path.to_path_buf(),
@@ -40,8 +49,8 @@ pub(crate) fn discard_interrupted_creation(
         None => Error::from(redb::Error::Io(err)),
     };
     let len = backend.len().map_err(io)?;
-    if len == 0 || len > MAX_CREATION_LEN {
-        return Ok(());
+    if len == 0 {
+        return Ok(FileStart::Empty);
     }
     let mut head = [0u8; 9];
     let head_len = head.len().min(len as usize);
@@ -51,8 +60,11 @@ pub(crate) fn discard_interrupted_creation(
         .zip(REDB_MAGIC)
         .take_while(|(byte, magic)| *byte == magic)
         .count();
-    if landed == REDB_MAGIC.len() || head[landed..].iter().any(|&byte| byte != 0) {
-        return Ok(());
+    if landed == REDB_MAGIC.len() {
+        return Ok(FileStart::Redb);
+    }
+    if len > MAX_CREATION_LEN || head[landed..].iter().any(|&byte| byte != 0) {
+        return Ok(FileStart::Foreign);
     }
     let mut offset = REDB_HEADER_LEN as u64;
     let mut chunk = vec![0u8; 64 * 1024];
@@ -60,12 +72,13 @@ pub(crate) fn discard_interrupted_creation(
         let take = chunk.len().min((len - offset) as usize);
         backend.read(offset, &mut chunk[..take]).map_err(io)?;
         if chunk[..take].iter().any(|&byte| byte != 0) {
-            return Ok(());
+            return Ok(FileStart::Foreign);
         }
         offset += take as u64;
     }
     backend.set_len(0).map_err(io)?;
-    backend.sync_data().map_err(io)
+    backend.sync_data().map_err(io)?;
+    Ok(FileStart::Empty)
 }
 
 /// Runs a call into redb, turning a panic into [`Error::CorruptFile`].

@@ -18,7 +18,7 @@ use redb::{
 
 use crate::backend::{SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
-use crate::guard::{REDB_MAGIC, discard_interrupted_creation, drop_quietly, guarded, guarded_call};
+use crate::guard::{FileStart, drop_quietly, guarded, guarded_call, inspect_file};
 use crate::journal::{self, Backlog, Changes, Merge, Overlay, Pending};
 use crate::record::{self, DecodeError, RECORD_VERSION, Record};
 
@@ -72,7 +72,8 @@ pub(crate) struct Storage {
     /// overlay with the file's journal, so a read that checked the overlay before it must
     /// check again.
     reopens: AtomicU64,
-    /// Set by [`Storage::close`]: reads that the overlay could answer get `Closed` too.
+    /// Set by [`Storage::close`], so that reads the overlay could answer get `Closed` too
+    /// without taking the slot's lock (see `overlay_keys`).
     closed: AtomicBool,
     backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
@@ -90,11 +91,15 @@ impl Storage {
     ) -> Result<Storage> {
         let opened = lock_whole_file(backend.as_ref(), path.as_deref()).and_then(|lock| {
             let shared = SharedBackend::new(backend.clone(), lock);
-            discard_interrupted_creation(backend.as_ref(), path.as_deref())
-                .and_then(|()| {
-                    guarded("reading the file's format", || {
+            inspect_file(backend.as_ref(), path.as_deref())
+                .and_then(|start| match start {
+                    FileStart::Empty => Ok(()),
+                    FileStart::Foreign => Err(Error::NotAStore {
+                        path: display_path(path.as_deref()),
+                    }),
+                    FileStart::Redb => guarded("reading the file's format", || {
                         check_before_writing(&shared, path.as_deref(), cache_size)
-                    })
+                    }),
                 })
                 .and_then(|()| open_database(&shared, path.as_deref(), cache_size))
                 .map(|db| (db, shared))
@@ -427,8 +432,8 @@ fn open_database_unguarded(
         .map_err(|err| open_error(err, path))
 }
 
-/// Reads an existing file's format through a read-only open, so that a file this build must
-/// not touch is refused before redb opens it for writing (which rewrites its header).
+/// Reads an existing redb file's format through a read-only open, so that a file this build
+/// must not touch is refused before redb opens it for writing (which rewrites its header).
 ///
 /// A file left by a crash cannot be opened read-only; the writable open repairs it and
 /// [`init_or_check`] then checks it.
@@ -437,17 +442,6 @@ fn check_before_writing(
     path: Option<&Path>,
     cache_size: usize,
 ) -> Result<()> {
-    let len = backend
-        .len()
-        .map_err(|err| Error::from(redb::Error::Io(err)))?;
-    if len == 0 {
-        return Ok(());
-    }
-    if !starts_as_redb(backend, len)? {
-        return Err(Error::NotAStore {
-            path: display_path(path),
-        });
-    }
     let db = match Database::builder()
         .set_cache_size(cache_size)
         .open_read_only_with_backend(backend.clone())
@@ -467,18 +461,6 @@ fn check_before_writing(
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(()),
         Err(err) => Err(err.into()),
     }
-}
-
-/// Whether a file of `len` bytes begins as a redb file does.
-fn starts_as_redb(backend: &SharedBackend, len: u64) -> Result<bool> {
-    if len < REDB_MAGIC.len() as u64 {
-        return Ok(false);
-    }
-    let mut start = [0u8; REDB_MAGIC.len()];
-    backend
-        .read(0, &mut start)
-        .map_err(|err| Error::from(redb::Error::Io(err)))?;
-    Ok(start == REDB_MAGIC)
 }
 
 /// Checks the file's format, or writes the meta table into a new file. Returns the store id.
