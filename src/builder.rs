@@ -274,19 +274,14 @@ impl StoreBuilder {
     fn config(&self) -> Result<Config> {
         let ttl = limits::duration_millis("ttl", self.ttl)?;
         let lease = limits::duration_millis("lease", self.lease)?;
-        // Intervals run in whole milliseconds, rounded up as the check rounds them: a
-        // nanosecond interval must not keep a thread spinning.
-        let sweep_interval = match self.sweep_interval {
-            Some(interval) => Some(Duration::from_millis(limits::duration_millis(
-                "sweep interval",
-                interval,
-            )?)),
-            None => None,
-        };
+        let sweep_interval = self
+            .sweep_interval
+            .map(|every| limits::interval("sweep interval", every))
+            .transpose()?;
         let durability = match self.durability {
-            Durability::Periodic(interval) => Durability::Periodic(Duration::from_millis(
-                limits::duration_millis("durability interval", interval)?,
-            )),
+            Durability::Periodic(every) => {
+                Durability::Periodic(limits::interval("durability interval", every)?)
+            }
             other => other,
         };
         if self.max_response_bytes > MAX_RESPONSE_BYTES_LIMIT {
@@ -297,15 +292,10 @@ impl StoreBuilder {
                 ),
             });
         }
-        if self.sweep_batch == 0 {
-            return Err(Error::InvalidConfig {
-                reason: "sweep_batch_size must be at least 1".to_string(),
-            });
-        }
-        if self.sweep_batch > MAX_SWEEP_BATCH_SIZE {
+        if !(1..=MAX_SWEEP_BATCH_SIZE).contains(&self.sweep_batch) {
             return Err(Error::InvalidConfig {
                 reason: format!(
-                    "sweep_batch_size is {}, over the limit of {MAX_SWEEP_BATCH_SIZE}",
+                    "sweep_batch_size is {}; it must be 1 to {MAX_SWEEP_BATCH_SIZE}",
                     self.sweep_batch
                 ),
             });

@@ -53,6 +53,12 @@ pub(crate) fn duration_millis(what: &'static str, duration: Duration) -> Result<
     })
 }
 
+/// [`duration_millis`] as a `Duration`: what a background thread should wait, so that an
+/// interval under a millisecond does not keep it spinning.
+pub(crate) fn interval(what: &'static str, duration: Duration) -> Result<Duration> {
+    duration_millis(what, duration).map(Duration::from_millis)
+}
+
 pub(crate) fn check_fingerprint(fingerprint: &[u8]) -> Result<()> {
     if fingerprint.len() > MAX_FINGERPRINT_LEN {
         return Err(Error::FingerprintTooLarge {
