@@ -262,17 +262,12 @@ impl Store {
             if !std::mem::replace(&mut counted, true) {
                 self.engine().counters.in_progress();
             }
-            let mut waited = false;
             loop {
                 let now = Instant::now();
                 if deadline.is_some_and(|deadline| now >= deadline) {
                     // Answer as a claim would now: the lease may have run out, or moved on,
                     // since the last look.
-                    return if waited {
-                        self.run_claim(key, op)
-                    } else {
-                        Ok(claim)
-                    };
+                    return self.run_claim(key, op);
                 }
                 let lease_left =
                     Duration::from_millis(lease_until.saturating_sub(self.engine().now()));
@@ -286,7 +281,6 @@ impl Store {
                 if events.wait(&stored_key, seen, until) {
                     break;
                 }
-                waited = true;
             }
         }
     }
