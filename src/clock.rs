@@ -7,8 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// A wall clock in milliseconds since the Unix epoch.
 ///
 /// The store reads it for every decision (lease deadlines, expiry). It may jump in either
-/// direction: the store never panics on it, never loses a completed record before its
-/// `expires_at` by this clock, and never lets two tickets own one key.
+/// direction: the store never panics on it, never removes a completed record before its
+/// `expires_at` by this clock, and never lets two tickets own one key. A record is removed (by
+/// a sweep) only once the clock has passed its `expires_at`; should the clock then go back,
+/// the record stays gone: expired is final once swept.
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now_millis(&self) -> u64;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use redb::{
     Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, StorageBackend, Table, TableDefinition,
@@ -75,6 +75,8 @@ pub(crate) struct Storage {
     /// Set by [`Storage::close`], so that reads the overlay could answer get `Closed` too
     /// without taking the slot's lock (see `overlay_keys`).
     closed: AtomicBool,
+    /// The outcome of the first [`Storage::close`], once it has finished; held while closing.
+    close_outcome: Mutex<Option<Result<()>>>,
     backend: SharedBackend,
     /// For error messages; `None` for an in-memory store.
     path: Option<PathBuf>,
@@ -120,6 +122,7 @@ impl Storage {
                 last_token: AtomicU64::new(token),
                 reopens: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
+                close_outcome: Mutex::new(None),
                 backend: shared,
                 path,
                 cache_size,
@@ -364,17 +367,25 @@ impl Storage {
         }
     }
 
-    /// Closes the database and releases the file. Later calls get [`Error::Closed`].
+    /// Closes the database and releases the file. Later operations get [`Error::Closed`].
+    ///
+    /// Closers take turns: one that finds another closing waits for it and returns its
+    /// outcome, so that whichever `close` returns, the file is durable and released.
     pub(crate) fn close(&self) -> Result<()> {
+        let mut outcome = self.close_outcome.lock();
+        if let Some(outcome) = &*outcome {
+            return outcome.clone();
+        }
         self.closed.store(true, Ordering::Release);
         let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
         let closed = match previous {
             Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
-            Slot::Broken => Ok(()),
-            Slot::Closed => return Ok(()),
+            Slot::Broken | Slot::Closed => Ok(()),
         };
         let released = self.backend.release().map_err(|err| self.io_error(err));
-        closed.and(released)
+        let result = closed.and(released);
+        *outcome = Some(result.clone());
+        result
     }
 
     fn io_error(&self, err: std::io::Error) -> Error {

@@ -574,7 +574,9 @@ impl Store {
 
     /// Stops and joins the sweeper, makes every commit durable and releases the file, returning
     /// any error (dropping the last handle does the same and ignores errors). Other clones get
-    /// [`Error::Closed`] afterwards.
+    /// [`Error::Closed`] afterwards. A `close` on another clone, during or after this one, waits
+    /// for this one to finish and returns its result, so that once any `close` returns, the
+    /// file is durable and can be opened again.
     ///
     /// # Errors
     /// [`Error::Storage`] or [`Error::Io`] if the final flush or the release failed.

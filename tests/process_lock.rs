@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::TestResult;
-use dedupe_store::{Claim, Error, Store};
+use dedupe_store::{Claim, Durability, Error, Store};
 
 const CHILD_ENV: &str = "DEDUPE_LOCK_TEST_HOLD";
 
@@ -129,6 +129,43 @@ fn close_releases_the_file_for_every_clone() -> TestResult {
     assert!(reopened.claim("k")?.is_acquired());
     drop(clone);
     reopened.close()?;
+    Ok(())
+}
+
+/// Two clones closing at once: whichever close returns first has released the file and made
+/// every write durable, whether it did the closing or waited for the other clone's close.
+#[test]
+fn racing_closes_both_return_after_the_file_is_released() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("raced.redb");
+    for round in 0..40 {
+        let store = Store::builder()
+            .durability(Durability::Periodic(Duration::from_secs(3600)))
+            .open(&path)?;
+        let key = format!("round-{round}");
+        let keys: Vec<String> = (0..200).map(|i| format!("{key}-{i}")).collect();
+        assert!(store.mark_seen_many(&keys)?.iter().all(|first| *first));
+        let other = store.clone();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let closer = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                other.close()
+            })
+        };
+        start.wait();
+        store.close()?;
+        // This close returned: the file is free, whichever thread closed it.
+        let reopened = Store::open(&path);
+        let joined = closer.join().map_err(|_| "closer panicked")?;
+        joined?;
+        let reopened = reopened?;
+        for key in &keys {
+            assert!(!reopened.mark_seen(key)?, "round {round}: {key} was lost");
+        }
+        reopened.close()?;
+    }
     Ok(())
 }
 
