@@ -28,8 +28,11 @@ pub enum Durability {
     /// often. A crash (or power loss) loses at most the writes of the last interval, like Redis'
     /// `appendfsync everysec`. Closing the store, or dropping its last handle, makes every
     /// write durable first; a process that ends without either (`std::process::exit`, a
-    /// store kept in a `static`) may lose the last interval as a crash does. Acknowledged
-    /// writes are visible to every later call at once either way. The interval is rounded up
+    /// store kept in a `static`) may lose the last interval as a crash does. A failed flush
+    /// (an I/O error, a full disk) loses nothing while the process runs: the store commits the
+    /// interval's writes again, durably, once it has reopened the file, and the writes that
+    /// come meanwhile get the error. Acknowledged writes are visible to every later call at
+    /// once either way. The interval is rounded up
     /// to whole milliseconds.
     Periodic(Duration),
 }

@@ -75,6 +75,11 @@ pub(crate) struct Storage {
     /// Set by [`Storage::close`], so that reads the overlay could answer get `Closed` too
     /// without taking the slot's lock (see `overlay_keys`).
     closed: AtomicBool,
+    /// The changes of the commits made since the last durable one (`Durability::Periodic`),
+    /// oldest first: a failed commit's reopen loses them from the file, and commits them again.
+    undurable: Mutex<Changes>,
+    /// Whether the last commit saved redb's allocator state, for the commit after a reopen.
+    quick_repair: AtomicBool,
     /// The outcome of the first [`Storage::close`], once it has finished; held while closing.
     close_outcome: Mutex<Option<Result<()>>>,
     backend: SharedBackend,
@@ -123,6 +128,8 @@ impl Storage {
                 reopens: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 close_outcome: Mutex::new(None),
+                undurable: Mutex::new(Vec::new()),
+                quick_repair: AtomicBool::new(false),
                 backend: shared,
                 path,
                 cache_size,
@@ -277,6 +284,8 @@ impl Storage {
         // commit takes one. Either survives a failed fsync that Linux forgets: the backend
         // puts the last synced header back before the reopen reads it (`backend.rs`).
         txn.set_quick_repair(mode.quick_repair);
+        self.quick_repair
+            .store(mode.quick_repair, Ordering::Release);
         let first_token = self.last_token.load(Ordering::Acquire);
         let (out, entries, merge, token) = {
             let mut writer = Writer {
@@ -293,6 +302,18 @@ impl Storage {
             (out, entries, writer.merge, writer.token)
         };
         txn.commit()?;
+        {
+            let mut undurable = self.undurable.lock();
+            if mode.durable {
+                undurable.clear();
+            } else {
+                undurable.extend(
+                    entries
+                        .iter()
+                        .flat_map(|(_, changes)| changes.iter().cloned()),
+                );
+            }
+        }
         if merge.is_some() || !entries.is_empty() {
             let mut overlay = self.overlay.write();
             if let Some(done) = &merge {
@@ -354,17 +375,44 @@ impl Storage {
                 // What the file holds is the truth now: a commit that failed may or may not
                 // have reached it, and the overlay may hold commits it lost.
                 let (token, overlay) = guarded("reading the journal", || recover(&db))?;
-                let mut current = self.overlay.write();
-                *current = overlay;
+                let before = std::mem::replace(&mut *self.overlay.write(), overlay);
+                // Tokens handed out in commits the file lost are never handed out again.
+                self.last_token.fetch_max(token, Ordering::AcqRel);
+                // Commits that skipped their fsync (`Durability::Periodic`) were acknowledged,
+                // and the process did not crash: they are committed again, durably, before
+                // anything else. Until that succeeds, reads keep seeing them.
+                if let Err(err) = self.recommit_undurable(&db) {
+                    *self.overlay.write() = before;
+                    return Err(err);
+                }
                 self.overlay_keys
-                    .store(current.has_keys(), Ordering::Release);
-                drop(current);
-                self.last_token.store(token, Ordering::Release);
+                    .store(self.overlay.read().has_keys(), Ordering::Release);
                 self.reopens.fetch_add(1, Ordering::AcqRel);
                 *slot = Slot::Open(db);
                 Ok(())
             }
         }
+    }
+
+    /// After a reopen, commits durably the changes of the commits since the last durable one,
+    /// which the file lost, in their order. A no-op when every commit was durable.
+    fn recommit_undurable(&self, db: &Database) -> Result<()> {
+        let lost = self.undurable.lock().clone();
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let mode = CommitMode {
+            durable: true,
+            quick_repair: self.quick_repair.load(Ordering::Acquire),
+        };
+        guarded("committing again what the file lost", || {
+            self.write_in(db, mode, |writer| {
+                for (stored_key, record) in lost {
+                    writer.change(&stored_key, record);
+                }
+                Ok(())
+            })
+        })
     }
 
     /// Closes the database and releases the file. Later operations get [`Error::Closed`].

@@ -326,3 +326,82 @@ fn concurrent_writers_through_failing_io() -> TestResult {
     assert!(failed > 0, "no call failed");
     Ok(())
 }
+
+/// Under `Durability::Periodic`, a failed flush makes the store reopen redb, which goes back
+/// to the last durable commit. The commits of the interval before it were acknowledged and the
+/// process did not crash: they must survive, and their fencing tokens must not be handed out
+/// again.
+#[test]
+fn a_failed_periodic_flush_keeps_the_interval_acknowledged_before_it() -> TestResult {
+    let interval = Duration::from_millis(100);
+    for attempt in 0..20 {
+        let disk = SimDisk::new();
+        let store = Store::builder()
+            .clock(dedupe_store::ManualClock::new(1_700_000_000_000))
+            .without_sweeper()
+            .durability(dedupe_store::Durability::Periodic(interval))
+            .open_backend(disk.clone())?;
+        let syncs = disk.counts().of(IoCall::Sync);
+        let first = store.claim("first")?.ticket().ok_or("a fresh key")?;
+        assert!(store.mark_seen("seen")?);
+        if disk.counts().of(IoCall::Sync) != syncs {
+            // The interval ran out before these writes (a slow machine): they were durable
+            // and prove nothing. Try again.
+            eprintln!("attempt {attempt}: the writes were durable, trying again");
+            continue;
+        }
+        // The interval's durable commit (the background flush) fails its fsync.
+        disk.arm(Fault {
+            call: IoCall::Sync,
+            nth: 1,
+            times: 1,
+            failure: IoFailure::Eio,
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while disk.counts().failed == 0 {
+            if Instant::now() > deadline {
+                return Err("the interval's flush never ran".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        disk.disarm();
+        // The flush's thread reopens redb; a write that comes in before may still be refused.
+        let next = retried(|| store.claim("next"))?
+            .ticket()
+            .ok_or("a fresh key")?;
+        let entry = store
+            .get("first")?
+            .ok_or("the acknowledged claim was lost")?;
+        assert_eq!(entry.fencing_token, first.fencing_token());
+        assert!(!store.mark_seen("seen")?, "an acknowledged mark was lost");
+        // The owner still owns its key, and new tokens are larger than every one handed out.
+        assert!(matches!(store.claim("first")?, Claim::InProgress { .. }));
+        assert!(next.fencing_token() > first.fencing_token());
+        store.complete(&first, b"done")?;
+        store.close()?;
+        // And it all reached the disk.
+        let reopened = Store::builder()
+            .without_sweeper()
+            .clock(dedupe_store::ManualClock::new(1_700_000_000_000))
+            .open_backend(SimDisk::from_image(disk.durable_image()))?;
+        assert!(matches!(reopened.claim("first")?, Claim::Completed(_)));
+        assert!(!reopened.mark_seen("seen")?);
+        return Ok(());
+    }
+    Err("the interval's writes were durable in every attempt".into())
+}
+
+/// Runs `op` until it succeeds, up to a few times: for a call that may land while the store is
+/// still reopening after a failed commit.
+fn retried<T>(op: impl Fn() -> dedupe_store::Result<T>) -> dedupe_store::Result<T> {
+    let mut tries = 0;
+    loop {
+        match op() {
+            Err(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
