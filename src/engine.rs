@@ -18,7 +18,7 @@ use crate::notify::KeyEvents;
 use crate::record::Record;
 use crate::rules::{self, Answer, Change, Context, Op};
 use crate::stats::Counters;
-use crate::storage::{self, CommitMode, Storage, Writer};
+use crate::storage::{self, Storage, Writer};
 
 /// One caller's request to the writer.
 pub(crate) enum Work {
@@ -264,13 +264,9 @@ impl Engine {
                 .iter()
                 .all(|work| matches!(work, Work::One(..) | Work::Many(_) | Work::Flush))
             && self.storage.backlog() >= Backlog::Due;
-        let mode = CommitMode {
-            durable,
-            quick_repair: self.config.quick_repair,
-        };
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let mut swept = 0usize;
-        let result = self.storage.write(mode, |writer| {
+        let result = self.storage.write(durable, |writer| {
             if carries_merge {
                 writer.merge(Some(journal::MERGE_CHUNK))?;
             }

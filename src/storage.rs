@@ -40,13 +40,6 @@ const META_LAST_TOKEN: &str = "last_token";
 /// The on-disk format version this build reads and writes.
 pub const FORMAT_VERSION: u32 = RECORD_VERSION as u32;
 
-/// How each commit is made.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CommitMode {
-    pub durable: bool,
-    pub quick_repair: bool,
-}
-
 /// One key's record as loaded: absent, decoded, or damaged.
 pub(crate) type Loaded = Option<std::result::Result<Record, DecodeError>>;
 
@@ -78,8 +71,8 @@ pub(crate) struct Storage {
     /// The changes of the commits made since the last durable one (`Durability::Periodic`),
     /// oldest first: a failed commit's reopen loses them from the file, and commits them again.
     undurable: Mutex<Changes>,
-    /// Whether the last commit saved redb's allocator state, for the commit after a reopen.
-    quick_repair: AtomicBool,
+    /// Whether commits save redb's allocator state (the store's setting).
+    quick_repair: bool,
     /// The outcome of the first [`Storage::close`], once it has finished; held while closing.
     close_outcome: Mutex<Option<Result<()>>>,
     backend: SharedBackend,
@@ -90,11 +83,13 @@ pub(crate) struct Storage {
 }
 
 impl Storage {
-    /// Opens (or initialises) a store on `backend`. `path` names it in errors.
+    /// Opens (or initialises) a store on `backend`. `path` names it in errors; `quick_repair`
+    /// says whether its commits save redb's allocator state.
     pub(crate) fn open(
         backend: Arc<dyn StorageBackend>,
         path: Option<PathBuf>,
         cache_size: usize,
+        quick_repair: bool,
     ) -> Result<Storage> {
         let opened = lock_whole_file(backend.as_ref(), path.as_deref()).and_then(|lock| {
             let shared = SharedBackend::new(backend.clone(), lock);
@@ -129,7 +124,7 @@ impl Storage {
                 closed: AtomicBool::new(false),
                 close_outcome: Mutex::new(None),
                 undurable: Mutex::new(Vec::new()),
-                quick_repair: AtomicBool::new(false),
+                quick_repair,
                 backend: shared,
                 path,
                 cache_size,
@@ -241,7 +236,7 @@ impl Storage {
     /// transaction, and the file is reopened so that later writes can proceed.
     pub(crate) fn write<T>(
         &self,
-        mode: CommitMode,
+        durable: bool,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
     ) -> Result<T> {
         let result = loop {
@@ -250,7 +245,7 @@ impl Storage {
                 match &*slot {
                     // A panic inside redb leaves the slot to be reopened below, as a failed
                     // commit does.
-                    Slot::Open(db) => break guarded("writing", || self.write_in(db, mode, f)),
+                    Slot::Open(db) => break guarded("writing", || self.write_in(db, durable, f)),
                     Slot::Closed => return Err(Error::Closed),
                     Slot::Broken => {}
                 }
@@ -271,11 +266,11 @@ impl Storage {
     fn write_in<T>(
         &self,
         db: &Database,
-        mode: CommitMode,
+        durable: bool,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T>,
     ) -> Result<T> {
         let mut txn = db.begin_write()?;
-        txn.set_durability(if mode.durable {
+        txn.set_durability(if durable {
             Durability::Immediate
         } else {
             Durability::None
@@ -283,9 +278,7 @@ impl Storage {
         // Saving the allocator state makes redb commit in two phases (two fsyncs); without it a
         // commit takes one. Either survives a failed fsync that Linux forgets: the backend
         // puts the last synced header back before the reopen reads it (`backend.rs`).
-        txn.set_quick_repair(mode.quick_repair);
-        self.quick_repair
-            .store(mode.quick_repair, Ordering::Release);
+        txn.set_quick_repair(self.quick_repair);
         let first_token = self.last_token.load(Ordering::Acquire);
         let (out, entries, merge, token) = {
             let mut writer = Writer {
@@ -304,7 +297,7 @@ impl Storage {
         txn.commit()?;
         {
             let mut undurable = self.undurable.lock();
-            if mode.durable {
+            if durable {
                 undurable.clear();
             } else {
                 undurable.extend(
@@ -401,12 +394,8 @@ impl Storage {
         if lost.is_empty() {
             return Ok(());
         }
-        let mode = CommitMode {
-            durable: true,
-            quick_repair: self.quick_repair.load(Ordering::Acquire),
-        };
         guarded("committing again what the file lost", || {
-            self.write_in(db, mode, |writer| {
+            self.write_in(db, true, |writer| {
                 for (stored_key, record) in lost {
                     writer.change(&stored_key, record);
                 }

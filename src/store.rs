@@ -125,7 +125,12 @@ impl Store {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
-        let storage = Storage::open(backend, path.clone(), config.cache_size)?;
+        let storage = Storage::open(
+            backend,
+            path.clone(),
+            config.cache_size,
+            config.quick_repair,
+        )?;
         let engine = Arc::new(Engine::new(storage, clock, config));
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
