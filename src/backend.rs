@@ -20,11 +20,16 @@
 //! from the last durable commit, whose pages are on disk: redb never reuses them before a
 //! newer commit is durable. This holds for one-phase commits as for two-phase ones, so the
 //! store needs no second fsync per commit to survive a failed one.
+//!
+//! Last, the backend times its fsyncs and runs a hook, when the store arms one, just before the
+//! next: the batcher uses it to wake a batch's callers while the fsync is in flight
+//! (`batch.rs`).
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redb::{BackendError, StorageBackend};
@@ -101,15 +106,33 @@ impl Header {
     }
 }
 
+/// Runs just before an fsync, given how long recent fsyncs took.
+pub(crate) type BeforeSync = Box<dyn FnOnce(Duration) + Send>;
+
 /// A backend shared by successive redb databases. redb's `close` is ignored here; the store
 /// calls [`SharedBackend::release`] when it closes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct SharedBackend {
     inner: Arc<dyn StorageBackend>,
     lock: FileLock,
     header: Arc<Mutex<Header>>,
     /// A write or sync failed, and the synced header has not been written back since.
     restore: Arc<AtomicBool>,
+    /// Runs before the next fsync, once ([`SharedBackend::before_next_sync`]).
+    before_sync: Arc<Mutex<Option<BeforeSync>>>,
+    /// How long fsyncs take: a moving average over the last few, in nanoseconds.
+    sync_nanos: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SharedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBackend")
+            .field("inner", &self.inner)
+            .field("lock", &self.lock)
+            .field("restore", &self.restore)
+            .field("sync_nanos", &self.sync_nanos)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SharedBackend {
@@ -119,7 +142,27 @@ impl SharedBackend {
             lock,
             header: Arc::new(Mutex::new(Header::default())),
             restore: Arc::new(AtomicBool::new(false)),
+            before_sync: Arc::new(Mutex::new(None)),
+            sync_nanos: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Arms `hook` to run just before the next fsync, replacing any armed before; `None`
+    /// disarms. Only the writer arms it, around its commit.
+    pub(crate) fn before_next_sync(&self, hook: Option<BeforeSync>) {
+        *self.before_sync.lock() = hook;
+    }
+
+    /// Folds one fsync's duration into the moving average (one eighth per sample).
+    fn timed_sync(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let average = self.sync_nanos.load(Ordering::Relaxed);
+        let next = if average == 0 {
+            took
+        } else {
+            average - average / 8 + took / 8
+        };
+        self.sync_nanos.store(next, Ordering::Relaxed);
     }
 
     /// After a failure, puts the header of the last successful sync back on the disk, so that
@@ -188,10 +231,18 @@ impl StorageBackend for SharedBackend {
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        let hook = self.before_sync.lock().take();
+        if let Some(hook) = hook {
+            hook(Duration::from_nanos(
+                self.sync_nanos.load(Ordering::Relaxed),
+            ));
+        }
         let mut header = self.header.lock();
         self.restore_header(&mut header)?;
+        let started = Instant::now();
         match self.inner.sync_data() {
             Ok(()) => {
+                self.timed_sync(started.elapsed());
                 header.sync_done();
                 Ok(())
             }
@@ -409,5 +460,39 @@ mod tests {
         assert!(backend.sync_data().is_err());
         assert_eq!(disk.current_image()[..16], [3; 16]);
         assert!(!backend.restore.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn an_armed_hook_runs_once_just_before_the_next_sync() {
+        let (disk, backend) = setup();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let arm = |backend: &SharedBackend| {
+            let (disk, ran) = (disk.clone(), ran.clone());
+            backend.before_next_sync(Some(Box::new(move |expected| {
+                // The commit's writes are in, and not yet durable.
+                let written = disk.current_image()[..HEADER_LEN] == header(1)[..];
+                let durable = disk.durable_image().get(..HEADER_LEN) == Some(&header(1)[..]);
+                ran.lock().push((expected, written, durable));
+            })));
+        };
+        arm(&backend);
+        backend.write(0, &header(1)).expect("write");
+        backend.sync_data().expect("sync");
+        backend.sync_data().expect("a second sync");
+        {
+            let ran = ran.lock();
+            assert_eq!(ran.len(), 1, "the hook runs at one sync only");
+            // No sync had been timed yet.
+            assert_eq!(ran[0], (Duration::ZERO, true, false));
+        }
+        // Armed again, it is told how long syncs have taken; disarmed, it does not run.
+        arm(&backend);
+        backend.sync_data().expect("sync");
+        assert_eq!(ran.lock().len(), 2);
+        assert!(ran.lock()[1].0 > Duration::ZERO, "the syncs were timed");
+        arm(&backend);
+        backend.before_next_sync(None);
+        backend.sync_data().expect("sync");
+        assert_eq!(ran.lock().len(), 2);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::batch::{self, Batcher};
+use crate::batch::{self, Batcher, Running};
 use crate::builder::{Config, Durability};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -170,7 +170,7 @@ impl Engine {
             work,
             weight,
             solo,
-            |works, more| self.execute(works, more),
+            |works, batch| self.execute(works, batch),
             || {
                 Err(Error::from(redb::Error::Io(std::io::Error::other(
                     "a commit panicked; its writes were not acknowledged",
@@ -248,13 +248,9 @@ impl Engine {
         }
     }
 
-    /// Runs one batch in one write transaction, taking in through `more` the operations queued
+    /// Runs one batch in one write transaction, taking in through `batch` the operations queued
     /// while it is applied. Called by the batch's leader.
-    fn execute(
-        &self,
-        mut works: Vec<Work>,
-        more: &mut dyn FnMut() -> Vec<Work>,
-    ) -> Vec<Result<Reply>> {
+    fn execute(&self, mut works: Vec<Work>, batch: &mut dyn Running<Work>) -> Vec<Result<Reply>> {
         let durable = self.durable(&works);
         // A durable batch of writes carries a merge when one is due, which then shares the
         // batch's fsync instead of paying for a commit of its own. A batch that skips its fsync
@@ -277,8 +273,12 @@ impl Engine {
                 let Some(work) = works.get(replies.len()) else {
                     // Everything so far is applied: take in what queued meanwhile, and commit
                     // once nothing more is waiting.
-                    let joined = more();
+                    let joined = batch.join();
                     if joined.is_empty() {
+                        // The batch is complete: its callers may be woken before the fsync.
+                        if durable && let Some(hook) = batch.wake_early() {
+                            writer.before_sync(hook);
+                        }
                         break;
                     }
                     works.extend(joined);

@@ -16,7 +16,7 @@ use redb::{
     ReadableTableMetadata, StorageBackend, Table, TableDefinition,
 };
 
-use crate::backend::{SharedBackend, lock_whole_file};
+use crate::backend::{BeforeSync, SharedBackend, lock_whole_file};
 use crate::error::{Error, Result};
 use crate::guard::{FileStart, drop_quietly, guarded, guarded_call, inspect_file};
 use crate::journal::{self, Backlog, Changes, Merge, Overlay, Pending};
@@ -280,7 +280,7 @@ impl Storage {
         // puts the last synced header back before the reopen reads it (`backend.rs`).
         txn.set_quick_repair(self.quick_repair);
         let first_token = self.last_token.load(Ordering::Acquire);
-        let (out, entries, merge, token) = {
+        let (out, entries, merge, token, before_sync) = {
             let mut writer = Writer {
                 tables: Tables::open(&txn)?,
                 journal: txn.open_table(JOURNAL)?,
@@ -289,12 +289,17 @@ impl Storage {
                 order: Vec::new(),
                 token: first_token,
                 merge: None,
+                before_sync: None,
             };
             let out = f(&mut writer)?;
             let entries = writer.append(first_token)?;
-            (out, entries, writer.merge, writer.token)
+            (out, entries, writer.merge, writer.token, writer.before_sync)
         };
-        txn.commit()?;
+        // Armed for this commit's fsync alone; a commit that fails before it drops the hook.
+        self.backend.before_next_sync(before_sync);
+        let committed = txn.commit();
+        self.backend.before_next_sync(None);
+        committed?;
         {
             let mut undurable = self.undurable.lock();
             if durable {
@@ -734,9 +739,17 @@ pub(crate) struct Writer<'t> {
     token: u64,
     /// What this transaction merged, for the overlay to forget once it commits.
     merge: Option<Merge>,
+    /// Runs just before the commit's fsync, if it has one.
+    before_sync: Option<BeforeSync>,
 }
 
 impl Writer<'_> {
+    /// Has `hook` run just before this transaction's commit reaches its fsync, with how long
+    /// recent fsyncs took. It does not run if the commit has no fsync or fails before it.
+    pub(crate) fn before_sync(&mut self, hook: BeforeSync) {
+        self.before_sync = Some(hook);
+    }
+
     /// The key's record as this transaction sees it.
     pub(crate) fn load(&self, stored_key: &[u8]) -> Result<Loaded> {
         if let Some(record) = self.pending.get(stored_key) {
