@@ -26,7 +26,7 @@
 //! (`batch.rs`).
 
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,14 +51,11 @@ pub(crate) enum FileLock {
 ///
 /// # Errors
 /// [`Error::AlreadyOpen`] at once if someone else holds any lock on the file.
-pub(crate) fn lock_whole_file(
-    backend: &dyn StorageBackend,
-    path: Option<&Path>,
-) -> Result<FileLock> {
+pub(crate) fn lock_whole_file(backend: &dyn StorageBackend, name: &Path) -> Result<FileLock> {
     match backend.try_lock_range(Bound::Unbounded, Bound::Unbounded) {
         Ok(true) => Ok(FileLock::Held),
         Ok(false) => Err(Error::AlreadyOpen {
-            path: path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf),
+            path: name.to_path_buf(),
         }),
         Err(BackendError::Unsupported) => Ok(FileLock::Unsupported),
         Err(BackendError::Io(err)) => Err(Error::from(redb::Error::Io(err))),

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::limits::{
     self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT, MAX_SWEEP_BATCH_SIZE,
 };
+use crate::storage::Location;
 use crate::store::Store;
 
 /// When an acknowledged write is on disk.
@@ -246,7 +247,7 @@ impl StoreBuilder {
         })?;
         Store::start(
             Arc::new(backend),
-            Some(path.to_path_buf()),
+            Location::File(path.to_path_buf()),
             config,
             self.clock,
         )
@@ -261,17 +262,22 @@ impl StoreBuilder {
         // Nothing in memory survives a crash, so there is nothing to repair quickly; skipping
         // the allocator-state save doubles the commit rate of in-memory test stores.
         config.quick_repair = false;
-        Store::start(Arc::new(InMemoryBackend::new()), None, config, self.clock)
+        Store::start(
+            Arc::new(InMemoryBackend::new()),
+            Location::Memory,
+            config,
+            self.clock,
+        )
     }
 
     /// A store on a storage backend of your own, such as one that injects faults in tests. The
     /// backend must start empty or hold a store.
     ///
     /// # Errors
-    /// As for [`open`](Self::open).
+    /// As for [`open`](Self::open); errors that name the file name it `<backend>`.
     pub fn open_backend(self, backend: impl StorageBackend) -> Result<Store> {
         let config = self.config()?;
-        Store::start(Arc::new(backend), None, config, self.clock)
+        Store::start(Arc::new(backend), Location::Backend, config, self.clock)
     }
 
     fn config(&self) -> Result<Config> {

@@ -76,40 +76,40 @@ pub(crate) struct Storage {
     /// The outcome of the first [`Storage::close`], once it has finished; held while closing.
     close_outcome: Mutex<Option<Result<()>>>,
     backend: SharedBackend,
-    /// For error messages; `None` for an in-memory store.
-    path: Option<PathBuf>,
+    /// The file, or what names the store in errors.
+    location: Location,
     cache_size: usize,
     store_id: u64,
 }
 
 impl Storage {
-    /// Opens (or initialises) a store on `backend`. `path` names it in errors; `quick_repair`
-    /// says whether its commits save redb's allocator state.
+    /// Opens (or initialises) a store on `backend`, at `location` (which names it in errors);
+    /// `quick_repair` says whether its commits save redb's allocator state.
     pub(crate) fn open(
         backend: Arc<dyn StorageBackend>,
-        path: Option<PathBuf>,
+        location: Location,
         cache_size: usize,
         quick_repair: bool,
     ) -> Result<Storage> {
-        let opened = lock_whole_file(backend.as_ref(), path.as_deref()).and_then(|lock| {
+        let opened = lock_whole_file(backend.as_ref(), &location.name()).and_then(|lock| {
             let shared = SharedBackend::new(backend.clone(), lock);
-            inspect_file(backend.as_ref(), path.as_deref())
+            inspect_file(backend.as_ref(), location.path())
                 .and_then(|start| match start {
                     FileStart::Empty => Ok(()),
                     FileStart::Foreign => Err(Error::NotAStore {
-                        path: display_path(path.as_deref()),
+                        path: location.name(),
                     }),
                     FileStart::Redb => guarded("reading the file's format", || {
-                        check_before_writing(&shared, path.as_deref(), cache_size)
+                        check_before_writing(&shared, &location, cache_size)
                     }),
                 })
-                .and_then(|()| open_database(&shared, path.as_deref(), cache_size))
+                .and_then(|()| open_database(&shared, &location, cache_size))
                 .map(|db| (db, shared))
         });
         let opened = opened.and_then(|(db, shared)| {
             // A database dropped here (its meta table failed the check) may panic too.
             guarded("checking the store's meta table", || {
-                let id = init_or_check(&db, path.as_deref())?;
+                let id = init_or_check(&db, &location)?;
                 let (token, overlay) = recover(&db)?;
                 Ok((db, id, token, overlay, shared))
             })
@@ -126,7 +126,7 @@ impl Storage {
                 undurable: Mutex::new(Vec::new()),
                 quick_repair,
                 backend: shared,
-                path,
+                location,
                 cache_size,
                 store_id,
             }),
@@ -369,7 +369,7 @@ impl Storage {
             Slot::Open(_) => Ok(()),
             Slot::Closed => Err(Error::Closed),
             Slot::Broken => {
-                let db = open_database(&self.backend, self.path.as_deref(), self.cache_size)?;
+                let db = open_database(&self.backend, &self.location, self.cache_size)?;
                 // What the file holds is the truth now: a commit that failed may or may not
                 // have reached it, and the overlay may hold commits it lost.
                 let (token, overlay) = guarded("reading the journal", || recover(&db))?;
@@ -431,9 +431,9 @@ impl Storage {
     }
 
     fn io_error(&self, err: std::io::Error) -> Error {
-        match &self.path {
+        match self.location.path() {
             Some(path) => Error::Io {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: Arc::new(err),
             },
             None => Error::from(redb::Error::Io(err)),
@@ -447,14 +447,39 @@ impl Drop for Storage {
     }
 }
 
-fn display_path(path: Option<&Path>) -> PathBuf {
-    path.map_or_else(|| PathBuf::from("<memory>"), Path::to_path_buf)
+/// Where a store lives: a file, or no file, for what names it in errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    /// `Store::in_memory`.
+    Memory,
+    /// A backend of the caller's (`StoreBuilder::open_backend`).
+    Backend,
 }
 
-fn open_error(err: DatabaseError, path: Option<&Path>) -> Error {
+impl Location {
+    /// The file, if the store is on one.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match self {
+            Location::File(path) => Some(path),
+            Location::Memory | Location::Backend => None,
+        }
+    }
+
+    /// How errors name the store: its path, `<memory>` or `<backend>`.
+    pub(crate) fn name(&self) -> PathBuf {
+        match self {
+            Location::File(path) => path.clone(),
+            Location::Memory => PathBuf::from("<memory>"),
+            Location::Backend => PathBuf::from("<backend>"),
+        }
+    }
+}
+
+fn open_error(err: DatabaseError, location: &Location) -> Error {
     match err {
         DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
-            path: display_path(path),
+            path: location.name(),
         },
         DatabaseError::UpgradeRequired(found) => Error::UnsupportedFormat {
             found: u32::from(found),
@@ -466,23 +491,23 @@ fn open_error(err: DatabaseError, path: Option<&Path>) -> Error {
 
 fn open_database(
     backend: &SharedBackend,
-    path: Option<&Path>,
+    location: &Location,
     cache_size: usize,
 ) -> Result<Database> {
     guarded("opening the file", || {
-        open_database_unguarded(backend, path, cache_size)
+        open_database_unguarded(backend, location, cache_size)
     })
 }
 
 fn open_database_unguarded(
     backend: &SharedBackend,
-    path: Option<&Path>,
+    location: &Location,
     cache_size: usize,
 ) -> Result<Database> {
     Database::builder()
         .set_cache_size(cache_size)
         .create_with_backend(backend.clone())
-        .map_err(|err| open_error(err, path))
+        .map_err(|err| open_error(err, location))
 }
 
 /// Reads an existing redb file's format through a read-only open, so that a file this build
@@ -492,7 +517,7 @@ fn open_database_unguarded(
 /// [`init_or_check`] then checks it.
 fn check_before_writing(
     backend: &SharedBackend,
-    path: Option<&Path>,
+    location: &Location,
     cache_size: usize,
 ) -> Result<()> {
     let db = match Database::builder()
@@ -501,14 +526,14 @@ fn check_before_writing(
     {
         Ok(db) => db,
         Err(DatabaseError::RepairAborted) => return Ok(()),
-        Err(err) => return Err(open_error(err, path)),
+        Err(err) => return Err(open_error(err, location)),
     };
     let txn = db.begin_read()?;
     match txn.open_table(META) {
         Ok(meta) => check_meta(&meta).map(|_| ()),
         Err(redb::TableError::TableDoesNotExist(_)) if txn.list_tables()?.next().is_some() => {
             Err(Error::NotAStore {
-                path: display_path(path),
+                path: location.name(),
             })
         }
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(()),
@@ -517,7 +542,7 @@ fn check_before_writing(
 }
 
 /// Checks the file's format, or writes the meta table into a new file. Returns the store id.
-fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
+fn init_or_check(db: &Database, location: &Location) -> Result<u64> {
     {
         let txn = db.begin_read()?;
         match txn.open_table(META) {
@@ -527,7 +552,7 @@ fn init_or_check(db: &Database, path: Option<&Path>) -> Result<u64> {
         }
         if txn.list_tables()?.next().is_some() {
             return Err(Error::NotAStore {
-                path: display_path(path),
+                path: location.name(),
             });
         }
     }

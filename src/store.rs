@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::key::{self, Key};
 use crate::limits;
 use crate::rules::{Answer, Namespace, Op};
-use crate::storage::{self, Storage};
+use crate::storage::{self, Location, Storage};
 use crate::sweeper::Sweeper;
 
 /// How often `claim_or_wait` re-reads the clock while it waits for a lease to run out, so a
@@ -121,16 +121,12 @@ impl Store {
 
     pub(crate) fn start(
         backend: Arc<dyn StorageBackend>,
-        path: Option<PathBuf>,
+        location: Location,
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
-        let storage = Storage::open(
-            backend,
-            path.clone(),
-            config.cache_size,
-            config.quick_repair,
-        )?;
+        let path = location.path().map(Path::to_path_buf);
+        let storage = Storage::open(backend, location, config.cache_size, config.quick_repair)?;
         let engine = Arc::new(Engine::new(storage, clock, config));
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
@@ -146,7 +142,7 @@ impl Store {
         &self.handle.engine
     }
 
-    /// The file this store is on; `None` in memory.
+    /// The file this store is on; `None` in memory or on a backend of your own.
     pub fn path(&self) -> Option<&Path> {
         self.handle.path.as_deref()
     }

@@ -91,6 +91,26 @@ fn a_redb_file_of_another_program_is_not_a_store() -> TestResult {
 }
 
 #[test]
+fn errors_name_a_store_without_a_file_by_where_it_lives() -> TestResult {
+    use redb::StorageBackend;
+    let backend = redb::backends::InMemoryBackend::new();
+    let text = b"this is not a database, just some text that is long enough".repeat(200);
+    backend.set_len(text.len() as u64)?;
+    backend.write(0, &text)?;
+    let store = Store::builder().open_backend(backend);
+    match store {
+        Err(Error::NotAStore { path }) => assert_eq!(path, Path::new("<backend>")),
+        Err(other) => return Err(format!("unexpected error: {other:?}").into()),
+        Ok(_) => return Err("a backend holding text opened as a store".into()),
+    }
+    // An in-memory store and one on a backend have no file.
+    assert_eq!(Store::in_memory()?.path(), None);
+    let on_backend = Store::builder().open_backend(redb::backends::InMemoryBackend::new())?;
+    assert_eq!(on_backend.path(), None);
+    Ok(())
+}
+
+#[test]
 fn a_file_that_is_not_redb_is_an_error_not_a_panic() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("garbage.redb");
