@@ -20,20 +20,19 @@
 //! (`durable_claims`, alternating builds): 38.4–39.8k claims/s against 36.5–37.1k/s. The
 //! batcher's `joins` says which work may join; the rest waits for a batch of its own making.
 //!
-//! **Waking callers during the fsync.** Waking a sleeping thread costs the waker about 9 µs on
-//! a 2-vCPU VM (a futex wake and an inter-processor interrupt), so answering a batch of 30
-//! after its fsync used to add about 270 µs to every commit cycle, while both CPUs sat idle
-//! during the fsync itself. So, once a batch takes in nothing more, the leader arms a hook that
-//! the backend runs just before the commit's fsync (`backend.rs`): it wakes one caller, who
-//! wakes others in turn, halving the rest each time, and each caller then waits for its answer
-//! awake, letting other threads run (`yield_now`) rather than sleeping. The answer is still
-//! given only after the fsync; it is then a store to a flag the caller watches, with no
-//! wake-up. A caller waits awake for twice the expected fsync at most (a moving average of the
-//! recent ones, see [`awake_for`]), then sleeps until answered as before, and callers are woken
-//! early only while fsyncs take under [`EARLY_WAKE_SYNC`]: on a slow disk the CPU spent awake
-//! would exceed what it saves. Answered together, those callers queue their next work together
-//! too, so the next leader, finding nothing queued yet, yields a few times for them before it
-//! commits a small batch.
+//! **Waking callers during the fsync.** Waking a sleeping thread costs the waker about 9 µs on a
+//! 2-vCPU VM (a futex wake and an inter-processor interrupt), so answering a batch of 30 after its
+//! fsync used to add about 270 µs to every commit cycle, while both CPUs sat idle during the fsync
+//! itself. So, once a batch takes in nothing more, the leader arms a hook that the backend runs
+//! just before the commit's fsync (`backend.rs`): it wakes the callers in a relay, each woken
+//! caller waking part of the rest (see [`wake_early`]), and each caller then waits for its answer
+//! awake, letting other threads run (`yield_now`) rather than sleeping. The answer is still given
+//! only after the fsync; it is then a store to a flag the caller watches, with no wake-up. A caller
+//! waits awake for twice the expected fsync at most (a moving average of the recent ones, see
+//! [`awake_for`]), then sleeps until answered as before, and callers are woken early only while
+//! fsyncs take under [`EARLY_WAKE_SYNC`]: on a slow disk the CPU spent awake would exceed what it
+//! saves. Answered together, those callers queue their next work together too, so the next leader,
+//! finding nothing queued yet, yields a few times for them before it commits a small batch.
 //!
 //! Measured at 32 threads (`durable_claims`, alternating builds, 2026-12-03): 41.8k, 36.2k and
 //! 32.1k claims/s against 29.6k, 28.8k and 29.6k/s without it, p99 3.9–5.2 ms against
