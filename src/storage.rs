@@ -295,10 +295,11 @@ impl Storage {
             let entries = writer.append(first_token)?;
             (out, entries, writer.merge, writer.token, writer.before_sync)
         };
-        // Armed for this commit's fsync alone; a commit that fails before it drops the hook.
-        self.backend.before_next_sync(before_sync);
+        // Armed for this commit's fsync alone: disarmed once the commit returns (or panics),
+        // so that a commit that fails before its fsync leaves no hook for a later one.
+        let armed = Armed::new(&self.backend, before_sync);
         let committed = txn.commit();
-        self.backend.before_next_sync(None);
+        drop(armed);
         committed?;
         {
             let mut undurable = self.undurable.lock();
@@ -444,6 +445,22 @@ impl Storage {
 impl Drop for Storage {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// The backend's before-sync hook, armed for as long as this lives.
+struct Armed<'b>(&'b SharedBackend);
+
+impl<'b> Armed<'b> {
+    fn new(backend: &'b SharedBackend, hook: Option<BeforeSync>) -> Armed<'b> {
+        backend.before_next_sync(hook);
+        Armed(backend)
+    }
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.0.before_next_sync(None);
     }
 }
 
