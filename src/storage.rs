@@ -431,6 +431,11 @@ impl Storage {
         result
     }
 
+    /// The file the store is on; `None` in memory or on a caller's backend.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.location.path()
+    }
+
     fn io_error(&self, err: std::io::Error) -> Error {
         match self.location.path() {
             Some(path) => Error::Io {
@@ -465,7 +470,7 @@ impl Drop for Armed<'_> {
 }
 
 /// Where a store lives: a file, or no file, for what names it in errors.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Location {
     File(PathBuf),
     /// `Store::in_memory`.

@@ -3,7 +3,7 @@
 //! group commit.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,6 @@ pub struct Store {
 struct Handle {
     engine: Arc<Engine>,
     sweeper: Mutex<Option<Sweeper>>,
-    path: Option<PathBuf>,
 }
 
 impl Drop for Handle {
@@ -76,7 +75,7 @@ impl Drop for Handle {
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.handle.path)
+            .field("path", &self.path())
             .finish_non_exhaustive()
     }
 }
@@ -125,7 +124,6 @@ impl Store {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
-        let path = location.path().map(Path::to_path_buf);
         let storage = Storage::open(backend, location, config.cache_size, config.quick_repair)?;
         let engine = Arc::new(Engine::new(storage, clock, config));
         let sweeper = Sweeper::spawn(&engine)?;
@@ -133,7 +131,6 @@ impl Store {
             handle: Arc::new(Handle {
                 engine,
                 sweeper: Mutex::new(sweeper),
-                path,
             }),
         })
     }
@@ -144,7 +141,7 @@ impl Store {
 
     /// The file this store is on; `None` in memory or on a backend of your own.
     pub fn path(&self) -> Option<&Path> {
-        self.handle.path.as_deref()
+        self.handle.engine.storage.path()
     }
 
     /// Claims `key` with the store's lease and TTL and no fingerprint. See [`Store::claim_with`].
