@@ -484,7 +484,7 @@ mod tests {
         let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|work| work % 2 == 1));
         let batches = Batches::default();
         let release = Arc::new(AtomicBool::new(false));
-        let first = held_leader(&batcher, &batches, &release, 1, true);
+        let first = held_leader(&batcher, &batches, &release, 1, join_all());
         let queued = queue_in_order(
             &batcher,
             &batches,
@@ -592,15 +592,30 @@ mod tests {
         works
     }
 
-    /// Starts a leader with `work` that holds its batch until `release`, then (if `join`)
-    /// takes in what queued meanwhile, and records it. Returns once the leader has taken its
-    /// own work out of the queue.
+    /// What a held leader does with its batch once released, before recording it.
+    type Then = Box<dyn FnOnce(&mut Vec<u32>, &mut dyn Running<u32>) + Send>;
+
+    /// Takes in everything queued, until nothing more is.
+    fn join_all() -> Then {
+        Box::new(|works, batch| {
+            loop {
+                let joined = batch.join();
+                if joined.is_empty() {
+                    break;
+                }
+                works.extend(joined);
+            }
+        })
+    }
+
+    /// Starts a leader with `work` that holds its batch until `release`, then runs `then` on
+    /// it and records it. Returns once the leader has taken its own work out of the queue.
     fn held_leader(
         batcher: &Arc<Batcher<u32, u32>>,
         batches: &Batches,
         release: &Arc<AtomicBool>,
         work: u32,
-        join: bool,
+        then: Then,
     ) -> std::thread::JoinHandle<u32> {
         let (leader, batches, release) = (batcher.clone(), batches.clone(), release.clone());
         let handle = std::thread::spawn(move || {
@@ -608,19 +623,11 @@ mod tests {
                 work,
                 1,
                 false,
-                |mut works, more| {
+                |mut works, batch| {
                     while !release.load(Ordering::SeqCst) {
                         std::thread::yield_now();
                     }
-                    if join {
-                        loop {
-                            let joined = more.join();
-                            if joined.is_empty() {
-                                break;
-                            }
-                            works.extend(joined);
-                        }
-                    }
+                    then(&mut works, batch);
                     record(&batches, works)
                 },
                 || u32::MAX,
@@ -664,7 +671,7 @@ mod tests {
         let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
         let batches = Batches::default();
         let release = Arc::new(AtomicBool::new(false));
-        let first = held_leader(&batcher, &batches, &release, 0, false);
+        let first = held_leader(&batcher, &batches, &release, 0, Box::new(|_, _| {}));
         let queued = queue_in_order(
             &batcher,
             &batches,
@@ -761,31 +768,12 @@ mod tests {
             let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(|_| true));
             let batches = Batches::default();
             let release = Arc::new(AtomicBool::new(false));
-            let first = {
-                let (leader, batches, release) =
-                    (batcher.clone(), batches.clone(), release.clone());
-                std::thread::spawn(move || {
-                    leader.submit(
-                        0,
-                        1,
-                        false,
-                        |mut works, batch| {
-                            while !release.load(Ordering::SeqCst) {
-                                std::thread::yield_now();
-                            }
-                            works.extend(batch.join());
-                            assert!(batch.join().is_empty());
-                            let hook = batch.wake_early().expect("callers to wake");
-                            hook(expected_sync);
-                            record(&batches, works)
-                        },
-                        || u32::MAX,
-                    )
-                })
-            };
-            while !(batcher.queue.lock().leader && queued(&batcher) == 0) {
-                std::thread::yield_now();
-            }
+            let then: Then = Box::new(move |works, batch| {
+                join_all()(works, batch);
+                let hook = batch.wake_early().expect("callers to wake");
+                hook(expected_sync);
+            });
+            let first = held_leader(&batcher, &batches, &release, 0, then);
             let queued = queue_in_order(&batcher, &batches, &[(1, false), (2, false), (3, false)]);
             release.store(true, Ordering::SeqCst);
             assert_eq!(first.join().expect("leader"), 0);
