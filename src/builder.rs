@@ -1,7 +1,6 @@
 //! [`StoreBuilder`]: every setting of a store, with its default, validated once in `open`.
 
 use std::fmt;
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +10,7 @@ use redb::backends::{FileBackend, InMemoryBackend};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
+use crate::file::{self, DEFAULT_FILE_MODE};
 use crate::limits::{
     self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT, MAX_SWEEP_BATCH_SIZE,
 };
@@ -49,6 +49,8 @@ pub(crate) struct Config {
     pub durability: Durability,
     pub quick_repair: bool,
     pub cache_size: usize,
+    /// The most records (live, or expired and not yet swept) the store holds; `None`: no limit.
+    pub max_keys: Option<u64>,
 }
 
 /// Builds a [`Store`]. Every setter states its default.
@@ -78,6 +80,8 @@ pub struct StoreBuilder {
     durability: Durability,
     quick_repair: bool,
     cache_size: usize,
+    max_keys: Option<u64>,
+    file_mode: u32,
 }
 
 impl Default for StoreBuilder {
@@ -92,6 +96,8 @@ impl Default for StoreBuilder {
             durability: Durability::Immediate,
             quick_repair: false,
             cache_size: 64 * 1024 * 1024,
+            max_keys: None,
+            file_mode: DEFAULT_FILE_MODE,
         }
     }
 }
@@ -107,6 +113,8 @@ impl fmt::Debug for StoreBuilder {
             .field("durability", &self.durability)
             .field("quick_repair", &self.quick_repair)
             .field("cache_size", &self.cache_size)
+            .field("max_keys", &self.max_keys)
+            .field("file_mode", &format_args!("{:o}", self.file_mode))
             .finish_non_exhaustive()
     }
 }
@@ -218,7 +226,61 @@ impl StoreBuilder {
         self
     }
 
+    /// The most keys the store holds at once: live records, and expired ones the sweeper has
+    /// not removed yet. Default: no limit.
+    ///
+    /// Anyone who can make a program claim keys can make it claim fresh ones, and each is kept
+    /// for its whole TTL; without a budget the file grows until the disk is full, and then
+    /// every write of every caller fails. At the budget, a claim, [`mark_seen`](Store::mark_seen)
+    /// or first [`advance_sequence`](Store::advance_sequence) that would store a new key gets
+    /// [`Error::KeyBudgetExhausted`] and changes nothing, while everything about keys already
+    /// stored goes on: replays, in-progress answers, completes, releases, extends, checkpoints,
+    /// expires, and the sweeper, which makes room again as keys expire. A claim of an expired
+    /// key that the sweeper has not removed yet reuses its record and is not refused. A
+    /// [`mark_seen_many`](Store::mark_seen_many) batch is all or nothing here too: refused
+    /// whole if its new keys do not all fit.
+    ///
+    /// The budget bounds the file: each key takes its record (the key, the stored response
+    /// up to [`max_response_bytes`](Self::max_response_bytes), and about 100 bytes of
+    /// metadata) plus its expiry index entry, and redb keeps some free pages besides (see
+    /// `BENCHMARKS.md` for bytes per key under churn).
+    ///
+    /// ```
+    /// use dedupe_store::{Error, Store};
+    ///
+    /// let store = Store::builder().max_keys(2).in_memory()?;
+    /// assert!(store.mark_seen("a")?);
+    /// assert!(store.mark_seen("b")?);
+    /// assert!(matches!(store.mark_seen("c"), Err(Error::KeyBudgetExhausted { max_keys: 2 })));
+    /// assert!(!store.mark_seen("a")?, "keys already stored are still answered");
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn max_keys(mut self, max_keys: u64) -> StoreBuilder {
+        self.max_keys = Some(max_keys);
+        self
+    }
+
+    /// The permission bits of a store file that [`open`](Self::open) creates, less the
+    /// process umask (Unix only; ignored elsewhere). Default: `0o600`, read and write for the
+    /// owner only, since the file holds every stored response. The mode of a file that exists
+    /// already is never changed.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// // Readable by the group too, for an operator account that inspects it with `dedupe get`.
+    /// let store = dedupe_store::Store::builder().file_mode(0o640).open(dir.path().join("s.redb"))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn file_mode(mut self, mode: u32) -> StoreBuilder {
+        self.file_mode = mode;
+        self
+    }
+
     /// Opens the store file at `path`, creating it if it does not exist.
+    ///
+    /// A new file gets the builder's [`file_mode`](Self::file_mode) (`0o600` by default), and
+    /// its directory is synced before the store is returned, so that the file's creation is as
+    /// durable as the first write acknowledged in it.
     ///
     /// # Errors
     /// [`Error::AlreadyOpen`] at once if another process or store holds the file;
@@ -232,13 +294,15 @@ impl StoreBuilder {
             path: path.to_path_buf(),
             source: Arc::new(err),
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_error)?;
+        if self.file_mode & !0o7777 != 0 {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "file_mode is {:o}; it must be permission bits, at most 7777 in octal",
+                    self.file_mode
+                ),
+            });
+        }
+        let file = file::open_or_create(path, self.file_mode).map_err(io_error)?;
         let backend = FileBackend::new(file).map_err(|err| match err {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
                 path: path.to_path_buf(),
@@ -318,6 +382,7 @@ impl StoreBuilder {
             durability,
             quick_repair: self.quick_repair,
             cache_size: self.cache_size,
+            max_keys: self.max_keys,
         })
     }
 }

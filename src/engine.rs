@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -74,6 +74,9 @@ pub(crate) struct Engine {
     dirty: AtomicBool,
     /// Whether some caller is running a merge that the overlay's size asked for.
     merging: AtomicBool,
+    /// How many records the store holds, live or expired and not yet swept: what the key
+    /// budget counts. Changed only by the batch leader, after each commit.
+    records: AtomicU64,
 }
 
 fn stored(key: &Key, op: &Op) -> Vec<u8> {
@@ -88,8 +91,11 @@ fn corrupt(key: &Key, reason: String) -> Error {
 }
 
 impl Engine {
-    pub(crate) fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Engine {
-        Engine {
+    pub(crate) fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Result<Engine> {
+        // At time zero nothing is due, so this reads only the records' count.
+        let (records, _) =
+            storage.read_merged(&[], |txn, pending| storage::count(txn, pending, 0))?;
+        Ok(Engine {
             storage,
             clock,
             config,
@@ -100,7 +106,8 @@ impl Engine {
             last_durable: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
             merging: AtomicBool::new(false),
-        }
+            records: AtomicU64::new(records),
+        })
     }
 
     pub(crate) fn now(&self) -> u64 {
@@ -108,7 +115,8 @@ impl Engine {
     }
 
     /// Answers `op` from a read transaction when it would change nothing (a replay, a live
-    /// claim, a mismatch, a duplicate mark). `None` means it must go to the writer.
+    /// claim, a mismatch, a duplicate mark, a new key at the budget). `None` means it must go
+    /// to the writer.
     pub(crate) fn peek(&self, key: &Key, op: &Op) -> Result<Option<Answer>> {
         let current = match self.load(&stored(key, op))? {
             None => None,
@@ -120,6 +128,9 @@ impl Engine {
             now: self.now(),
             next_token: 0,
             store_id: self.storage.store_id(),
+            // A new key refused at the budget is answered here too, so a flood of them costs
+            // reads, not commits.
+            full: self.full(self.records.load(Ordering::Acquire), 0),
         };
         let transition = rules::apply(current.as_ref(), op, &ctx);
         if transition.change != Change::Keep {
@@ -262,6 +273,9 @@ impl Engine {
             && self.storage.backlog() >= Backlog::Due;
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let mut swept = 0usize;
+        // Records the batch adds (less those it deletes), for the key budget.
+        let records = self.records.load(Ordering::Acquire);
+        let mut added = 0i64;
         let result = self.storage.write(durable, |writer| {
             if carries_merge {
                 writer.merge(Some(journal::MERGE_CHUNK))?;
@@ -286,10 +300,22 @@ impl Engine {
                 };
                 let reply = match work {
                     Work::One(key, op) => {
-                        Reply::One(self.apply_one(writer, key, op, &mut token, &mut changed)?)
+                        let mut step = Step {
+                            token: &mut token,
+                            changed: &mut changed,
+                            records,
+                            added: &mut added,
+                        };
+                        Reply::One(self.apply_one(writer, key, op, &mut step)?)
                     }
                     Work::Many(ops) => {
-                        Reply::Many(self.apply_many(writer, ops, &mut token, &mut changed)?)
+                        let mut step = Step {
+                            token: &mut token,
+                            changed: &mut changed,
+                            records,
+                            added: &mut added,
+                        };
+                        Reply::Many(self.apply_many(writer, ops, &mut step)?)
                     }
                     Work::Sweep { limit, thorough } => {
                         let (removed, more) = writer.sweep(self.now(), *limit, *thorough)?;
@@ -336,6 +362,11 @@ impl Engine {
                 }
                 self.counters.wrote(ops);
                 self.counters.swept(swept);
+                let now_held = (records as i64)
+                    .saturating_add(added)
+                    .saturating_sub(swept as i64)
+                    .max(0);
+                self.records.store(now_held as u64, Ordering::Release);
                 for key in &changed {
                     self.events.changed(key);
                 }
@@ -358,8 +389,7 @@ impl Engine {
         writer: &mut Writer<'_>,
         key: &Key,
         op: &Op,
-        token: &mut u64,
-        changed: &mut Vec<Vec<u8>>,
+        step: &mut Step<'_>,
     ) -> Result<Answer> {
         let stored_key = stored(key, op);
         let current = match writer.load(&stored_key)? {
@@ -368,7 +398,8 @@ impl Engine {
             Some(Err(_)) if matches!(op, Op::Expire) => {
                 // The operator's way out of a damaged record.
                 writer.delete(&stored_key);
-                changed.push(stored_key);
+                step.changed.push(stored_key);
+                *step.added -= 1;
                 return Ok(Answer::Expired(true));
             }
             Some(Err(err)) => return Ok(Answer::Refused(corrupt(key, err.0))),
@@ -376,17 +407,26 @@ impl Engine {
         let ctx = Context {
             key,
             now: self.now(),
-            next_token: token.saturating_add(1),
+            next_token: step.token.saturating_add(1),
             store_id: self.storage.store_id(),
+            full: self.full(step.records, *step.added),
         };
         let transition = rules::apply(current.as_ref(), op, &ctx);
         if transition.issued_token {
-            *token = ctx.next_token;
+            *step.token = ctx.next_token;
         }
+        *step.added += held_change(current.is_some(), &transition.change);
         if write_change(writer, &stored_key, transition.change) {
-            changed.push(stored_key);
+            step.changed.push(stored_key);
         }
         Ok(transition.answer)
+    }
+
+    /// `Some(budget)` when `records + added` records fill the key budget.
+    fn full(&self, records: u64, added: i64) -> Option<u64> {
+        let max_keys = self.config.max_keys?;
+        let held = i128::from(records) + i128::from(added);
+        (held >= i128::from(max_keys)).then_some(max_keys)
     }
 
     /// Decides every operation against an in-memory overlay first; writes only if none was
@@ -395,11 +435,12 @@ impl Engine {
         &self,
         writer: &mut Writer<'_>,
         ops: &[(Key, Op)],
-        token: &mut u64,
-        changed: &mut Vec<Vec<u8>>,
+        step: &mut Step<'_>,
     ) -> Result<std::result::Result<Vec<Answer>, Error>> {
         let now = self.now();
-        let mut next_token = *token;
+        let mut next_token = *step.token;
+        // Records the group adds, kept apart until the whole group is accepted.
+        let mut added = 0i64;
         // Per key touched: its record now, and whether any operation changed it.
         let mut overlay: HashMap<Vec<u8>, (Option<Record>, bool)> = HashMap::new();
         let mut order = Vec::new();
@@ -423,6 +464,7 @@ impl Engine {
                 now,
                 next_token: next_token.saturating_add(1),
                 store_id: self.storage.store_id(),
+                full: self.full(step.records, step.added.saturating_add(added)),
             };
             let transition = rules::apply(current.as_ref(), op, &ctx);
             if let Answer::Refused(err) = transition.answer {
@@ -431,6 +473,7 @@ impl Engine {
             if transition.issued_token {
                 next_token = ctx.next_token;
             }
+            added += held_change(current.is_some(), &transition.change);
             match transition.change {
                 Change::Keep => {}
                 Change::Put(record) => {
@@ -453,11 +496,32 @@ impl Engine {
                 None => Change::Delete,
             };
             if write_change(writer, &stored_key, change) {
-                changed.push(stored_key);
+                step.changed.push(stored_key);
             }
         }
-        *token = next_token;
+        *step.token = next_token;
+        *step.added += added;
         Ok(Ok(answers))
+    }
+}
+
+/// What one operation of a batch needs from the batch: the last token issued, the keys changed
+/// so far (whose waiters are woken after the commit), and the record count for the key budget.
+struct Step<'a> {
+    token: &'a mut u64,
+    changed: &'a mut Vec<Vec<u8>>,
+    /// Records held when the batch began.
+    records: u64,
+    /// Records the batch has added so far, less those it deleted.
+    added: &'a mut i64,
+}
+
+/// By how much `change` moves the number of records held, for a key that held one or not.
+fn held_change(held: bool, change: &Change) -> i64 {
+    match (held, change) {
+        (false, Change::Put(_)) => 1,
+        (true, Change::Delete) => -1,
+        _ => 0,
     }
 }
 

@@ -144,6 +144,16 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// A claim, mark or new sequence would store one more key, and the store already holds
+    /// its budget of keys ([`StoreBuilder::max_keys`](crate::StoreBuilder::max_keys)). Nothing
+    /// was changed. Keys that are stored already go on working (replays, completes, releases);
+    /// room comes back as keys expire and the sweeper removes them, so retry later.
+    #[error("the store holds its budget of {max_keys} keys; retry once keys have expired")]
+    KeyBudgetExhausted {
+        /// The budget: the most keys, live or expired but not yet swept, the store holds.
+        max_keys: u64,
+    },
+
     /// The store was closed with [`Store::close`](crate::Store::close).
     #[error("the store is closed")]
     Closed,

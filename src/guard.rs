@@ -37,9 +37,11 @@ pub(crate) enum FileStart {
 /// syncing, and only then writing the magic number. A crash (or power loss) before that last
 /// write leaves a non-empty file without the magic number, which redb then refuses to open,
 /// forever. Such a file holds nothing: no byte past the header is set, and where the magic
-/// number goes there are zeros, or the start of the magic number and then zeros (the power
-/// went while that write was landing). Only a file in exactly that state is emptied; anything
-/// else is left as it is: a complete magic number for redb to open, anything more is foreign.
+/// number goes each byte is either zero or the magic number's byte at that place (the power
+/// went while that write was landing, and a disk that keeps only single bytes atomic may have
+/// written any of them, not only a prefix). Only a file in exactly that state is emptied;
+/// anything else is left as it is: a complete magic number for redb to open, anything more is
+/// foreign.
 pub(crate) fn inspect_file(backend: &dyn StorageBackend, path: Option<&Path>) -> Result<FileStart> {
     let io = |err: std::io::Error| match path {
         Some(path) => Error::Io {
@@ -55,15 +57,14 @@ pub(crate) fn inspect_file(backend: &dyn StorageBackend, path: Option<&Path>) ->
     let mut head = [0u8; 9];
     let head_len = head.len().min(len as usize);
     backend.read(0, &mut head[..head_len]).map_err(io)?;
-    let landed = head
-        .iter()
-        .zip(REDB_MAGIC)
-        .take_while(|(byte, magic)| *byte == magic)
-        .count();
-    if landed == REDB_MAGIC.len() {
+    if head == REDB_MAGIC {
         return Ok(FileStart::Redb);
     }
-    if len > MAX_CREATION_LEN || head[landed..].iter().any(|&byte| byte != 0) {
+    let torn_magic = head
+        .iter()
+        .zip(REDB_MAGIC)
+        .all(|(&byte, magic)| byte == 0 || byte == magic);
+    if len > MAX_CREATION_LEN || !torn_magic {
         return Ok(FileStart::Foreign);
     }
     let mut offset = REDB_HEADER_LEN as u64;

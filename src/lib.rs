@@ -95,6 +95,7 @@ mod clock;
 mod engine;
 mod entry;
 mod error;
+mod file;
 mod guard;
 mod journal;
 mod key;

@@ -98,6 +98,8 @@ pub(crate) struct Context<'a> {
     /// The token a new claim or mark would get.
     pub next_token: u64,
     pub store_id: u64,
+    /// `Some(budget)` when the store holds its budget of keys: no new key may be stored.
+    pub full: Option<u64>,
 }
 
 /// What happens to the stored record.
@@ -146,7 +148,21 @@ impl Transition {
 }
 
 /// Decides `op` on a key whose stored record is `current`.
+///
+/// An operation that would store a key that has no record while the store is full is refused
+/// with [`Error::KeyBudgetExhausted`]; one that replaces a record, even an expired one, is not,
+/// since it takes no more room.
 pub(crate) fn apply(current: Option<&Record>, op: &Op, ctx: &Context<'_>) -> Transition {
+    let transition = decide(current, op, ctx);
+    match ctx.full {
+        Some(max_keys) if current.is_none() && matches!(transition.change, Change::Put(_)) => {
+            Transition::refuse(Error::KeyBudgetExhausted { max_keys })
+        }
+        _ => transition,
+    }
+}
+
+fn decide(current: Option<&Record>, op: &Op, ctx: &Context<'_>) -> Transition {
     // A record past its expires_at behaves exactly as absent.
     let live = current.filter(|record| record.is_live(ctx.now));
     match op {
@@ -523,6 +539,7 @@ mod tests {
             now,
             next_token,
             store_id: STORE,
+            full: None,
         }
     }
 
@@ -607,5 +624,67 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+    #[test]
+    fn a_full_store_refuses_new_keys_but_not_records_it_holds() {
+        let key = Key::from("k");
+        let full = |now, next_token| Context {
+            full: Some(7),
+            ..ctx(&key, now, next_token)
+        };
+        for op in [claim_op(None), Op::MarkSeen { ttl: 1_000 }] {
+            let t = apply(None, &op, &full(0, 1));
+            assert_eq!(t.change, Change::Keep, "{op:?}");
+            assert!(!t.issued_token, "{op:?}");
+            assert!(
+                matches!(
+                    t.answer,
+                    Answer::Refused(Error::KeyBudgetExhausted { max_keys: 7 })
+                ),
+                "{op:?}: {:?}",
+                t.answer
+            );
+        }
+        let seq = Op::AdvanceSequence {
+            seq: 1,
+            ttl: 1_000,
+            contiguous: false,
+        };
+        let seq_key = Key::from("s");
+        let t = apply(
+            None,
+            &seq,
+            &Context {
+                full: Some(7),
+                ..ctx(&seq_key, 0, 1)
+            },
+        );
+        assert!(matches!(
+            t.answer,
+            Answer::Refused(Error::KeyBudgetExhausted { .. })
+        ));
+
+        // A held claim still completes, and a completed record still replays.
+        let claimed = put(&apply(None, &claim_op(None), &ctx(&key, 0, 1))).clone();
+        let done = apply(
+            Some(&claimed),
+            &Op::Complete {
+                fencing_token: 1,
+                response: b"r".to_vec(),
+                ttl: 1_000,
+            },
+            &full(10, 2),
+        );
+        assert!(
+            matches!(done.answer, Answer::Completed),
+            "{:?}",
+            done.answer
+        );
+        let completed = put(&done).clone();
+        let replay = apply(Some(&completed), &claim_op(None), &full(20, 2));
+        assert!(matches!(replay.answer, Answer::Claim(Claim::Completed(_))));
+        // An expired record's room is reused by a new claim.
+        let fresh = apply(Some(&completed), &claim_op(None), &full(5_000, 2));
+        assert!(matches!(fresh.answer, Answer::Claim(Claim::Acquired(_))));
     }
 }

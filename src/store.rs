@@ -125,7 +125,7 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
         let storage = Storage::open(backend, location, config.cache_size, config.quick_repair)?;
-        let engine = Arc::new(Engine::new(storage, clock, config));
+        let engine = Arc::new(Engine::new(storage, clock, config)?);
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
             handle: Arc::new(Handle {

@@ -143,7 +143,21 @@ fn a_file_whose_creation_was_cut_short_is_created_again() -> TestResult {
     // random crash points: a cut at sync 2 tore that write).
     let mut torn = image.clone();
     torn[..3].copy_from_slice(b"red");
-    for (name, image) in [("no-magic", image), ("torn-magic", torn)] {
+    // A disk that keeps only single bytes atomic may land any of the magic's bytes, not only a
+    // prefix: here only the ninth.
+    let mut byte_torn = image.clone();
+    byte_torn[8] = 0x0a;
+    // ... or every other one.
+    let mut scattered = image.clone();
+    for at in (0..9).step_by(2) {
+        scattered[at] = b"redb\x1a\x0a\xa9\x0d\x0a"[at];
+    }
+    for (name, image) in [
+        ("no-magic", image),
+        ("torn-magic", torn),
+        ("byte-torn-magic", byte_torn),
+        ("scattered-magic", scattered),
+    ] {
         let path = dir.path().join(name);
         std::fs::write(&path, &image)?;
         let store = Store::open(&path)?;
@@ -155,6 +169,27 @@ fn a_file_whose_creation_was_cut_short_is_created_again() -> TestResult {
             "{name}"
         );
     }
+    Ok(())
+}
+
+/// A new file's directory is synced before the store is returned (and so before anything is
+/// acknowledged): by POSIX rules the file's creation is not durable until then.
+#[test]
+fn creating_a_store_file_syncs_its_directory() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing)?;
+    std::fs::write(existing.join("s.redb"), b"")?;
+    Store::open(existing.join("s.redb"))?.close()?;
+    assert!(
+        !dedupe_store::testing::directory_synced(&existing),
+        "opening a file that exists creates nothing"
+    );
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh)?;
+    let store = Store::open(fresh.join("s.redb"))?;
+    assert!(dedupe_store::testing::directory_synced(&fresh));
+    assert!(store.claim("first")?.is_acquired());
     Ok(())
 }
 
@@ -178,6 +213,11 @@ fn a_file_that_is_not_a_store_is_left_alone() -> TestResult {
         ("not-quite-magic", {
             let mut image = vec![0u8; 8192];
             image[..3].copy_from_slice(b"rex");
+            image
+        }),
+        ("magic-byte-out-of-place", {
+            let mut image = vec![0u8; 8192];
+            image[7] = b'r';
             image
         }),
     ] {

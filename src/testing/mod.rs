@@ -24,6 +24,12 @@ pub use rng::Rng;
 pub use scenario::{Arm, Report, RunOptions, run, run_armed, run_with};
 pub use step::{LEASE, MAX_STEPS, START_MILLIS, Step, TTL};
 
+/// Whether a store file was created in `directory` and the directory then synced, so that
+/// the file's creation is durable.
+pub fn directory_synced(directory: &std::path::Path) -> bool {
+    crate::file::synced::contains(directory)
+}
+
 /// Decodes fuzz bytes as a stored record: the first byte is the stored key's length, then the
 /// stored key, then the envelope. Never panics; a record that decodes must encode back to
 /// bytes that decode to the same record. Returns whether it decoded.
