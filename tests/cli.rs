@@ -642,3 +642,55 @@ fn expire_sweep_and_compact_maintain_the_file() -> TestResult {
     assert_eq!(scratch.run(&["verify"])?.code, Some(0));
     Ok(())
 }
+
+#[test]
+fn a_store_error_before_cmd_ran_exits_74_not_1() -> TestResult {
+    let scratch = Scratch::new()?;
+    let failing = scratch.run(&["run", "--key", "a", "--", "sh", "-c", "exit 1"])?;
+    assert_eq!(failing.code, Some(1), "CMD's own status 1");
+
+    let nowhere = scratch.path("no-such-dir/x.redb");
+    let mut command = bare_dedupe(scratch.dir.path());
+    command.arg("--db").arg(&nowhere).args([
+        "run",
+        "--key",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ]);
+    let finished = finish(command.spawn()?)?;
+    assert_eq!(finished.code, Some(74), "{finished:?}");
+    one_line(&finished);
+    assert!(
+        finished.stderr.contains("no-such-dir"),
+        "{}",
+        finished.stderr
+    );
+
+    let held = dedupe_store::Store::open(scratch.db())?;
+    let waited = scratch.run(&[
+        "--lock-timeout",
+        "200ms",
+        "run",
+        "--key",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ])?;
+    assert_eq!(waited.code, Some(74), "{waited:?}");
+    one_line(&waited);
+    drop(held);
+    assert_eq!(
+        scratch.count("count"),
+        0,
+        "CMD must not run after a store error"
+    );
+
+    let help = scratch.run(&["--help"])?;
+    assert!(help.stdout.contains("74") && help.stdout.contains("70"));
+    Ok(())
+}

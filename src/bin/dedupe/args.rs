@@ -28,9 +28,11 @@ const EXIT_CODES: &str = "\
 Exit codes:
   run      CMD's own status; 128+N when CMD was killed by signal N; the stored status on a
            replay; 75 while another run holds the key; 65 when the key was run with another
-           --fingerprint; 126/127 when CMD cannot be executed / is not found
+           --fingerprint; 126/127 when CMD cannot be executed / is not found; 74 for a store
+           error before CMD ran (CMD did not run)
   mark     0 the first time the key is seen, 1 when it was seen before, 74 on a store error
-  all      2 for bad arguments; 1 for a store error (one line: what, which file, what to do)
+  others   1 for a store error (one line: what, which file, what to do)
+  all      2 for bad arguments; 70 for an internal error in dedupe (please report it)
 
 Durations: 300ms, 90s, 10m, 24h, 30d, or combined as 1h30m.
 Sizes: bytes, or with a unit: 64KiB, 1MiB, 2MB.";
@@ -91,7 +93,7 @@ pub struct Cli {
     pub db: PathBuf,
 
     /// How long to wait for another process that holds the store file before giving up with
-    /// exit 1. Each dedupe holds it only for a few milliseconds at a time.
+    /// a store error. Each dedupe holds it only for a few milliseconds at a time.
     #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 

@@ -33,14 +33,11 @@ use crate::args::{Cli, Command};
 use crate::failure::Failure;
 use crate::open::{Create, StoreFile};
 
-/// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
-const INTERNAL_ERROR: i32 = 70;
-
 fn main() -> ExitCode {
     // A bug must still end in one line and a clear status, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
         console::say(&format!("internal error, please report it: {info}"));
-        std::process::exit(INTERNAL_ERROR);
+        std::process::exit(i32::from(failure::INTERNAL_ERROR));
     }));
     // Exits 2 with a usage message on bad arguments, 0 for --help and --version.
     let cli = Cli::parse();

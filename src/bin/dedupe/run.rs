@@ -34,7 +34,10 @@ pub fn run(db: StoreFile, args: &RunArgs) -> Result<u8, Failure> {
     if let Some(fingerprint) = &args.fingerprint {
         options = options.fingerprint(fingerprint);
     }
-    match claim(&file, args, &options)? {
+    // A store error before CMD ran exits 74: CMD's own status 1 must not be mistaken for it.
+    let start =
+        claim(&file, args, &options).map_err(|failure| failure.store_code(failure::IO_ERROR))?;
+    match start {
         Start::Replay(outcome) => replay(args, &outcome),
         Start::Run(ticket) => {
             if ticket.is_takeover() {
@@ -140,7 +143,7 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
     }
     let stored = RunOutcome::decode(&outcome.response).map_err(|why| {
         Failure::new(
-            failure::STORE_ERROR,
+            failure::IO_ERROR,
             format!(
                 "key {:?} is completed but cannot be replayed: {why}; `dedupe expire {}` clears \
                  it if CMD should run again",
