@@ -230,6 +230,7 @@ impl StoreBuilder {
         let config = self.config()?;
         let io_error = |err: std::io::Error| Error::Io {
             path: path.to_path_buf(),
+            action: "open",
             source: Arc::new(err),
         };
         let file = OpenOptions::new()

@@ -61,9 +61,9 @@ impl Failure {
                 "{doing}: {db} is held by another process; retry later or raise --lock-timeout \
                  (a program using the dedupe-store library holds its file for as long as it runs)"
             ),
-            Error::Io { source, .. } => format!(
-                "{doing}: cannot open {db}: {source}; check the path and its permissions, or \
-                 choose another file with --db or DEDUPE_DB"
+            Error::Io { .. } => format!(
+                "{doing}: {err}; check the path and its permissions, or choose another file \
+                 with --db or DEDUPE_DB"
             ),
             Error::NotAStore { .. } => format!(
                 "{doing}: {db} is not a dedupe store file (nothing was changed); point --db or \
