@@ -694,3 +694,76 @@ fn a_store_error_before_cmd_ran_exits_74_not_1() -> TestResult {
     assert!(help.stdout.contains("74") && help.stdout.contains("70"));
     Ok(())
 }
+
+/// Flips bytes all through a real store file (in its pages that hold anything) and runs the
+/// readers and `run` on each damaged copy: every answer is the data, or a store error in one
+/// line (exit 1, or 74 for `run`), never exit 70 and never a panic trace. Some of these flips
+/// make redb panic; the library turns that into a corrupt-file error, which must reach the
+/// user as such.
+#[test]
+fn damaged_files_are_store_errors_never_internal_errors() -> TestResult {
+    let scratch = Scratch::new()?;
+    {
+        let store = dedupe_store::Store::open(scratch.db())?;
+        for index in 0..40 {
+            let key = format!("key-{index}");
+            if index % 3 == 0 {
+                store.mark_seen(&key)?;
+            } else if let dedupe_store::Claim::Acquired(ticket) = store.claim(&key)? {
+                store.complete(&ticket, vec![index as u8; 200 + index * 150])?;
+            }
+        }
+        store.close()?;
+    }
+    let clean = fs::read(scratch.db())?;
+    let pages: Vec<usize> = (0..clean.len() / 4096)
+        .filter(|page| {
+            clean[page * 4096..(page + 1) * 4096]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .collect();
+    let damaged = scratch.path("damaged.redb");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (mut errors, mut caught_panics) = (0, 0);
+    for round in 0..120 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let page = pages[round % pages.len()];
+        let at = page * 4096 + (seed % 4096) as usize;
+        let mut image = clean.clone();
+        image[at] ^= 1 << ((seed >> 32) % 8);
+        let commands: [&[&str]; 4] = [
+            &["verify"],
+            &["get", "key-7"],
+            &["list", "--json"],
+            &["run", "--key", "key-new", "--", "true"],
+        ];
+        let command = commands[round % commands.len()];
+        fs::write(&damaged, &image)?;
+        let mut dedupe = bare_dedupe(scratch.dir.path());
+        dedupe.arg("--db").arg(&damaged).args(command);
+        let finished = finish(dedupe.spawn()?)?;
+        let store_error = if command[0] == "run" { 74 } else { 1 };
+        match finished.code {
+            Some(0) => {}
+            Some(code) if code == store_error => {
+                one_line(&finished);
+                assert!(
+                    finished.stderr.contains("damaged.redb"),
+                    "{}",
+                    finished.stderr
+                );
+                errors += 1;
+                if finished.stderr.contains("engine panicked") {
+                    caught_panics += 1;
+                }
+            }
+            other => panic!("{command:?} with byte {at} flipped exited {other:?}: {finished:?}"),
+        }
+    }
+    println!("{errors} store errors, {caught_panics} of them caught panics inside redb");
+    assert!(errors > 0, "no flip was noticed: the test damaged nothing");
+    Ok(())
+}

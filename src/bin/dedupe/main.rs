@@ -25,7 +25,9 @@ mod report;
 mod run;
 mod signals;
 
+use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
+use std::sync::{Mutex, PoisonError};
 
 use clap::Parser;
 
@@ -33,19 +35,33 @@ use crate::args::{Cli, Command};
 use crate::failure::Failure;
 use crate::open::{Create, StoreFile};
 
+/// The message of the latest panic, for the one line of an internal error.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
 fn main() -> ExitCode {
-    // A bug must still end in one line and a clear status, not a backtrace.
+    // The hook only remembers the message: the library turns a panic inside redb (a damaged
+    // file) into a store error with its own `catch_unwind`, which a hook that printed or
+    // exited would pre-empt. A panic that reaches `main` is a bug in dedupe: one line and
+    // exit 70, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        console::say(&format!("internal error, please report it: {info}"));
-        std::process::exit(i32::from(failure::INTERNAL_ERROR));
+        *LAST_PANIC.lock().unwrap_or_else(PoisonError::into_inner) = Some(info.to_string());
     }));
     // Exits 2 with a usage message on bad arguments, 0 for --help and --version.
     let cli = Cli::parse();
-    match dispatch(cli) {
-        Ok(code) => ExitCode::from(code),
-        Err(failure) => {
+    match panic::catch_unwind(AssertUnwindSafe(|| dispatch(cli))) {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(failure)) => {
             console::say(&failure.message);
             ExitCode::from(failure.code)
+        }
+        Err(_) => {
+            let message = LAST_PANIC
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            console::say(&format!("internal error, please report it: {message}"));
+            ExitCode::from(failure::INTERNAL_ERROR)
         }
     }
 }
