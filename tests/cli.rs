@@ -767,3 +767,56 @@ fn damaged_files_are_store_errors_never_internal_errors() -> TestResult {
     assert!(errors > 0, "no flip was noticed: the test damaged nothing");
     Ok(())
 }
+
+#[test]
+fn a_lease_shorter_than_the_heartbeat_can_keep_is_refused() -> TestResult {
+    let scratch = Scratch::new()?;
+    for lease in ["1ms", "999ms"] {
+        let refused = scratch.run(&[
+            "run",
+            "--key",
+            "lm",
+            "--lease",
+            lease,
+            "--",
+            "sh",
+            "-c",
+            "echo ran >> count",
+        ])?;
+        assert_eq!(refused.code, Some(2), "--lease {lease}: {refused:?}");
+        assert!(
+            refused.stderr.contains("at least 1s"),
+            "the message names the minimum: {}",
+            refused.stderr
+        );
+    }
+    assert_eq!(scratch.count("count"), 0);
+    assert!(
+        !scratch.db().exists(),
+        "a refused lease must not touch the store"
+    );
+
+    // At the minimum a live owner keeps its key past several leases.
+    let owner = scratch
+        .dedupe(&[
+            "run",
+            "--key",
+            "lm",
+            "--lease",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "touch started; while [ ! -f go ]; do sleep 0.02; done; echo ran >> count",
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    thread::sleep(Duration::from_millis(2500));
+    let second = scratch.run(&["run", "--key", "lm", "--", "echo", "SECOND"])?;
+    assert_eq!(second.code, Some(75), "{second:?}");
+    fs::write(scratch.path("go"), "")?;
+    assert_eq!(finish(owner)?.code, Some(0));
+    assert_eq!(scratch.count("count"), 1);
+    assert_eq!(scratch.get("lm")?["attempt"], 1, "no takeover happened");
+    Ok(())
+}

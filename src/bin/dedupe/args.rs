@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use dedupe_store::{MAX_DURATION, MAX_FINGERPRINT_LEN, MAX_KEY_LEN, MAX_RESPONSE_BYTES_LIMIT};
 
+use crate::heartbeat::MIN_LEASE;
 use crate::outcome;
 
 const ABOUT: &str =
@@ -55,7 +56,8 @@ While another dedupe runs the key: exit 75 with one line naming the key and when
 ends, or with --wait, wait up to that long for it to finish and then answer as above (replay
 its outcome, or run CMD if it failed and released the key).
 
-While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat). If
+While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat;
+--lease is at least 1s so that a live dedupe always renews it in time). If
 dedupe itself dies (kill -9, a crash, a reboot), the heartbeat stops, and once the lease has run
 out the next run takes the key over and says so on stderr. SIGTERM and SIGHUP sent to dedupe
 are passed on to CMD; SIGINT and SIGQUIT from the terminal reach CMD directly. Either way dedupe
@@ -153,8 +155,8 @@ pub struct RunArgs {
     pub ttl: Duration,
 
     /// How long the key stays ours if dedupe stops renewing it (if it is killed). The heartbeat
-    /// renews it every third of this while CMD runs.
-    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    /// renews it every third of this while CMD runs; at least 1s.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_lease)]
     pub lease: Duration,
 
     /// A digest of CMD's input: a later run of the key with a different fingerprint is refused
@@ -291,6 +293,18 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease < MIN_LEASE {
+        return Err(format!(
+            "the lease must be at least {} (the heartbeat renews it every third of the lease, \
+             and a shorter one could run out while dedupe is alive and CMD still runs)",
+            humantime::format_duration(MIN_LEASE)
+        ));
+    }
+    Ok(lease)
+}
+
 fn parse_max_output(text: &str) -> Result<usize, String> {
     let bytes = parse_size(text)?;
     let max = MAX_RESPONSE_BYTES_LIMIT - outcome::HEADER_LEN;
@@ -367,6 +381,8 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(parse_max_output("256MiB").is_err());
+        assert!(parse_lease("999ms").is_err());
+        assert_eq!(parse_lease("1s")?, MIN_LEASE);
         assert!(parse_max_output("255MiB").is_ok());
         Ok(())
     }
