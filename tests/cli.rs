@@ -820,3 +820,130 @@ fn a_lease_shorter_than_the_heartbeat_can_keep_is_refused() -> TestResult {
     assert_eq!(scratch.get("lm")?["attempt"], 1, "no takeover happened");
     Ok(())
 }
+
+/// `runuser -u nobody`, when this test runs as root and the command exists.
+fn as_nobody() -> Option<Command> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        println!("skipping the unprivileged reader: not running as root");
+        return None;
+    }
+    let probe = Command::new("runuser")
+        .args(["-u", "nobody", "--", "true"])
+        .status();
+    if !probe.is_ok_and(|status| status.success()) {
+        println!("skipping the unprivileged reader: `runuser -u nobody` is not available");
+        return None;
+    }
+    let mut command = Command::new("runuser");
+    command
+        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_dedupe")])
+        .env_remove("DEDUPE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Some(command)
+}
+
+#[test]
+fn readers_work_on_a_read_only_file_and_never_create_or_change_a_store() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "seen"])?.code, Some(0));
+    assert_eq!(
+        scratch
+            .run(&["run", "--key", "job", "--", "echo", "hi"])?
+            .code,
+        Some(0)
+    );
+    let before = fs::read(scratch.db())?;
+    let readers: [&[&str]; 5] = [
+        &["get", "job", "--json"],
+        &["get", "seen"],
+        &["list", "--json"],
+        &["stats", "--json"],
+        &["verify"],
+    ];
+    for args in readers {
+        let read = scratch.run(args)?;
+        assert_eq!(read.code, Some(0), "{args:?}: {read:?}");
+    }
+    assert_eq!(fs::read(scratch.db())?, before, "a reader changed the file");
+
+    // An empty file is refused, not made a store, by readers and maintenance alike.
+    let empty = scratch.path("empty.redb");
+    let missing = scratch.path("missing.redb");
+    fs::write(&empty, "")?;
+    for args in [
+        &["stats"][..],
+        &["get", "k"],
+        &["list"],
+        &["verify"],
+        &["sweep"],
+        &["compact"],
+        &["expire", "k"],
+    ] {
+        for db in [&empty, &missing] {
+            let mut command = bare_dedupe(scratch.dir.path());
+            let finished = finish(command.arg("--db").arg(db).args(args).spawn()?)?;
+            assert_eq!(finished.code, Some(1), "{args:?} on {}", db.display());
+            one_line(&finished);
+            assert!(
+                finished
+                    .stderr
+                    .contains("only `run` and `mark` create a store")
+            );
+        }
+        assert_eq!(
+            fs::metadata(&empty)?.len(),
+            0,
+            "{args:?} wrote to an empty file"
+        );
+        assert!(!missing.exists(), "{args:?} created a missing file");
+    }
+
+    // A file its user may only read. As root a 0444 file is still writable, so this part runs
+    // as nobody.
+    let Some(mut nobody) = as_nobody() else {
+        return Ok(());
+    };
+    fs::set_permissions(scratch.dir.path(), fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(scratch.db(), fs::Permissions::from_mode(0o444))?;
+    let finished = finish(
+        nobody
+            .arg("--db")
+            .arg(scratch.db())
+            .args(["get", "job", "--json"])
+            .spawn()?,
+    )?;
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let entry: Value = serde_json::from_str(&finished.stdout)?;
+    assert_eq!(entry["run"]["stdout"], "hi\n");
+    for args in [&["list"][..], &["stats"], &["verify"]] {
+        let mut nobody = as_nobody().ok_or("runuser went away")?;
+        let finished = finish(nobody.arg("--db").arg(scratch.db()).args(args).spawn()?)?;
+        assert_eq!(finished.code, Some(0), "{args:?}: {finished:?}");
+    }
+    // A writer as nobody fails as a store error, saying what it could not do.
+    let mut nobody = as_nobody().ok_or("runuser went away")?;
+    let finished = finish(
+        nobody
+            .arg("--db")
+            .arg(scratch.db())
+            .args(["mark", "new"])
+            .spawn()?,
+    )?;
+    assert_eq!(finished.code, Some(74), "{finished:?}");
+    assert!(
+        finished.stderr.contains("cannot open"),
+        "{}",
+        finished.stderr
+    );
+    assert_eq!(
+        fs::read(scratch.db())?,
+        before,
+        "the read-only file changed"
+    );
+    Ok(())
+}

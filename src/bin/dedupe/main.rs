@@ -3,7 +3,7 @@
 //!
 //! One module per concept: `args` (the command line), `open` (opening the file for one step at
 //! a time, and why), `run` with `capture`, `heartbeat` and `signals` (the `run` command),
-//! `outcome` (the stored outcome's layout), `mark`, `report` (the readers and their table and
+//! `outcome` (the stored outcome's layout), `mark`, `read_only` (reading a file without writing to it), `report` (the readers and their table and
 //! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -21,6 +21,7 @@ mod maintenance;
 mod mark;
 mod open;
 mod outcome;
+mod read_only;
 mod report;
 mod run;
 mod signals;
@@ -33,7 +34,7 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 use crate::failure::Failure;
-use crate::open::{Create, StoreFile};
+use crate::open::{Access, StoreFile};
 
 /// The message of the latest panic, for the one line of an internal error.
 static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
@@ -67,11 +68,14 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<u8, Failure> {
-    let create = match cli.command {
-        Command::Run(_) | Command::Mark(_) => Create::IfMissing,
-        _ => Create::Never,
+    let access = match cli.command {
+        Command::Run(_) | Command::Mark(_) => Access::Create,
+        Command::Expire(_) | Command::Sweep | Command::Compact => Access::Existing,
+        Command::Get(_) | Command::List(_) | Command::Stats(_) | Command::Verify(_) => {
+            Access::ReadOnly
+        }
     };
-    let file = StoreFile::new(cli.db, cli.lock_timeout, create);
+    let file = StoreFile::new(cli.db, cli.lock_timeout, access);
     match &cli.command {
         Command::Run(args) => run::run(file, args),
         Command::Mark(args) => mark::mark(&file, args),

@@ -158,7 +158,8 @@ pub fn verify(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
         }));
     } else {
         let repaired = if report.repaired {
-            "; redb repaired the file first (it had not been closed cleanly)"
+            "; the file had not been closed cleanly, and was checked as redb repairs it (in \
+             memory: verify never changes the file)"
         } else {
             ""
         };
