@@ -947,3 +947,47 @@ fn readers_work_on_a_read_only_file_and_never_create_or_change_a_store() -> Test
     );
     Ok(())
 }
+
+fn expired_pending(scratch: &Scratch) -> Result<u64, Box<dyn std::error::Error>> {
+    let stats = scratch.run(&["stats", "--json"])?;
+    assert_eq!(stats.code, Some(0), "{stats:?}");
+    let stats: Value = serde_json::from_str(&stats.stdout)?;
+    stats["expired_pending"]
+        .as_u64()
+        .ok_or_else(|| "no expired_pending".into())
+}
+
+#[test]
+fn a_run_sweeps_one_batch_of_a_backlog_and_sweep_clears_the_rest() -> TestResult {
+    let scratch = Scratch::new()?;
+    let backlog = 3000;
+    {
+        let store = dedupe_store::Store::builder()
+            .without_sweeper()
+            .open(scratch.db())?;
+        let keys: Vec<String> = (0..backlog).map(|i| format!("old-{i}")).collect();
+        store.mark_seen_many_with_ttl(&keys, Duration::from_millis(1))?;
+        store.close()?;
+    }
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(expired_pending(&scratch)?, backlog);
+
+    assert_eq!(
+        scratch.run(&["run", "--key", "x", "--", "true"])?.code,
+        Some(0)
+    );
+    let left = expired_pending(&scratch)?;
+    assert!(left < backlog, "the run swept nothing");
+    assert!(left > 0, "one run paid for the whole backlog");
+    assert_eq!(
+        scratch.run(&["run", "--key", "y", "--", "true"])?.code,
+        Some(0)
+    );
+    assert!(expired_pending(&scratch)? < left, "the next run sweeps on");
+
+    let swept = scratch.run(&["sweep"])?;
+    assert_eq!(swept.code, Some(0), "{swept:?}");
+    assert_eq!(expired_pending(&scratch)?, 0);
+    assert_eq!(scratch.get("x")?["state"], "completed");
+    Ok(())
+}

@@ -130,7 +130,8 @@ pub enum Command {
     /// Forget a key now, whatever its state, so the next run or mark starts afresh.
     Expire(ExpireArgs),
 
-    /// Remove expired records from the file now (`run` also does this after each command).
+    /// Remove every expired record from the file now (`run` removes up to 256 after each
+    /// command).
     Sweep,
 
     /// Show what the store file holds: live keys, expired records awaiting a sweep, file size.

@@ -286,8 +286,10 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
     Ok(code)
 }
 
-/// Completes the key with `outcome`, or releases it when there is none, then sweeps expired
-/// records (no background sweeper runs in a short-lived dedupe, so each run tidies up).
+/// Completes the key with `outcome`, or releases it when there is none, then removes one batch
+/// of expired records: no background sweeper runs in a short-lived dedupe, so each run tidies
+/// up a bounded share, and a large backlog is left to the next runs or `dedupe sweep` rather
+/// than held against this one (the file stays locked while it sweeps).
 fn finish(
     file: &StoreFile,
     args: &RunArgs,
@@ -308,7 +310,7 @@ fn finish(
             Err(err) => Err(err),
             Ok(()) => {
                 // A failed sweep loses nothing; the next run or `dedupe sweep` tries again.
-                let _ = store.sweep();
+                let _ = store.sweep_batch();
                 Ok(true)
             }
         }
