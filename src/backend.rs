@@ -58,10 +58,16 @@ pub(crate) fn lock_whole_file(backend: &dyn StorageBackend, name: &Path) -> Resu
             path: name.to_path_buf(),
         }),
         Err(BackendError::Unsupported) => Ok(FileLock::Unsupported),
-        Err(BackendError::Io(err)) => Err(Error::from(redb::Error::Io(err))),
-        Err(other) => Err(Error::from(redb::Error::Io(std::io::Error::other(
-            other.to_string(),
-        )))),
+        Err(BackendError::Io(err)) => Err(lock_error(name, err)),
+        Err(other) => Err(lock_error(name, std::io::Error::other(other.to_string()))),
+    }
+}
+
+fn lock_error(name: &Path, err: std::io::Error) -> Error {
+    Error::Io {
+        path: name.to_path_buf(),
+        action: "lock",
+        source: Arc::new(err),
     }
 }
 

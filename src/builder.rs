@@ -292,6 +292,7 @@ impl StoreBuilder {
         let config = self.config()?;
         let io_error = |err: std::io::Error| Error::Io {
             path: path.to_path_buf(),
+            action: "open",
             source: Arc::new(err),
         };
         if self.file_mode & !0o7777 != 0 {

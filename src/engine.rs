@@ -182,11 +182,7 @@ impl Engine {
             weight,
             solo,
             |works, batch| self.execute(works, batch),
-            || {
-                Err(Error::from(redb::Error::Io(std::io::Error::other(
-                    "a commit panicked; its writes were not acknowledged",
-                ))))
-            },
+            || Err(Error::CommitPanicked),
         )
     }
 

@@ -158,15 +158,35 @@ pub enum Error {
     #[error("the store is closed")]
     Closed,
 
-    /// The file could not be opened or created.
-    #[error("cannot open {}: {source}", path.display())]
+    /// An operation on the file itself failed: opening or creating it, reading its first
+    /// bytes, locking it, or releasing its lock at close. `action` says which.
+    #[error("cannot {action} {}: {source}", path.display())]
     Io {
-        /// The file.
+        /// The file (`<memory>` or `<backend>` for a store that has none).
         path: PathBuf,
+        /// What was being done to the file, as it reads after "cannot": `"open"`, `"read"`,
+        /// `"lock"`, `"release the lock on"`…
+        action: &'static str,
         /// The operating system's error.
         #[source]
         source: Arc<io::Error>,
     },
+
+    /// A background thread of the store could not be started (the system is out of threads
+    /// or memory). Nothing was opened.
+    #[error("cannot start the {thread} thread: {source}")]
+    ThreadStart {
+        /// Which thread.
+        thread: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// A commit panicked inside the storage engine. None of its writes were acknowledged; the
+    /// store reopens its file and keeps serving.
+    #[error("a commit panicked in the storage engine; none of its writes were acknowledged")]
+    CommitPanicked,
 
     /// The storage engine failed: an I/O error, a full disk, an aborted commit. Nothing in the
     /// failed call was acknowledged; the store reopens its file and keeps serving.
@@ -180,7 +200,10 @@ impl Error {
     pub fn is_storage(&self) -> bool {
         matches!(
             self,
-            Error::Storage(_) | Error::Io { .. } | Error::CorruptFile { .. }
+            Error::Storage(_)
+                | Error::Io { .. }
+                | Error::CorruptFile { .. }
+                | Error::CommitPanicked
         )
     }
 }
@@ -281,6 +304,49 @@ mod tests {
             .and_then(|s| s.downcast_ref::<io::Error>())
             .expect("the io error is reachable");
         assert_eq!(io.to_string(), "disk on fire");
+        assert!(err.is_storage());
+    }
+
+    #[test]
+    fn io_errors_say_what_was_being_done_and_keep_their_source() {
+        for (action, text) in [
+            ("open", "cannot open /data/s.redb: denied"),
+            ("read", "cannot read /data/s.redb: denied"),
+            ("lock", "cannot lock /data/s.redb: denied"),
+            (
+                "release the lock on",
+                "cannot release the lock on /data/s.redb: denied",
+            ),
+        ] {
+            let err = Error::Io {
+                path: PathBuf::from("/data/s.redb"),
+                action,
+                source: Arc::new(io::Error::other("denied")),
+            };
+            assert_eq!(err.to_string(), text);
+            assert_eq!(
+                err.source().map(ToString::to_string).as_deref(),
+                Some("denied")
+            );
+            assert!(err.is_storage());
+        }
+    }
+
+    #[test]
+    fn thread_and_commit_failures_are_not_reported_as_io() {
+        let err = Error::ThreadStart {
+            thread: "sweeper",
+            source: Arc::new(io::Error::other("no threads left")),
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot start the sweeper thread: no threads left"
+        );
+        assert!(err.source().is_some());
+        assert!(!err.is_storage());
+        let err = Error::CommitPanicked;
+        assert!(err.to_string().contains("commit panicked"), "{err}");
+        assert!(!err.to_string().contains("I/O"), "{err}");
         assert!(err.is_storage());
     }
 

@@ -43,13 +43,17 @@ pub(crate) enum FileStart {
 /// anything else is left as it is: a complete magic number for redb to open, anything more is
 /// foreign.
 pub(crate) fn inspect_file(backend: &dyn StorageBackend, path: Option<&Path>) -> Result<FileStart> {
-    let io = |err: std::io::Error| match path {
-        Some(path) => Error::Io {
-            path: path.to_path_buf(),
-            source: Arc::new(err),
-        },
-        None => Error::from(redb::Error::Io(err)),
+    let failed = |action: &'static str| {
+        move |err: std::io::Error| match path {
+            Some(path) => Error::Io {
+                path: path.to_path_buf(),
+                action,
+                source: Arc::new(err),
+            },
+            None => Error::from(redb::Error::Io(err)),
+        }
     };
+    let io = failed("read");
     let len = backend.len().map_err(io)?;
     if len == 0 {
         return Ok(FileStart::Empty);
@@ -77,8 +81,8 @@ pub(crate) fn inspect_file(backend: &dyn StorageBackend, path: Option<&Path>) ->
         }
         offset += take as u64;
     }
-    backend.set_len(0).map_err(io)?;
-    backend.sync_data().map_err(io)?;
+    backend.set_len(0).map_err(failed("empty"))?;
+    backend.sync_data().map_err(failed("sync"))?;
     Ok(FileStart::Empty)
 }
 

@@ -100,6 +100,32 @@ impl Store {
         sweeper::sweep_all(self.engine(), true, None, || false)
     }
 
+    /// Removes at most one batch of expired records
+    /// ([`sweep_batch_size`](crate::StoreBuilder::sweep_batch_size) of them) in one short
+    /// transaction, and makes the removal durable: a bounded share of a sweep, for a caller
+    /// that must not pay for a whole backlog at once (a short-lived process without the
+    /// background sweeper). Returns how many were removed and whether more are due.
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), dedupe_store::Error> {
+    /// let store = dedupe_store::Store::builder().without_sweeper().in_memory()?;
+    /// let (removed, more) = store.sweep_batch()?;
+    /// assert_eq!((removed, more), (0, false));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn sweep_batch(&self) -> Result<(usize, bool)> {
+        let engine = self.engine();
+        let (removed, more) = engine.sweep_batch(engine.config.sweep_batch, false)?;
+        if removed > 0 {
+            engine.flush_if_dirty()?;
+        }
+        Ok((removed, more))
+    }
+
     /// Counters since open and gauges read now. Counting expired records awaiting the sweeper
     /// reads their index entries, so this costs time in proportion to that backlog.
     ///

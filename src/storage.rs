@@ -425,7 +425,11 @@ impl Storage {
             Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
             Slot::Broken | Slot::Closed => Ok(()),
         };
-        let released = self.backend.release().map_err(|err| self.io_error(err));
+        let released = self.backend.release().map_err(|err| Error::Io {
+            path: self.location.name(),
+            action: "release the lock on",
+            source: Arc::new(err),
+        });
         let result = closed.and(released);
         *outcome = Some(result.clone());
         result
@@ -434,16 +438,6 @@ impl Storage {
     /// The file the store is on; `None` in memory or on a caller's backend.
     pub(crate) fn path(&self) -> Option<&Path> {
         self.location.path()
-    }
-
-    fn io_error(&self, err: std::io::Error) -> Error {
-        match self.location.path() {
-            Some(path) => Error::Io {
-                path: path.to_path_buf(),
-                source: Arc::new(err),
-            },
-            None => Error::from(redb::Error::Io(err)),
-        }
     }
 }
 

@@ -100,7 +100,10 @@ impl Sweeper {
                 let signal = signal.clone();
                 move || run(&engine, &signal, sweep_every, flush_every)
             })
-            .map_err(|err| Error::from(redb::Error::Io(err)))?;
+            .map_err(|err| Error::ThreadStart {
+                thread: THREAD_NAME,
+                source: std::sync::Arc::new(err),
+            })?;
         Ok(Some(Sweeper {
             signal,
             thread: Some(thread),

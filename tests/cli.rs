@@ -642,3 +642,352 @@ fn expire_sweep_and_compact_maintain_the_file() -> TestResult {
     assert_eq!(scratch.run(&["verify"])?.code, Some(0));
     Ok(())
 }
+
+#[test]
+fn a_store_error_before_cmd_ran_exits_74_not_1() -> TestResult {
+    let scratch = Scratch::new()?;
+    let failing = scratch.run(&["run", "--key", "a", "--", "sh", "-c", "exit 1"])?;
+    assert_eq!(failing.code, Some(1), "CMD's own status 1");
+
+    let nowhere = scratch.path("no-such-dir/x.redb");
+    let mut command = bare_dedupe(scratch.dir.path());
+    command.arg("--db").arg(&nowhere).args([
+        "run",
+        "--key",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ]);
+    let finished = finish(command.spawn()?)?;
+    assert_eq!(finished.code, Some(74), "{finished:?}");
+    one_line(&finished);
+    assert!(
+        finished.stderr.contains("no-such-dir"),
+        "{}",
+        finished.stderr
+    );
+
+    let held = dedupe_store::Store::open(scratch.db())?;
+    let waited = scratch.run(&[
+        "--lock-timeout",
+        "200ms",
+        "run",
+        "--key",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ])?;
+    assert_eq!(waited.code, Some(74), "{waited:?}");
+    one_line(&waited);
+    drop(held);
+    assert_eq!(
+        scratch.count("count"),
+        0,
+        "CMD must not run after a store error"
+    );
+
+    let help = scratch.run(&["--help"])?;
+    assert!(help.stdout.contains("74") && help.stdout.contains("70"));
+    Ok(())
+}
+
+/// Flips bytes all through a real store file (in its pages that hold anything) and runs the
+/// readers and `run` on each damaged copy: every answer is the data, or a store error in one
+/// line (exit 1, or 74 for `run`), never exit 70 and never a panic trace. Some of these flips
+/// make redb panic; the library turns that into a corrupt-file error, which must reach the
+/// user as such.
+#[test]
+fn damaged_files_are_store_errors_never_internal_errors() -> TestResult {
+    let scratch = Scratch::new()?;
+    {
+        let store = dedupe_store::Store::open(scratch.db())?;
+        for index in 0..40 {
+            let key = format!("key-{index}");
+            if index % 3 == 0 {
+                store.mark_seen(&key)?;
+            } else if let dedupe_store::Claim::Acquired(ticket) = store.claim(&key)? {
+                store.complete(&ticket, vec![index as u8; 200 + index * 150])?;
+            }
+        }
+        store.close()?;
+    }
+    let clean = fs::read(scratch.db())?;
+    let pages: Vec<usize> = (0..clean.len() / 4096)
+        .filter(|page| {
+            clean[page * 4096..(page + 1) * 4096]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .collect();
+    let damaged = scratch.path("damaged.redb");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (mut errors, mut caught_panics) = (0, 0);
+    for round in 0..120 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let page = pages[round % pages.len()];
+        let at = page * 4096 + (seed % 4096) as usize;
+        let mut image = clean.clone();
+        image[at] ^= 1 << ((seed >> 32) % 8);
+        let commands: [&[&str]; 4] = [
+            &["verify"],
+            &["get", "key-7"],
+            &["list", "--json"],
+            &["run", "--key", "key-new", "--", "true"],
+        ];
+        let command = commands[round % commands.len()];
+        fs::write(&damaged, &image)?;
+        let mut dedupe = bare_dedupe(scratch.dir.path());
+        dedupe.arg("--db").arg(&damaged).args(command);
+        let finished = finish(dedupe.spawn()?)?;
+        let store_error = if command[0] == "run" { 74 } else { 1 };
+        match finished.code {
+            Some(0) => {}
+            Some(code) if code == store_error => {
+                one_line(&finished);
+                assert!(
+                    finished.stderr.contains("damaged.redb"),
+                    "{}",
+                    finished.stderr
+                );
+                errors += 1;
+                if finished.stderr.contains("engine panicked") {
+                    caught_panics += 1;
+                }
+            }
+            other => panic!("{command:?} with byte {at} flipped exited {other:?}: {finished:?}"),
+        }
+    }
+    println!("{errors} store errors, {caught_panics} of them caught panics inside redb");
+    assert!(errors > 0, "no flip was noticed: the test damaged nothing");
+    Ok(())
+}
+
+#[test]
+fn a_lease_shorter_than_the_heartbeat_can_keep_is_refused() -> TestResult {
+    let scratch = Scratch::new()?;
+    for lease in ["1ms", "999ms"] {
+        let refused = scratch.run(&[
+            "run",
+            "--key",
+            "lm",
+            "--lease",
+            lease,
+            "--",
+            "sh",
+            "-c",
+            "echo ran >> count",
+        ])?;
+        assert_eq!(refused.code, Some(2), "--lease {lease}: {refused:?}");
+        assert!(
+            refused.stderr.contains("at least 1s"),
+            "the message names the minimum: {}",
+            refused.stderr
+        );
+    }
+    assert_eq!(scratch.count("count"), 0);
+    assert!(
+        !scratch.db().exists(),
+        "a refused lease must not touch the store"
+    );
+
+    // At the minimum a live owner keeps its key past several leases.
+    let owner = scratch
+        .dedupe(&[
+            "run",
+            "--key",
+            "lm",
+            "--lease",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "touch started; while [ ! -f go ]; do sleep 0.02; done; echo ran >> count",
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    thread::sleep(Duration::from_millis(2500));
+    let second = scratch.run(&["run", "--key", "lm", "--", "echo", "SECOND"])?;
+    assert_eq!(second.code, Some(75), "{second:?}");
+    fs::write(scratch.path("go"), "")?;
+    assert_eq!(finish(owner)?.code, Some(0));
+    assert_eq!(scratch.count("count"), 1);
+    assert_eq!(scratch.get("lm")?["attempt"], 1, "no takeover happened");
+    Ok(())
+}
+
+/// `runuser -u nobody`, when this test runs as root and the command exists.
+fn as_nobody() -> Option<Command> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        println!("skipping the unprivileged reader: not running as root");
+        return None;
+    }
+    let probe = Command::new("runuser")
+        .args(["-u", "nobody", "--", "true"])
+        .status();
+    if !probe.is_ok_and(|status| status.success()) {
+        println!("skipping the unprivileged reader: `runuser -u nobody` is not available");
+        return None;
+    }
+    let mut command = Command::new("runuser");
+    command
+        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_dedupe")])
+        .env_remove("DEDUPE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Some(command)
+}
+
+#[test]
+fn readers_work_on_a_read_only_file_and_never_create_or_change_a_store() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "seen"])?.code, Some(0));
+    assert_eq!(
+        scratch
+            .run(&["run", "--key", "job", "--", "echo", "hi"])?
+            .code,
+        Some(0)
+    );
+    let before = fs::read(scratch.db())?;
+    let readers: [&[&str]; 5] = [
+        &["get", "job", "--json"],
+        &["get", "seen"],
+        &["list", "--json"],
+        &["stats", "--json"],
+        &["verify"],
+    ];
+    for args in readers {
+        let read = scratch.run(args)?;
+        assert_eq!(read.code, Some(0), "{args:?}: {read:?}");
+    }
+    assert_eq!(fs::read(scratch.db())?, before, "a reader changed the file");
+
+    // An empty file is refused, not made a store, by readers and maintenance alike.
+    let empty = scratch.path("empty.redb");
+    let missing = scratch.path("missing.redb");
+    fs::write(&empty, "")?;
+    for args in [
+        &["stats"][..],
+        &["get", "k"],
+        &["list"],
+        &["verify"],
+        &["sweep"],
+        &["compact"],
+        &["expire", "k"],
+    ] {
+        for db in [&empty, &missing] {
+            let mut command = bare_dedupe(scratch.dir.path());
+            let finished = finish(command.arg("--db").arg(db).args(args).spawn()?)?;
+            assert_eq!(finished.code, Some(1), "{args:?} on {}", db.display());
+            one_line(&finished);
+            assert!(
+                finished
+                    .stderr
+                    .contains("only `run` and `mark` create a store")
+            );
+        }
+        assert_eq!(
+            fs::metadata(&empty)?.len(),
+            0,
+            "{args:?} wrote to an empty file"
+        );
+        assert!(!missing.exists(), "{args:?} created a missing file");
+    }
+
+    // A file its user may only read. As root a 0444 file is still writable, so this part runs
+    // as nobody.
+    let Some(mut nobody) = as_nobody() else {
+        return Ok(());
+    };
+    fs::set_permissions(scratch.dir.path(), fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(scratch.db(), fs::Permissions::from_mode(0o444))?;
+    let finished = finish(
+        nobody
+            .arg("--db")
+            .arg(scratch.db())
+            .args(["get", "job", "--json"])
+            .spawn()?,
+    )?;
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let entry: Value = serde_json::from_str(&finished.stdout)?;
+    assert_eq!(entry["run"]["stdout"], "hi\n");
+    for args in [&["list"][..], &["stats"], &["verify"]] {
+        let mut nobody = as_nobody().ok_or("runuser went away")?;
+        let finished = finish(nobody.arg("--db").arg(scratch.db()).args(args).spawn()?)?;
+        assert_eq!(finished.code, Some(0), "{args:?}: {finished:?}");
+    }
+    // A writer as nobody fails as a store error, saying what it could not do.
+    let mut nobody = as_nobody().ok_or("runuser went away")?;
+    let finished = finish(
+        nobody
+            .arg("--db")
+            .arg(scratch.db())
+            .args(["mark", "new"])
+            .spawn()?,
+    )?;
+    assert_eq!(finished.code, Some(74), "{finished:?}");
+    assert!(
+        finished.stderr.contains("cannot open"),
+        "{}",
+        finished.stderr
+    );
+    assert_eq!(
+        fs::read(scratch.db())?,
+        before,
+        "the read-only file changed"
+    );
+    Ok(())
+}
+
+fn expired_pending(scratch: &Scratch) -> Result<u64, Box<dyn std::error::Error>> {
+    let stats = scratch.run(&["stats", "--json"])?;
+    assert_eq!(stats.code, Some(0), "{stats:?}");
+    let stats: Value = serde_json::from_str(&stats.stdout)?;
+    stats["expired_pending"]
+        .as_u64()
+        .ok_or_else(|| "no expired_pending".into())
+}
+
+#[test]
+fn a_run_sweeps_one_batch_of_a_backlog_and_sweep_clears_the_rest() -> TestResult {
+    let scratch = Scratch::new()?;
+    let backlog = 3000;
+    {
+        let store = dedupe_store::Store::builder()
+            .without_sweeper()
+            .open(scratch.db())?;
+        let keys: Vec<String> = (0..backlog).map(|i| format!("old-{i}")).collect();
+        store.mark_seen_many_with_ttl(&keys, Duration::from_millis(1))?;
+        store.close()?;
+    }
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(expired_pending(&scratch)?, backlog);
+
+    assert_eq!(
+        scratch.run(&["run", "--key", "x", "--", "true"])?.code,
+        Some(0)
+    );
+    let left = expired_pending(&scratch)?;
+    assert!(left < backlog, "the run swept nothing");
+    assert!(left > 0, "one run paid for the whole backlog");
+    assert_eq!(
+        scratch.run(&["run", "--key", "y", "--", "true"])?.code,
+        Some(0)
+    );
+    assert!(expired_pending(&scratch)? < left, "the next run sweeps on");
+
+    let swept = scratch.run(&["sweep"])?;
+    assert_eq!(swept.code, Some(0), "{swept:?}");
+    assert_eq!(expired_pending(&scratch)?, 0);
+    assert_eq!(scratch.get("x")?["state"], "completed");
+    Ok(())
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use dedupe_store::{MAX_DURATION, MAX_FINGERPRINT_LEN, MAX_KEY_LEN, MAX_RESPONSE_BYTES_LIMIT};
 
+use crate::heartbeat::MIN_LEASE;
 use crate::outcome;
 
 const ABOUT: &str =
@@ -28,9 +29,11 @@ const EXIT_CODES: &str = "\
 Exit codes:
   run      CMD's own status; 128+N when CMD was killed by signal N; the stored status on a
            replay; 75 while another run holds the key; 65 when the key was run with another
-           --fingerprint; 126/127 when CMD cannot be executed / is not found
+           --fingerprint; 126/127 when CMD cannot be executed / is not found; 74 for a store
+           error before CMD ran (CMD did not run)
   mark     0 the first time the key is seen, 1 when it was seen before, 74 on a store error
-  all      2 for bad arguments; 1 for a store error (one line: what, which file, what to do)
+  others   1 for a store error (one line: what, which file, what to do)
+  all      2 for bad arguments; 70 for an internal error in dedupe (please report it)
 
 Durations: 300ms, 90s, 10m, 24h, 30d, or combined as 1h30m.
 Sizes: bytes, or with a unit: 64KiB, 1MiB, 2MB.";
@@ -53,7 +56,8 @@ While another dedupe runs the key: exit 75 with one line naming the key and when
 ends, or with --wait, wait up to that long for it to finish and then answer as above (replay
 its outcome, or run CMD if it failed and released the key).
 
-While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat). If
+While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat;
+--lease is at least 1s so that a live dedupe always renews it in time). If
 dedupe itself dies (kill -9, a crash, a reboot), the heartbeat stops, and once the lease has run
 out the next run takes the key over and says so on stderr. SIGTERM and SIGHUP sent to dedupe
 are passed on to CMD; SIGINT and SIGQUIT from the terminal reach CMD directly. Either way dedupe
@@ -91,7 +95,7 @@ pub struct Cli {
     pub db: PathBuf,
 
     /// How long to wait for another process that holds the store file before giving up with
-    /// exit 1. Each dedupe holds it only for a few milliseconds at a time.
+    /// a store error. Each dedupe holds it only for a few milliseconds at a time.
     #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 
@@ -126,7 +130,8 @@ pub enum Command {
     /// Forget a key now, whatever its state, so the next run or mark starts afresh.
     Expire(ExpireArgs),
 
-    /// Remove expired records from the file now (`run` also does this after each command).
+    /// Remove every expired record from the file now (`run` removes up to 256 after each
+    /// command).
     Sweep,
 
     /// Show what the store file holds: live keys, expired records awaiting a sweep, file size.
@@ -151,8 +156,8 @@ pub struct RunArgs {
     pub ttl: Duration,
 
     /// How long the key stays ours if dedupe stops renewing it (if it is killed). The heartbeat
-    /// renews it every third of this while CMD runs.
-    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_duration)]
+    /// renews it every third of this while CMD runs; at least 1s.
+    #[arg(long, default_value = "10m", value_name = "DURATION", value_parser = parse_lease)]
     pub lease: Duration,
 
     /// A digest of CMD's input: a later run of the key with a different fingerprint is refused
@@ -289,6 +294,18 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease < MIN_LEASE {
+        return Err(format!(
+            "the lease must be at least {} (the heartbeat renews it every third of the lease, \
+             and a shorter one could run out while dedupe is alive and CMD still runs)",
+            humantime::format_duration(MIN_LEASE)
+        ));
+    }
+    Ok(lease)
+}
+
 fn parse_max_output(text: &str) -> Result<usize, String> {
     let bytes = parse_size(text)?;
     let max = MAX_RESPONSE_BYTES_LIMIT - outcome::HEADER_LEN;
@@ -365,6 +382,8 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(parse_max_output("256MiB").is_err());
+        assert!(parse_lease("999ms").is_err());
+        assert_eq!(parse_lease("1s")?, MIN_LEASE);
         assert!(parse_max_output("255MiB").is_ok());
         Ok(())
     }

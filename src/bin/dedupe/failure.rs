@@ -5,16 +5,19 @@ use std::path::Path;
 
 use dedupe_store::Error;
 
-/// Exit status for a store error.
+/// Exit status of the readers and maintenance commands for a store error.
 pub const STORE_ERROR: u8 = 1;
 /// Exit status for bad arguments (clap uses it too).
 pub const USAGE: u8 = 2;
 /// Exit status of `run` when the key was claimed with another fingerprint (sysexits'
 /// EX_DATAERR).
 pub const MISMATCH: u8 = 65;
-/// Exit status of `mark` on a store error (sysexits' EX_IOERR), so a script never reads a failure
-/// as "already seen".
-pub const MARK_STORE_ERROR: u8 = 74;
+/// Exit status of `mark` on a store error, and of `run` on a store error before CMD ran
+/// (sysexits' EX_IOERR): a script never reads a failure as "already seen", nor as a CMD that
+/// exited 1.
+pub const IO_ERROR: u8 = 74;
+/// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
+pub const INTERNAL_ERROR: u8 = 70;
 /// Exit status of `run` while another run holds the key (sysexits' EX_TEMPFAIL).
 pub const BUSY: u8 = 75;
 /// Exit status of `run` when CMD exists but cannot be executed, as in a shell.
@@ -40,6 +43,16 @@ impl Failure {
         }
     }
 
+    /// The same failure with the exit code `code` when it is a store error (exit
+    /// [`STORE_ERROR`]); other failures keep theirs.
+    pub fn store_code(self, code: u8) -> Failure {
+        if self.code == STORE_ERROR {
+            Failure { code, ..self }
+        } else {
+            self
+        }
+    }
+
     /// A store error met while `doing` something on `db`, with advice that fits the error.
     pub fn store(err: &Error, db: &Path, doing: &str) -> Failure {
         let db = db.display();
@@ -48,9 +61,9 @@ impl Failure {
                 "{doing}: {db} is held by another process; retry later or raise --lock-timeout \
                  (a program using the dedupe-store library holds its file for as long as it runs)"
             ),
-            Error::Io { source, .. } => format!(
-                "{doing}: cannot open {db}: {source}; check the path and its permissions, or \
-                 choose another file with --db or DEDUPE_DB"
+            Error::Io { .. } => format!(
+                "{doing}: {err}; check the path and its permissions, or choose another file \
+                 with --db or DEDUPE_DB"
             ),
             Error::NotAStore { .. } => format!(
                 "{doing}: {db} is not a dedupe store file (nothing was changed); point --db or \

@@ -15,6 +15,13 @@ use dedupe_store::{Error, Ticket};
 use crate::console;
 use crate::open::StoreFile;
 
+/// The shortest `--lease` accepted. A beat comes every third of the lease and may itself
+/// wait up to a third for the file (another dedupe holding it, a commit's fsync), which leaves
+/// a third for the process to be scheduled at all: under a second that margin is a few
+/// hundred milliseconds or less, which a loaded machine can miss, and a live owner would be
+/// taken over.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
+
 /// Beats are at least this far apart, however short the lease.
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 

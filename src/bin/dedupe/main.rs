@@ -3,7 +3,7 @@
 //!
 //! One module per concept: `args` (the command line), `open` (opening the file for one step at
 //! a time, and why), `run` with `capture`, `heartbeat` and `signals` (the `run` command),
-//! `outcome` (the stored outcome's layout), `mark`, `report` (the readers and their table and
+//! `outcome` (the stored outcome's layout), `mark`, `read_only` (reading a file without writing to it), `report` (the readers and their table and
 //! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -21,44 +21,61 @@ mod maintenance;
 mod mark;
 mod open;
 mod outcome;
+mod read_only;
 mod report;
 mod run;
 mod signals;
 
+use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
+use std::sync::{Mutex, PoisonError};
 
 use clap::Parser;
 
 use crate::args::{Cli, Command};
 use crate::failure::Failure;
-use crate::open::{Create, StoreFile};
+use crate::open::{Access, StoreFile};
 
-/// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
-const INTERNAL_ERROR: i32 = 70;
+/// The message of the latest panic, for the one line of an internal error.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 fn main() -> ExitCode {
-    // A bug must still end in one line and a clear status, not a backtrace.
+    // The hook only remembers the message: the library turns a panic inside redb (a damaged
+    // file) into a store error with its own `catch_unwind`, which a hook that printed or
+    // exited would pre-empt. A panic that reaches `main` is a bug in dedupe: one line and
+    // exit 70, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        console::say(&format!("internal error, please report it: {info}"));
-        std::process::exit(INTERNAL_ERROR);
+        *LAST_PANIC.lock().unwrap_or_else(PoisonError::into_inner) = Some(info.to_string());
     }));
     // Exits 2 with a usage message on bad arguments, 0 for --help and --version.
     let cli = Cli::parse();
-    match dispatch(cli) {
-        Ok(code) => ExitCode::from(code),
-        Err(failure) => {
+    match panic::catch_unwind(AssertUnwindSafe(|| dispatch(cli))) {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(failure)) => {
             console::say(&failure.message);
             ExitCode::from(failure.code)
+        }
+        Err(_) => {
+            let message = LAST_PANIC
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            console::say(&format!("internal error, please report it: {message}"));
+            ExitCode::from(failure::INTERNAL_ERROR)
         }
     }
 }
 
 fn dispatch(cli: Cli) -> Result<u8, Failure> {
-    let create = match cli.command {
-        Command::Run(_) | Command::Mark(_) => Create::IfMissing,
-        _ => Create::Never,
+    let access = match cli.command {
+        Command::Run(_) | Command::Mark(_) => Access::Create,
+        Command::Expire(_) | Command::Sweep | Command::Compact => Access::Existing,
+        Command::Get(_) | Command::List(_) | Command::Stats(_) | Command::Verify(_) => {
+            Access::ReadOnly
+        }
     };
-    let file = StoreFile::new(cli.db, cli.lock_timeout, create);
+    let file = StoreFile::new(cli.db, cli.lock_timeout, access);
     match &cli.command {
         Command::Run(args) => run::run(file, args),
         Command::Mark(args) => mark::mark(&file, args),

@@ -1,7 +1,7 @@
 //! `dedupe mark KEY`: the dedupe set for shell scripts.
 
 use crate::args::MarkArgs;
-use crate::failure::{Failure, MARK_STORE_ERROR};
+use crate::failure::{Failure, IO_ERROR};
 use crate::open::StoreFile;
 
 /// Exit 0 when `KEY` is new (it is now marked), 1 when it was seen within its TTL. A store
@@ -13,6 +13,6 @@ pub fn mark(file: &StoreFile, args: &MarkArgs) -> Result<u8, Failure> {
         .with(&doing, |store| {
             store.mark_seen_with_ttl(&args.key, args.ttl)
         })
-        .map_err(|failure| Failure::new(MARK_STORE_ERROR, failure.message))?;
+        .map_err(|failure| Failure::new(IO_ERROR, failure.message))?;
     Ok(if first { 0 } else { 1 })
 }

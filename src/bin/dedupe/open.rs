@@ -25,26 +25,32 @@
 //! store error.
 
 use std::collections::hash_map::RandomState;
+use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use dedupe_store::{DEFAULT_MAX_RESPONSE_BYTES, Error, Store};
 
 use crate::failure::{Failure, STORE_ERROR};
+use crate::read_only::ReadOnlyFile;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Whether a missing store file may be created.
+/// How a command may use the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Create {
-    /// `run` and `mark` start a store where there was none.
-    IfMissing,
-    /// Readers and maintenance refuse a missing file rather than leave an empty one behind a
-    /// mistyped `--db`.
-    Never,
+pub enum Access {
+    /// `run` and `mark` start a store where there was none (a missing or empty file).
+    Create,
+    /// Maintenance changes an existing store, and refuses a missing or empty file rather than
+    /// make a store of a mistyped `--db`.
+    Existing,
+    /// Readers read an existing store through [`ReadOnlyFile`]: a file they may only read is
+    /// enough, and nothing they do changes it.
+    ReadOnly,
 }
 
 /// The store file and how to open it.
@@ -53,17 +59,17 @@ pub struct StoreFile {
     path: PathBuf,
     lock_timeout: Duration,
     max_response_bytes: usize,
-    create: Create,
+    access: Access,
 }
 
 impl StoreFile {
     /// The file at `path`, waiting up to `lock_timeout` for other holders.
-    pub fn new(path: PathBuf, lock_timeout: Duration, create: Create) -> StoreFile {
+    pub fn new(path: PathBuf, lock_timeout: Duration, access: Access) -> StoreFile {
         StoreFile {
             path,
             lock_timeout,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            create,
+            access,
         }
     }
 
@@ -110,25 +116,28 @@ impl StoreFile {
     }
 
     fn open(&self, timeout: Duration, doing: &str) -> Result<Store, Failure> {
-        if self.create == Create::Never && !self.path.exists() {
-            return Err(Failure::new(
-                STORE_ERROR,
-                format!(
-                    "{doing}: {} does not exist; check --db or DEDUPE_DB (only `run` and `mark` \
-                     create a store)",
-                    self.path.display()
-                ),
-            ));
+        if self.access != Access::Create {
+            self.existing(doing)?;
         }
         let deadline = Instant::now() + timeout;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let opened = Store::builder()
+            let builder = Store::builder()
                 // A dedupe process holds the file for milliseconds: a background sweeper
                 // would never get to run. `run` sweeps after each command instead.
                 .without_sweeper()
-                .max_response_bytes(self.max_response_bytes)
-                .open(&self.path);
+                .max_response_bytes(self.max_response_bytes);
+            let opened = match self.access {
+                Access::ReadOnly => File::open(&self.path)
+                    .and_then(ReadOnlyFile::new)
+                    .map_err(|err| Error::Io {
+                        path: self.path.clone(),
+                        action: "open",
+                        source: Arc::new(err),
+                    })
+                    .and_then(|file| builder.open_backend(file)),
+                Access::Create | Access::Existing => builder.open(&self.path),
+            };
             match opened {
                 Err(Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -150,6 +159,29 @@ impl StoreFile {
                 Err(err) => return Err(self.failure(&err, doing)),
                 Ok(store) => return Ok(store),
             }
+        }
+    }
+}
+
+impl StoreFile {
+    /// Refuses a missing or empty file: only `run` and `mark` make a store of one.
+    fn existing(&self, doing: &str) -> Result<(), Failure> {
+        let refuse = |what: &str| {
+            Err(Failure::new(
+                STORE_ERROR,
+                format!(
+                    "{doing}: {} {what}; check --db or DEDUPE_DB (only `run` and `mark` create \
+                     a store; nothing was changed)",
+                    self.path.display()
+                ),
+            ))
+        };
+        match std::fs::metadata(&self.path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => refuse("does not exist"),
+            Ok(meta) if meta.is_file() && meta.len() == 0 => refuse("is empty, not a dedupe store"),
+            // Anything else (a directory, an unreadable file) is left to the open, whose error
+            // says what is wrong.
+            _ => Ok(()),
         }
     }
 }

@@ -122,7 +122,7 @@ pub fn stats(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
     }
     let text = format!(
         "db               {db}\nfile bytes       {file_bytes}\nlive keys        {}\n\
-         expired pending  {} (removed by the next run or `dedupe sweep`)\n\
+         expired pending  {} (each run removes up to 256, `dedupe sweep` all)\n\
          format version   {FORMAT_VERSION}\n",
         stats.live_keys, stats.expired_pending
     );
@@ -158,7 +158,8 @@ pub fn verify(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
         }));
     } else {
         let repaired = if report.repaired {
-            "; redb repaired the file first (it had not been closed cleanly)"
+            "; the file had not been closed cleanly, and was checked as redb repairs it (in \
+             memory: verify never changes the file)"
         } else {
             ""
         };

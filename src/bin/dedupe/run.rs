@@ -34,7 +34,10 @@ pub fn run(db: StoreFile, args: &RunArgs) -> Result<u8, Failure> {
     if let Some(fingerprint) = &args.fingerprint {
         options = options.fingerprint(fingerprint);
     }
-    match claim(&file, args, &options)? {
+    // A store error before CMD ran exits 74: CMD's own status 1 must not be mistaken for it.
+    let start =
+        claim(&file, args, &options).map_err(|failure| failure.store_code(failure::IO_ERROR))?;
+    match start {
         Start::Replay(outcome) => replay(args, &outcome),
         Start::Run(ticket) => {
             if ticket.is_takeover() {
@@ -140,7 +143,7 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
     }
     let stored = RunOutcome::decode(&outcome.response).map_err(|why| {
         Failure::new(
-            failure::STORE_ERROR,
+            failure::IO_ERROR,
             format!(
                 "key {:?} is completed but cannot be replayed: {why}; `dedupe expire {}` clears \
                  it if CMD should run again",
@@ -283,8 +286,10 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
     Ok(code)
 }
 
-/// Completes the key with `outcome`, or releases it when there is none, then sweeps expired
-/// records (no background sweeper runs in a short-lived dedupe, so each run tidies up).
+/// Completes the key with `outcome`, or releases it when there is none, then removes one batch
+/// of expired records: no background sweeper runs in a short-lived dedupe, so each run tidies
+/// up a bounded share, and a large backlog is left to the next runs or `dedupe sweep` rather
+/// than held against this one (the file stays locked while it sweeps).
 fn finish(
     file: &StoreFile,
     args: &RunArgs,
@@ -305,7 +310,7 @@ fn finish(
             Err(err) => Err(err),
             Ok(()) => {
                 // A failed sweep loses nothing; the next run or `dedupe sweep` tries again.
-                let _ = store.sweep();
+                let _ = store.sweep_batch();
                 Ok(true)
             }
         }
