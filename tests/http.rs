@@ -18,7 +18,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::Extension;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::routing::post;
-use dedupe_store::http::{IdempotencyLayer, InFlight, scoped_key};
+use dedupe_store::http::{IdempotencyLayer, InFlight, credentials_scope, scoped_key};
 use dedupe_store::{ManualClock, Store, Ticket};
 use tokio::sync::Notify;
 use tower::Layer;
@@ -55,7 +55,7 @@ async fn a_first_request_runs_once_and_its_retry_replays_the_stored_response() -
     assert_eq!(retry.text().await?, body);
     assert_eq!(runs.get(), 1);
 
-    let key = scoped_key(b"", &Method::POST, "/charges", b"order-1");
+    let key = scoped_key(&anonymous(), &Method::POST, "/charges", b"order-1");
     assert!(store.get(&key)?.ok_or("the key is stored")?.is_completed());
     Ok(())
 }
@@ -215,6 +215,75 @@ async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
             .get(scoped_key(b"globex", &Method::POST, "/charges", b"same"))?
             .is_some()
     );
+    Ok(())
+}
+
+/// The scope of requests without credentials.
+fn anonymous() -> Vec<u8> {
+    credentials_scope(&axum::http::HeaderMap::new())
+}
+
+/// Two callers with different credentials send the same key and body.
+async fn two_callers(layer: IdempotencyLayer) -> Result<(Runs, [(bool, String); 4])> {
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let mut answers = Vec::new();
+    for token in ["Bearer alice", "Bearer bob", "Bearer alice", "Bearer bob"] {
+        let response = client
+            .post(format!("{base}/charges"))
+            .header(header::AUTHORIZATION, token)
+            .header("idempotency-key", "order-1")
+            .body("amount=10")
+            .send()
+            .await?;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        answers.push((replayed(&response), response.text().await?));
+    }
+    let answers: [(bool, String); 4] = answers.try_into().map_err(|_| "four answers")?;
+    Ok((runs, answers))
+}
+
+#[tokio::test]
+async fn callers_with_other_credentials_never_share_keys_by_default() -> Result {
+    let store = Store::in_memory()?;
+    let (runs, [alice, bob, alice_again, bob_again]) =
+        two_callers(IdempotencyLayer::new(store.clone())).await?;
+    assert_eq!(runs.get(), 2, "each caller's request ran");
+    assert!(!alice.0 && !bob.0, "neither first request is a replay");
+    assert_ne!(alice.1, bob.1, "bob did not get alice's response");
+    assert_eq!(alice_again, (true, alice.1), "alice's retry replays hers");
+    assert_eq!(bob_again, (true, bob.1), "bob's retry replays his");
+
+    // A builder without .scope() scopes by credentials too; cookies count as credentials.
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(store).build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    for cookie in ["session=alice", "session=bob", "session=alice"] {
+        client
+            .post(format!("{base}/charges"))
+            .header(header::COOKIE, cookie)
+            .header("idempotency-key", "order-2")
+            .body("amount=10")
+            .send()
+            .await?;
+    }
+    assert_eq!(runs.get(), 2, "one run per session");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_shared_scope_replays_across_callers() -> Result {
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .shared_scope()
+        .build()?;
+    let (runs, answers) = two_callers(layer).await?;
+    assert_eq!(runs.get(), 1, "one execution for everyone");
+    assert!(!answers[0].0);
+    for answer in &answers[1..] {
+        assert_eq!(answer, &(true, answers[0].1.clone()));
+    }
     Ok(())
 }
 
@@ -382,7 +451,7 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
             StatusCode::SERVICE_UNAVAILABLE
         );
         // Released (gone) before the answer left, not merely abandoned to a takeover.
-        let key = scoped_key(b"", &Method::POST, "/flaky", b"k");
+        let key = scoped_key(&anonymous(), &Method::POST, "/flaky", b"k");
         assert_eq!(store.get(&key)?.is_some(), store_server_errors);
         let retry = keyed_post(&client, &url, "k", "").await?;
         if store_server_errors {
@@ -417,7 +486,7 @@ async fn an_inner_service_error_releases_the_key() -> Result {
         keyed_post(&client, &url, "k", "").await?.status(),
         StatusCode::BAD_GATEWAY
     );
-    let key = scoped_key(b"", &Method::POST, "/charge", b"k");
+    let key = scoped_key(&anonymous(), &Method::POST, "/charge", b"k");
     assert!(
         store.get(&key)?.is_none(),
         "released before the answer left"
@@ -504,7 +573,11 @@ async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over
     gone.abort();
     assert!(gone.await.is_err_and(|err| err.is_cancelled()));
     // With the 30 s lease left alone, the retry would get 409 for 30 s.
-    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    lease_ended(
+        &store,
+        &scoped_key(&anonymous(), &Method::POST, "/work", b"k"),
+    )
+    .await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     assert_eq!(runs.get(), 2);
@@ -520,7 +593,11 @@ async fn a_handler_that_panics_abandons_the_attempt() -> Result {
         keyed_post(&client, &url, "k", "").await.is_err(),
         "the connection dies with the handler"
     );
-    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    lease_ended(
+        &store,
+        &scoped_key(&anonymous(), &Method::POST, "/work", b"k"),
+    )
+    .await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     let replay = keyed_post(&client, &url, "k", "").await?;
@@ -616,7 +693,7 @@ async fn a_failing_store_is_503_and_an_unreadable_answer_500() -> Result {
     let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
     let url = format!("{base}/charges");
     // An answer the layer did not write (no version byte it knows) is never misread.
-    let key = scoped_key(b"", &Method::POST, "/charges", b"foreign");
+    let key = scoped_key(&anonymous(), &Method::POST, "/charges", b"foreign");
     let ticket = store.claim(&key)?.ticket().ok_or("claimed")?;
     store.complete(&ticket, b"\x07not a stored response")?;
     let foreign = keyed_post(&client()?, &url, "foreign", "").await?;

@@ -14,6 +14,7 @@ use crate::limits;
 use crate::store::Store;
 
 use super::problem::header_title;
+use super::request::credentials_scope;
 use super::service::IdempotencyService;
 
 /// The request header that carries the client's key, by default.
@@ -47,6 +48,27 @@ pub enum InFlight {
 
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
 
+/// Whose keys a request's key is among.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// The request's credentials: [`credentials_scope`] of its headers.
+    Credentials,
+    /// One scope for every request.
+    Shared,
+    /// A function of the request.
+    Custom(Arc<ScopeFn>),
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Credentials => "Credentials",
+            Scope::Shared => "Shared",
+            Scope::Custom(_) => "Custom",
+        })
+    }
+}
+
 /// The settings an [`IdempotencyService`] runs with, validated.
 pub(crate) struct Config {
     pub store: Store,
@@ -56,7 +78,7 @@ pub(crate) struct Config {
     pub key_header_title: String,
     pub replayed_header: HeaderName,
     pub require_key: bool,
-    pub scope: Option<Arc<ScopeFn>>,
+    pub scope: Scope,
     pub stored_headers: Vec<HeaderName>,
     pub max_request_body: usize,
     pub max_response_body: usize,
@@ -75,8 +97,9 @@ impl Config {
 
     pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
         match &self.scope {
-            Some(scope) => scope(parts),
-            None => Vec::new(),
+            Scope::Credentials => credentials_scope(&parts.headers),
+            Scope::Shared => Vec::new(),
+            Scope::Custom(scope) => scope(parts),
         }
     }
 }
@@ -127,7 +150,7 @@ impl IdempotencyLayer {
             key_header: IDEMPOTENCY_KEY,
             replayed_header: IDEMPOTENCY_REPLAYED,
             require_key: false,
-            scope: None,
+            scope: Scope::Credentials,
             stored_headers: default_stored_headers(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: None,
@@ -184,7 +207,7 @@ pub struct IdempotencyLayerBuilder {
     key_header: HeaderName,
     replayed_header: HeaderName,
     require_key: bool,
-    scope: Option<Arc<ScopeFn>>,
+    scope: Scope,
     stored_headers: Vec<HeaderName>,
     max_request_body: usize,
     max_response_body: Option<usize>,
@@ -201,7 +224,7 @@ impl fmt::Debug for IdempotencyLayerBuilder {
             .field("key_header", &self.key_header)
             .field("replayed_header", &self.replayed_header)
             .field("require_key", &self.require_key)
-            .field("scoped", &self.scope.is_some())
+            .field("scope", &self.scope)
             .field("stored_headers", &self.stored_headers)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
@@ -243,18 +266,33 @@ impl IdempotencyLayerBuilder {
     }
 
     /// A function of the request (its head: method, URI, headers and the extensions an
-    /// authentication layer put there) that names whose key it is, such as the tenant. The
-    /// stored key is [`scoped_key`](super::scoped_key)`(scope, method, path, key)`, so one
-    /// tenant's keys never block another's. Default: one scope shared by every request, the
-    /// empty string.
+    /// authentication layer put there) that names whose key it is: the user, account or
+    /// tenant. The stored key is [`scoped_key`](super::scoped_key)`(scope, method, path, key)`,
+    /// so a key in one scope never blocks, and never replays to, another. Requests that must
+    /// not see each other's responses must get different scopes.
+    ///
+    /// Default: the request's credentials, [`credentials_scope`](super::credentials_scope) of
+    /// its headers (a digest of its `Authorization` and `Cookie` headers, or `anonymous`
+    /// without either). Replaces [`shared_scope`](Self::shared_scope).
     pub fn scope<F, S>(mut self, scope: F) -> Self
     where
         F: Fn(&Parts) -> S + Send + Sync + 'static,
         S: AsRef<[u8]>,
     {
-        self.scope = Some(Arc::new(move |parts: &Parts| {
+        self.scope = Scope::Custom(Arc::new(move |parts: &Parts| {
             scope(parts).as_ref().to_vec()
         }));
+        self
+    }
+
+    /// Puts every request in one scope (the empty one), whoever sends it: every caller shares
+    /// one set of keys, so a caller who sends the same key as another, with the same method,
+    /// path, query and body, gets the other's stored response, and a key in use by one caller
+    /// is `409` for all. Only for services whose callers all act for one principal (an
+    /// internal API behind one gateway, say). Replaces [`scope`](Self::scope). Default: not
+    /// shared; each request is scoped by its credentials.
+    pub fn shared_scope(mut self) -> Self {
+        self.scope = Scope::Shared;
         self
     }
 
@@ -412,6 +450,7 @@ mod tests {
         assert_eq!(layer.config.methods, [Method::POST, Method::PATCH]);
         assert_eq!(layer.config.key_header_title, "Idempotency-Key");
         assert_eq!(layer.config.in_flight, InFlight::Reject);
+        assert!(matches!(layer.config.scope, Scope::Credentials));
         Ok(())
     }
 }

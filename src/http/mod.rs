@@ -9,6 +9,8 @@
 //!
 //! # let dir = tempfile::tempdir()?;
 //! let store = Store::open(dir.path().join("idempotency.redb"))?;
+//! // Keys are scoped by the caller's credentials (`Authorization`, `Cookie`): no caller ever
+//! // receives another's stored response.
 //! let app: Router = Router::new()
 //!     .route("/charges", post(|body: String| async move { format!("charged {body}") }))
 //!     .layer(IdempotencyLayer::new(store));
@@ -35,13 +37,26 @@
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
 //! `urn:dedupe-store:idempotency:` and the name in the table.
 //!
-//! # Keys
+//! # Keys and scopes
 //!
-//! A client's key is scoped by a [function of the request](IdempotencyLayerBuilder::scope)
-//! (the tenant, say), its method and its path: the stored key is
-//! [`scoped_key`]`(scope, method, path, key)`, so one tenant's keys never block another's. The
-//! request's fingerprint is SHA-256 over its method, path and query, and body; the same key with
-//! another fingerprint is `422`.
+//! A client's key is only ever compared with keys of the same *scope*, which names whose keys
+//! they are. The stored key is [`scoped_key`]`(scope, method, path, key)`, so one scope's key
+//! never blocks, and never replays to, another's. The scope is:
+//!
+//! - by default, the request's credentials: [`credentials_scope`], a SHA-256 digest of its
+//!   `Authorization` and `Cookie` headers. Two callers share keys only if they send the same
+//!   credentials, so one caller can never receive another's stored response. Requests with
+//!   neither header share one `anonymous` scope.
+//! - with [`scope`](IdempotencyLayerBuilder::scope), a function of the request: the user or
+//!   tenant an authentication layer found, say. Use it when the credentials change between a
+//!   request and its retry (a refreshed token, a rotating cookie), which the default would
+//!   treat as a new caller, running the handler again.
+//! - with [`shared_scope`](IdempotencyLayerBuilder::shared_scope), one scope for everyone:
+//!   every caller shares one set of keys and may receive another caller's response. Only for
+//!   services whose callers all act for one principal.
+//!
+//! The request's fingerprint is SHA-256 over its method, path and query, and body; the same key
+//! with another fingerprint is `422`.
 //!
 //! # Failures
 //!
@@ -88,5 +103,5 @@ pub use layer::{
     DEFAULT_MAX_REQUEST_BODY, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, IdempotencyLayer,
     IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
 };
-pub use request::scoped_key;
+pub use request::{credentials_scope, scoped_key};
 pub use service::{IdempotencyService, ResponseFuture};

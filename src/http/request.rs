@@ -45,14 +45,60 @@ pub fn scoped_key(scope: &[u8], method: &Method, path: &str, idempotency_key: &[
     ])
 }
 
+/// The scope of a request by its credentials, the layer's default
+/// [scope](super::IdempotencyLayerBuilder::scope): `credentials:` and the lowercase hex SHA-256
+/// of every `Authorization` and `Cookie` header value, in order and length-prefixed; or
+/// `anonymous` when the request has neither header (every request without credentials shares
+/// that one scope).
+///
+/// Two requests share a scope only if they carry the same credentials, byte for byte. A client
+/// whose credentials change between a request and its retry (a refreshed token, a new cookie)
+/// is in a new scope for the retry, and the handler runs again: services whose callers' headers
+/// change that way should [scope](super::IdempotencyLayerBuilder::scope) by the principal an
+/// authentication layer found instead.
+///
+/// ```
+/// use dedupe_store::http::credentials_scope;
+/// use http::{HeaderMap, HeaderValue, header};
+///
+/// let mut alice = HeaderMap::new();
+/// alice.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer alice"));
+/// let mut bob = HeaderMap::new();
+/// bob.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer bob"));
+/// assert_ne!(credentials_scope(&alice), credentials_scope(&bob));
+/// assert_eq!(credentials_scope(&HeaderMap::new()), b"anonymous");
+/// ```
+pub fn credentials_scope(headers: &HeaderMap) -> Vec<u8> {
+    use ::http::header::{AUTHORIZATION, COOKIE};
+    let mut hasher = Sha256::new();
+    hasher.update(b"dedupe-store http credentials v1");
+    let mut any = false;
+    for (name, tag) in [(AUTHORIZATION, 0u8), (COOKIE, 1u8)] {
+        for value in headers.get_all(name) {
+            any = true;
+            hasher.update([tag]);
+            hasher.update((value.len() as u64).to_le_bytes());
+            hasher.update(value.as_bytes());
+        }
+    }
+    if !any {
+        return b"anonymous".to_vec();
+    }
+    let mut scope = b"credentials:".to_vec();
+    scope.extend_from_slice(hex(&hasher.finalize()).as_bytes());
+    scope
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 fn key_part(part: &[u8]) -> Vec<u8> {
     if part.len() <= MAX_KEY_PART {
         return part.to_vec();
     }
     let mut digest = b"sha256:".to_vec();
-    for byte in Sha256::digest(part).as_slice() {
-        digest.extend_from_slice(format!("{byte:02x}").as_bytes());
-    }
+    digest.extend_from_slice(hex(&Sha256::digest(part)).as_bytes());
     digest
 }
 
@@ -169,6 +215,40 @@ mod tests {
         assert!(check(&[b"a\tb"]).is_err());
         assert!(check(&["caf\u{e9}".as_bytes()]).is_err());
         assert!(check(&[b"one", b"two"]).is_err());
+    }
+
+    #[test]
+    fn credentials_scope_by_authorization_and_cookie() {
+        use ::http::header::{AUTHORIZATION, COOKIE};
+        let with = |pairs: &[(HeaderName, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(name.clone(), HeaderValue::from_static(value));
+            }
+            credentials_scope(&map)
+        };
+        assert_eq!(with(&[]), b"anonymous");
+        let alice = with(&[(AUTHORIZATION, "Bearer alice")]);
+        assert!(alice.starts_with(b"credentials:"));
+        assert_eq!(alice, with(&[(AUTHORIZATION, "Bearer alice")]));
+        assert_ne!(alice, with(&[(AUTHORIZATION, "Bearer bob")]));
+        let session = with(&[(COOKIE, "session=1")]);
+        assert_ne!(session, b"anonymous");
+        assert_ne!(session, with(&[(COOKIE, "session=2")]));
+        assert_ne!(
+            alice,
+            with(&[(AUTHORIZATION, "Bearer alice"), (COOKIE, "a=1")])
+        );
+        // The same bytes under the other header name are other credentials.
+        assert_ne!(
+            with(&[(AUTHORIZATION, "session=1")]),
+            with(&[(COOKIE, "session=1")])
+        );
+        // Unrelated headers do not count.
+        assert_eq!(
+            with(&[(HeaderName::from_static("x-tenant"), "acme")]),
+            b"anonymous"
+        );
     }
 
     #[test]
