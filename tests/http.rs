@@ -55,7 +55,7 @@ async fn a_first_request_runs_once_and_its_retry_replays_the_stored_response() -
     assert_eq!(retry.text().await?, body);
     assert_eq!(runs.get(), 1);
 
-    let key = scoped_key(&anonymous(), &Method::POST, "/charges", b"order-1");
+    let key = scoped_key(&anonymous(), b"order-1");
     assert!(store.get(&key)?.ok_or("the key is stored")?.is_completed());
     Ok(())
 }
@@ -177,7 +177,7 @@ async fn a_required_key_is_enforced_and_bad_keys_are_refused() -> Result {
 }
 
 #[tokio::test]
-async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
+async fn keys_are_scoped_by_tenant_and_name_one_request() -> Result {
     let runs = Runs::default();
     let store = Store::in_memory()?;
     let layer = IdempotencyLayer::builder(store.clone())
@@ -204,17 +204,94 @@ async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
         !replayed(&send("globex", "/charges").await?),
         "another tenant's key is its own"
     );
-    assert!(
-        !replayed(&send("acme", "/refunds").await?),
-        "another path's key is its own"
+    assert_eq!(
+        problem(send("acme", "/refunds").await?).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into()),
+        "a key names one request, whatever its path"
     );
     assert!(replayed(&send("acme", "/charges").await?));
-    assert_eq!(runs.get(), 3);
-    assert!(
-        store
-            .get(scoped_key(b"globex", &Method::POST, "/charges", b"same"))?
-            .is_some()
+    assert_eq!(runs.get(), 2);
+    assert!(store.get(scoped_key(b"globex", b"same"))?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_key_reused_on_another_method_or_path_is_422() -> Result {
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(Store::in_memory()?))).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    assert_eq!(
+        keyed_post(&client, &url, "k", "amount=10").await?.status(),
+        StatusCode::CREATED
     );
+    let patch = client
+        .patch(&url)
+        .header("idempotency-key", "k")
+        .body("amount=10")
+        .send()
+        .await?;
+    assert_eq!(
+        problem(patch).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into())
+    );
+    let other_path = keyed_post(&client, &format!("{base}/refunds"), "k", "amount=10").await?;
+    assert_eq!(
+        problem(other_path).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into())
+    );
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn answers_that_say_the_request_never_ran_are_not_replayed() -> Result {
+    let runs = Runs::default();
+    let handler_runs = runs.clone();
+    let store = Store::in_memory()?;
+    let app = Router::new().route(
+        "/payments",
+        post(move || async move {
+            match handler_runs.next() {
+                1 => (StatusCode::NOT_FOUND, "no such account yet"),
+                2 => (StatusCode::TOO_MANY_REQUESTS, "slow down"),
+                _ => (StatusCode::CREATED, "charged"),
+            }
+        }),
+    );
+    let base = serve(app.layer(IdempotencyLayer::new(store.clone()))).await?;
+    let client = client()?;
+    let url = format!("{base}/payments");
+    let key = scoped_key(&anonymous(), b"order-1001");
+
+    // The router's own 405 (the route takes POST only), twice: never stored, never replayed.
+    for _ in 0..2 {
+        let patch = client
+            .patch(&url)
+            .header("idempotency-key", "order-1001")
+            .send()
+            .await?;
+        assert_eq!(
+            (patch.status(), replayed(&patch)),
+            (StatusCode::METHOD_NOT_ALLOWED, false)
+        );
+        assert!(store.get(&key)?.is_none(), "the 405 gave the key back");
+    }
+    // The handler's 404 and 429 give the key back too; its 201 is kept.
+    for expected in [
+        StatusCode::NOT_FOUND,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::CREATED,
+    ] {
+        let response = keyed_post(&client, &url, "order-1001", "").await?;
+        assert_eq!((response.status(), replayed(&response)), (expected, false));
+    }
+    let replay = keyed_post(&client, &url, "order-1001", "").await?;
+    assert_eq!(
+        (replay.status(), replayed(&replay)),
+        (StatusCode::CREATED, true)
+    );
+    assert_eq!(runs.get(), 3);
     Ok(())
 }
 
@@ -451,7 +528,7 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
             StatusCode::SERVICE_UNAVAILABLE
         );
         // Released (gone) before the answer left, not merely abandoned to a takeover.
-        let key = scoped_key(&anonymous(), &Method::POST, "/flaky", b"k");
+        let key = scoped_key(&anonymous(), b"k");
         assert_eq!(store.get(&key)?.is_some(), store_server_errors);
         let retry = keyed_post(&client, &url, "k", "").await?;
         if store_server_errors {
@@ -486,7 +563,7 @@ async fn an_inner_service_error_releases_the_key() -> Result {
         keyed_post(&client, &url, "k", "").await?.status(),
         StatusCode::BAD_GATEWAY
     );
-    let key = scoped_key(&anonymous(), &Method::POST, "/charge", b"k");
+    let key = scoped_key(&anonymous(), b"k");
     assert!(
         store.get(&key)?.is_none(),
         "released before the answer left"
@@ -573,11 +650,7 @@ async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over
     gone.abort();
     assert!(gone.await.is_err_and(|err| err.is_cancelled()));
     // With the 30 s lease left alone, the retry would get 409 for 30 s.
-    lease_ended(
-        &store,
-        &scoped_key(&anonymous(), &Method::POST, "/work", b"k"),
-    )
-    .await?;
+    lease_ended(&store, &scoped_key(&anonymous(), b"k")).await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     assert_eq!(runs.get(), 2);
@@ -593,11 +666,7 @@ async fn a_handler_that_panics_abandons_the_attempt() -> Result {
         keyed_post(&client, &url, "k", "").await.is_err(),
         "the connection dies with the handler"
     );
-    lease_ended(
-        &store,
-        &scoped_key(&anonymous(), &Method::POST, "/work", b"k"),
-    )
-    .await?;
+    lease_ended(&store, &scoped_key(&anonymous(), b"k")).await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     let replay = keyed_post(&client, &url, "k", "").await?;
@@ -693,7 +762,7 @@ async fn a_failing_store_is_503_and_an_unreadable_answer_500() -> Result {
     let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
     let url = format!("{base}/charges");
     // An answer the layer did not write (no version byte it knows) is never misread.
-    let key = scoped_key(&anonymous(), &Method::POST, "/charges", b"foreign");
+    let key = scoped_key(&anonymous(), b"foreign");
     let ticket = store.claim(&key)?.ticket().ok_or("claimed")?;
     store.complete(&ticket, b"\x07not a stored response")?;
     let foreign = keyed_post(&client()?, &url, "foreign", "").await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::request::Parts;
-use ::http::{HeaderName, Method};
+use ::http::{HeaderName, Method, StatusCode};
 use tower::Layer;
 
 use crate::error::{Error, Result};
@@ -93,6 +93,20 @@ pub(crate) struct Config {
 impl Config {
     pub(crate) fn applies_to(&self, method: &Method) -> bool {
         self.methods.contains(method)
+    }
+
+    /// Whether a handler's response with `status` is stored and replayed; if not, the key is
+    /// given back. A `404`, `405` or `429` says the request was never carried out (no such
+    /// route, a method the route does not take, a rate limit), so its retry must run; a `5xx`
+    /// says it failed, unless such answers are kept on purpose.
+    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
+        if status.is_server_error() {
+            return self.store_server_errors;
+        }
+        !matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS
+        )
     }
 
     pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
@@ -267,8 +281,8 @@ impl IdempotencyLayerBuilder {
 
     /// A function of the request (its head: method, URI, headers and the extensions an
     /// authentication layer put there) that names whose key it is: the user, account or
-    /// tenant. The stored key is [`scoped_key`](super::scoped_key)`(scope, method, path, key)`,
-    /// so a key in one scope never blocks, and never replays to, another. Requests that must
+    /// tenant. The stored key is [`scoped_key`](super::scoped_key)`(scope, key)`, so a key in
+    /// one scope never blocks, and never replays to, another. Requests that must
     /// not see each other's responses must get different scopes.
     ///
     /// Default: the request's credentials, [`credentials_scope`](super::credentials_scope) of
@@ -333,6 +347,9 @@ impl IdempotencyLayerBuilder {
     /// Whether `5xx` responses are stored and replayed like any other (Stripe's choice).
     /// Default: false: a `5xx` response, like an error from the inner service, releases the
     /// key so the client may retry and run the handler again.
+    ///
+    /// `404`, `405` and `429` responses are never stored, whatever this says: they mean the
+    /// request was not carried out, so they release the key too.
     pub fn store_server_errors(mut self, store: bool) -> Self {
         self.store_server_errors = store;
         self
@@ -439,6 +456,31 @@ mod tests {
         ));
         let layer = builder().max_response_body(4096).build()?;
         assert_eq!(layer.config.max_response_body, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn answers_that_say_the_request_never_ran_are_not_kept()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let store = Store::in_memory()?;
+        let layer = IdempotencyLayer::new(store.clone());
+        for status in [200, 201, 204, 301, 400, 401, 403, 409, 410, 422] {
+            assert!(
+                layer.config.keeps(StatusCode::from_u16(status)?),
+                "{status}"
+            );
+        }
+        for status in [404, 405, 429, 500, 502, 503] {
+            assert!(
+                !layer.config.keeps(StatusCode::from_u16(status)?),
+                "{status}"
+            );
+        }
+        let layer = IdempotencyLayer::builder(store)
+            .store_server_errors(true)
+            .build()?;
+        assert!(layer.config.keeps(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!layer.config.keeps(StatusCode::METHOD_NOT_ALLOWED));
         Ok(())
     }
 

@@ -29,9 +29,10 @@
 //! | a key that is empty, over 255 bytes, not visible ASCII, or repeated | `400 invalid-key` |
 //! | a body over [the limit](IdempotencyLayerBuilder::max_request_body) | `413 request-too-large`, before the handler runs |
 //! | a new key | the handler runs once; its status, [stored headers](IdempotencyLayerBuilder::stored_headers) and body are stored, then sent |
+//! | a new key whose handler answers `404`, `405` or `429` | the answer is sent, not stored, and the key is released: the request was not carried out |
 //! | a key whose request completed | the stored status, headers and body, plus `Idempotency-Replayed: true` |
 //! | a key whose first request still runs | `409 key-in-use` with `Retry-After`; or, [when configured](InFlight::Wait), the first request's answer once it is stored |
-//! | a key first used with another method, path, query or body | `422 key-reused` |
+//! | a key first used with another method, path, query or body | `422 key-reused`: a key names one request |
 //! | a store that fails | `503 store-unavailable` |
 //!
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
@@ -40,8 +41,8 @@
 //! # Keys and scopes
 //!
 //! A client's key is only ever compared with keys of the same *scope*, which names whose keys
-//! they are. The stored key is [`scoped_key`]`(scope, method, path, key)`, so one scope's key
-//! never blocks, and never replays to, another's. The scope is:
+//! they are. The stored key is [`scoped_key`]`(scope, key)`, so one scope's key never blocks,
+//! and never replays to, another's. The scope is:
 //!
 //! - by default, the request's credentials: [`credentials_scope`], a SHA-256 digest of its
 //!   `Authorization` and `Cookie` headers. Two callers share keys only if they send the same
@@ -55,8 +56,10 @@
 //!   every caller shares one set of keys and may receive another caller's response. Only for
 //!   services whose callers all act for one principal.
 //!
-//! The request's fingerprint is SHA-256 over its method, path and query, and body; the same key
-//! with another fingerprint is `422`.
+//! Within a scope, a key names one request, as in the IETF draft and at Stripe: the method and
+//! path are not part of the stored key but of the request's fingerprint, SHA-256 over its
+//! method, path and query, and body. The same key with another method, path, query or body is
+//! `422`, never a second, separate request.
 //!
 //! # Failures
 //!
@@ -64,6 +67,9 @@
 //!   response): the key is released, so the client may retry and run the handler again.
 //!   [`store_server_errors`](IdempotencyLayerBuilder::store_server_errors) keeps `5xx`
 //!   responses instead, as Stripe does.
+//! - **The answer says the request was not carried out**: `404` (no such route), `405` (a method
+//!   the route does not take), `429` (rate limited) release the key too, always, so that such
+//!   an answer is never replayed to the retry that would succeed.
 //! - **The request ends without an answer** (the client disconnects and the server drops the
 //!   request, a timeout layer cancels it, the handler panics): the attempt is *abandoned*. Its
 //!   lease is cut short at once, so the retry takes the key over as the next attempt with

@@ -17,14 +17,14 @@ use crate::key::Key;
 
 use super::layer::MAX_IDEMPOTENCY_KEY_LEN;
 
-/// Scope, method and path parts longer than this are replaced by their digest in the stored
-/// key, so that the four parts always fit [`MAX_KEY_LEN`](crate::MAX_KEY_LEN): at most
-/// 4 × (200 + 4) = 816 bytes.
+/// Scope and key parts longer than this are replaced by their digest in the stored key, so
+/// that both parts always fit [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).
 const MAX_KEY_PART: usize = 200;
 
-/// The stored key for a request: [`Key::scoped`] over `scope`, the method, the URI path (not
-/// the query) and the client's key, so equal client keys in different scopes, on different
-/// methods or on different paths never meet.
+/// The stored key for a request: [`Key::scoped`] over `scope` and the client's key, so equal
+/// client keys in different scopes never meet. The method and path are not part of it: a key
+/// names one request, and the same key on another method or path is that request's key reused
+/// for another, which the fingerprint tells apart (`422`).
 ///
 /// A part longer than 200 bytes is replaced by `sha256:` and the lowercase hex SHA-256 of the
 /// part, so the key always fits [`MAX_KEY_LEN`](crate::MAX_KEY_LEN). Use it to look a
@@ -33,16 +33,11 @@ const MAX_KEY_PART: usize = 200;
 /// ```
 /// use dedupe_store::{Key, http::scoped_key};
 ///
-/// let key = scoped_key(b"tenant-7", &http::Method::POST, "/charges", b"abc");
-/// assert_eq!(key, Key::scoped(["tenant-7", "POST", "/charges", "abc"]));
+/// let key = scoped_key(b"tenant-7", b"abc");
+/// assert_eq!(key, Key::scoped(["tenant-7", "abc"]));
 /// ```
-pub fn scoped_key(scope: &[u8], method: &Method, path: &str, idempotency_key: &[u8]) -> Key {
-    Key::scoped([
-        key_part(scope),
-        key_part(method.as_str().as_bytes()),
-        key_part(path.as_bytes()),
-        key_part(idempotency_key),
-    ])
+pub fn scoped_key(scope: &[u8], idempotency_key: &[u8]) -> Key {
+    Key::scoped([key_part(scope), key_part(idempotency_key)])
 }
 
 /// The scope of a request by its credentials, the layer's default
@@ -253,20 +248,13 @@ mod tests {
 
     #[test]
     fn scoped_keys_keep_parts_apart_and_always_fit() {
-        let a = scoped_key(b"t1", &Method::POST, "/a", b"k");
-        assert_ne!(a, scoped_key(b"t2", &Method::POST, "/a", b"k"));
-        assert_ne!(a, scoped_key(b"t1", &Method::PATCH, "/a", b"k"));
-        assert_ne!(a, scoped_key(b"t1", &Method::POST, "/b", b"k"));
-        assert_ne!(a, scoped_key(b"t1", &Method::POST, "/a", b"k2"));
+        let a = scoped_key(b"t1", b"k");
+        assert_ne!(a, scoped_key(b"t2", b"k"));
+        assert_ne!(a, scoped_key(b"t1", b"k2"));
 
-        let long_path = format!("/{}", "p".repeat(5000));
-        let key = scoped_key(&[b's'; 5000], &Method::POST, &long_path, &[b'k'; 255]);
+        let key = scoped_key(&[b's'; 5000], &[b'k'; 255]);
         assert!(key.as_bytes().len() <= MAX_KEY_LEN);
-        let other_path = format!("/{}", "q".repeat(5000));
-        assert_ne!(
-            key,
-            scoped_key(&[b's'; 5000], &Method::POST, &other_path, &[b'k'; 255])
-        );
+        assert_ne!(key, scoped_key(&[b'r'; 5000], &[b'k'; 255]));
     }
 
     #[test]

@@ -179,12 +179,7 @@ where
         }
     };
 
-    let key = request::scoped_key(
-        &config.scope_of(&parts),
-        &parts.method,
-        parts.uri.path(),
-        &client_key,
-    );
+    let key = request::scoped_key(&config.scope_of(&parts), &client_key);
     let mut options =
         ClaimOptions::new().fingerprint(request::fingerprint(&parts.method, &parts.uri, &body));
     if let Some(lease) = config.lease {
@@ -225,7 +220,7 @@ where
             return Err(err);
         }
     };
-    if response.status().is_server_error() && !config.store_server_errors {
+    if !config.keeps(response.status()) {
         guard.release().await;
         return Ok(response.map(ResponseBody::streaming));
     }
