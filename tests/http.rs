@@ -295,6 +295,50 @@ async fn answers_that_say_the_request_never_ran_are_not_replayed() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_quoted_key_and_its_bare_form_are_one_key() -> Result {
+    let runs = Runs::default();
+    let store = Store::in_memory()?;
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    let first = keyed_post(&client, &url, r#""q-1""#, "amount=10").await?;
+    assert_eq!(
+        (first.status(), replayed(&first)),
+        (StatusCode::CREATED, false)
+    );
+    let bare = keyed_post(&client, &url, "q-1", "amount=10").await?;
+    assert_eq!(
+        (bare.status(), replayed(&bare)),
+        (StatusCode::CREATED, true),
+        "the bare form is the same key: no second charge"
+    );
+    assert!(store.get(scoped_key(&anonymous(), b"q-1"))?.is_some());
+
+    // The draft's strings may hold spaces and escaped quotes.
+    for _ in 0..2 {
+        let spaced = keyed_post(&client, &url, r#""a b \"c\"""#, "amount=10").await?;
+        assert_eq!(spaced.status(), StatusCode::CREATED);
+    }
+    assert!(
+        store
+            .get(scoped_key(&anonymous(), br#"a b "c""#))?
+            .is_some()
+    );
+    assert_eq!(runs.get(), 2);
+
+    for bad in [r#""unterminated"#, r#""a"b"#, r#""a\nb""#, r#""""#] {
+        let response = keyed_post(&client, &url, bad, "amount=10").await?;
+        assert_eq!(
+            problem(response).await?,
+            (StatusCode::BAD_REQUEST, "invalid-key".into()),
+            "{bad}"
+        );
+    }
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
 /// The scope of requests without credentials.
 fn anonymous() -> Vec<u8> {
     credentials_scope(&axum::http::HeaderMap::new())

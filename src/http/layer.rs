@@ -23,7 +23,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The response header that marks a replayed response, by default (its value is `true`).
 pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
 
-/// The longest `Idempotency-Key` value accepted, in bytes.
+/// The longest key accepted, in bytes: the bare value, or a quoted value's content without
+/// its quotes and escapes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// The default cap on a buffered request body: 1 MiB.

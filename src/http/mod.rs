@@ -26,7 +26,7 @@
 //! | request | answer |
 //! | --- | --- |
 //! | no `Idempotency-Key` header | passed through; or `400 missing-key` when [required](IdempotencyLayerBuilder::require_key) |
-//! | a key that is empty, over 255 bytes, not visible ASCII, or repeated | `400 invalid-key` |
+//! | a key that is empty, over 255 bytes, neither [form of a key](#keys-and-scopes), or repeated | `400 invalid-key` |
 //! | a body over [the limit](IdempotencyLayerBuilder::max_request_body) | `413 request-too-large`, before the handler runs |
 //! | a new key | the handler runs once; its status, [stored headers](IdempotencyLayerBuilder::stored_headers) and body are stored, then sent |
 //! | a new key whose handler answers `404`, `405` or `429` | the answer is sent, not stored, and the key is released: the request was not carried out |
@@ -55,6 +55,13 @@
 //! - with [`shared_scope`](IdempotencyLayerBuilder::shared_scope), one scope for everyone:
 //!   every caller shares one set of keys and may receive another caller's response. Only for
 //!   services whose callers all act for one principal.
+//!
+//! The header's value is the key in one of two forms, which name the same key: the IETF
+//! draft's structured-field string (RFC 8941: in double quotes, printable ASCII including the
+//! space, with `\"` and `\\` escaped by a backslash), whose content is the key, so
+//! `"order-1"` is the key `order-1`; or the bare form that Stripe-style clients send, visible
+//! ASCII not starting with a quote, taken as it is. A key is 1 to
+//! [255](MAX_IDEMPOTENCY_KEY_LEN) bytes, counted without the quotes and escapes.
 //!
 //! Within a scope, a key names one request, as in the IETF draft and at Stripe: the method and
 //! path are not part of the stored key but of the request's fingerprint, SHA-256 over its

@@ -11,7 +11,7 @@ use bytes::Bytes;
 pub(crate) enum Problem {
     /// The key header is required and absent.
     MissingKey,
-    /// The key header is empty, too long, not visible ASCII, or repeated.
+    /// The key header is empty, too long, in neither form of a key, or repeated.
     InvalidKey,
     /// The request body is over the layer's limit.
     RequestTooLarge,

@@ -98,13 +98,24 @@ fn key_part(part: &[u8]) -> Vec<u8> {
 }
 
 /// The client's key from the `name` header (`shown` as `name` in messages): `Ok(None)` when
-/// there is none, `Err` with the reason when it is not a usable key: repeated, empty, longer
-/// than 255 bytes, or not all visible ASCII (`!` to `~`).
-pub(crate) fn idempotency_key<'h>(
-    headers: &'h HeaderMap,
+/// there is none, `Err` with the reason when it is not a usable key.
+///
+/// Two forms name the same key:
+///
+/// - the IETF draft's, an RFC 8941 sf-string: `"` and printable ASCII (space to `~`), with `"`
+///   and `\` escaped by a backslash, then `"` ending the value. The key is the string's content:
+///   `"q-1"` is the key `q-1`, and `"a b"` the key `a b`.
+/// - the bare form Stripe-style clients send, not starting with `"`: visible ASCII (`!` to `~`),
+///   taken as it is.
+///
+/// Refused: a repeated header, an empty key, a key over 255 bytes, a byte outside those ranges,
+/// a malformed sf-string (unterminated, a backslash before anything but `"` or `\`, anything
+/// after the closing quote).
+pub(crate) fn idempotency_key(
+    headers: &HeaderMap,
     name: &HeaderName,
     shown: &str,
-) -> Result<Option<&'h [u8]>, String> {
+) -> Result<Option<Vec<u8>>, String> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -112,22 +123,58 @@ pub(crate) fn idempotency_key<'h>(
     if values.next().is_some() {
         return Err(format!("The request has more than one {shown} header."));
     }
-    let key = value.as_bytes();
+    let raw = value.as_bytes().trim_ascii();
+    let key = match raw.strip_prefix(b"\"") {
+        Some(quoted) => sf_string(quoted).map_err(|reason| {
+            format!("The {shown} header is not a valid structured-field string: {reason}.")
+        })?,
+        None => {
+            if let Some(bad) = raw.iter().find(|byte| !(0x21..=0x7e).contains(*byte)) {
+                return Err(format!(
+                    "The {shown} header must be visible ASCII (0x21 to 0x7e), or a quoted \
+                     string; it has byte 0x{bad:02x}."
+                ));
+            }
+            raw.to_vec()
+        }
+    };
     if key.is_empty() {
         return Err(format!("The {shown} header is empty."));
     }
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(format!(
-            "The {shown} header is {} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}.",
+            "The {shown} header's key is {} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}.",
             key.len()
         ));
     }
-    if let Some(bad) = key.iter().find(|byte| !(0x21..=0x7e).contains(*byte)) {
-        return Err(format!(
-            "The {shown} header must be visible ASCII (0x21 to 0x7e); it has byte 0x{bad:02x}."
-        ));
-    }
     Ok(Some(key))
+}
+
+/// The content of an RFC 8941 sf-string whose opening quote is already consumed: printable
+/// ASCII up to the closing quote, `\"` and `\\` unescaped, nothing after it.
+fn sf_string(quoted: &[u8]) -> Result<Vec<u8>, String> {
+    let mut content = Vec::with_capacity(quoted.len());
+    let mut bytes = quoted.iter();
+    while let Some(&byte) = bytes.next() {
+        match byte {
+            b'\\' => match bytes.next() {
+                Some(&escaped @ (b'"' | b'\\')) => content.push(escaped),
+                Some(other) => {
+                    return Err(format!("a backslash escapes byte 0x{other:02x}"));
+                }
+                None => return Err("it ends in a backslash".to_string()),
+            },
+            b'"' => {
+                return match bytes.as_slice() {
+                    [] => Ok(content),
+                    _ => Err("there is more after the closing quote".to_string()),
+                };
+            }
+            0x20..=0x7e => content.push(byte),
+            other => return Err(format!("it has byte 0x{other:02x}")),
+        }
+    }
+    Err("it has no closing quote".to_string())
 }
 
 /// Why a request body could not be buffered.
@@ -195,11 +242,10 @@ mod tests {
     fn check(values: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
         let name = HeaderName::from_static("idempotency-key");
         idempotency_key(&headers(values), &name, "Idempotency-Key")
-            .map(|key| key.map(<[u8]>::to_vec))
     }
 
     #[test]
-    fn keys_are_visible_ascii_up_to_255_bytes() {
+    fn bare_keys_are_visible_ascii_up_to_255_bytes() {
         assert_eq!(check(&[]), Ok(None));
         assert_eq!(check(&[b"abc-123"]), Ok(Some(b"abc-123".to_vec())));
         let longest = vec![b'k'; 255];
@@ -210,6 +256,34 @@ mod tests {
         assert!(check(&[b"a\tb"]).is_err());
         assert!(check(&["caf\u{e9}".as_bytes()]).is_err());
         assert!(check(&[b"one", b"two"]).is_err());
+        // Only a leading quote makes an sf-string; elsewhere it is a byte like any other.
+        assert_eq!(check(&[br#"a"b\"#]), Ok(Some(br#"a"b\"#.to_vec())));
+    }
+
+    #[test]
+    fn sf_string_keys_are_their_content() {
+        let key = |value: &[u8]| check(&[value]);
+        assert_eq!(key(br#""q-1""#), Ok(Some(b"q-1".to_vec())));
+        assert_eq!(key(br#""q-1""#), key(b"q-1"), "both forms name one key");
+        assert_eq!(key(br#""a b""#), Ok(Some(b"a b".to_vec())));
+        assert_eq!(key(br#""a\"b""#), Ok(Some(br#"a"b"#.to_vec())));
+        assert_eq!(key(br#""a\\b""#), Ok(Some(br"a\b".to_vec())));
+        let longest = [b"\"".as_slice(), &[b'k'; 255], b"\""].concat();
+        assert_eq!(key(&longest), Ok(Some(vec![b'k'; 255])));
+        let too_long = [b"\"".as_slice(), &[b'k'; 256], b"\""].concat();
+        assert!(key(&too_long).is_err());
+        for bad in [
+            br#""""#.as_slice(),
+            br#"""#,
+            br#""abc"#,
+            br#""abc"x"#,
+            br#""abc";p=1"#,
+            br#""a\nb""#,
+            br#""abc\"#,
+            b"\"a\tb\"",
+        ] {
+            assert!(key(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

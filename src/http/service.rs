@@ -152,7 +152,7 @@ where
         &config.key_header,
         &config.key_header_title,
     ) {
-        Ok(Some(key)) => key.to_vec(),
+        Ok(Some(key)) => key,
         Ok(None) if config.require_key => {
             return Ok(answer(Problem::MissingKey.response(format!(
                 "{} requests need an {} header.",
