@@ -27,6 +27,9 @@ pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotenc
 /// its quotes and escapes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
+/// The default [`Retry-After`](IdempotencyLayerBuilder::retry_after) hint of a `409`: 1 second.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The default cap on a buffered request body: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 
@@ -34,8 +37,8 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum InFlight {
-    /// Answer `409 Conflict` at once, with a `Retry-After` header (whole seconds until the
-    /// first request's lease ends, never negative). The default.
+    /// Answer `409 Conflict` at once, with a [`Retry-After`](IdempotencyLayerBuilder::retry_after)
+    /// header. The default.
     #[default]
     Reject,
     /// Wait up to this long for the first request to finish, then replay its response (or run
@@ -86,6 +89,7 @@ pub(crate) struct Config {
     /// The store's own cap on a stored response, which the encoded response must fit.
     pub max_stored_response: usize,
     pub in_flight: InFlight,
+    pub retry_after: Duration,
     pub store_server_errors: bool,
     pub ttl: Option<Duration>,
     pub lease: Option<Duration>,
@@ -170,6 +174,7 @@ impl IdempotencyLayer {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: None,
             in_flight: InFlight::Reject,
+            retry_after: DEFAULT_RETRY_AFTER,
             store_server_errors: false,
             ttl: None,
             lease: None,
@@ -227,6 +232,7 @@ pub struct IdempotencyLayerBuilder {
     max_request_body: usize,
     max_response_body: Option<usize>,
     in_flight: InFlight,
+    retry_after: Duration,
     store_server_errors: bool,
     ttl: Option<Duration>,
     lease: Option<Duration>,
@@ -244,6 +250,7 @@ impl fmt::Debug for IdempotencyLayerBuilder {
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
             .field("in_flight", &self.in_flight)
+            .field("retry_after", &self.retry_after)
             .field("store_server_errors", &self.store_server_errors)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
@@ -345,6 +352,17 @@ impl IdempotencyLayerBuilder {
         self
     }
 
+    /// The `Retry-After` of a `409` for a key whose first request still runs: how long a client
+    /// should wait before it tries again. The header is this, in whole seconds rounded up, but
+    /// never more than the seconds (rounded up) left on the first request's lease, after which
+    /// the retry may take over; never negative. Most requests finish well within their lease,
+    /// so a short hint gets the client its answer soon after the first request completes.
+    /// Default: [`DEFAULT_RETRY_AFTER`] (1 s).
+    pub fn retry_after(mut self, hint: Duration) -> Self {
+        self.retry_after = hint;
+        self
+    }
+
     /// Whether `5xx` responses are stored and replayed like any other (Stripe's choice).
     /// Default: false: a `5xx` response, like an error from the inner service, releases the
     /// key so the client may retry and run the handler again.
@@ -373,7 +391,8 @@ impl IdempotencyLayerBuilder {
     /// Checks the settings and builds the layer.
     ///
     /// # Errors
-    /// [`Error::InvalidDuration`] for a zero or huge `ttl`, `lease` or [`InFlight::Wait`];
+    /// [`Error::InvalidDuration`] for a zero or huge `ttl`, `lease`, `retry_after` or
+    /// [`InFlight::Wait`];
     /// [`Error::InvalidConfig`] for an empty method list or a `max_response_body` over the
     /// store's `max_response_bytes`.
     pub fn build(self) -> Result<IdempotencyLayer> {
@@ -383,6 +402,7 @@ impl IdempotencyLayerBuilder {
         if let Some(lease) = self.lease {
             limits::duration_millis("lease", lease)?;
         }
+        limits::duration_millis("retry-after", self.retry_after)?;
         if let InFlight::Wait(wait) = self.in_flight {
             limits::duration_millis("in-flight wait", wait)?;
         }
@@ -419,6 +439,7 @@ impl IdempotencyLayerBuilder {
                 max_response_body,
                 max_stored_response,
                 in_flight: self.in_flight,
+                retry_after: self.retry_after,
                 store_server_errors: self.store_server_errors,
                 ttl: self.ttl,
                 lease: self.lease,
@@ -446,6 +467,13 @@ mod tests {
         assert!(matches!(
             builder().in_flight(InFlight::Wait(Duration::ZERO)).build(),
             Err(Error::InvalidDuration { .. })
+        ));
+        assert!(matches!(
+            builder().retry_after(Duration::ZERO).build(),
+            Err(Error::InvalidDuration {
+                what: "retry-after",
+                ..
+            })
         ));
         assert!(matches!(
             builder().methods([]).build(),
@@ -493,6 +521,7 @@ mod tests {
         assert_eq!(layer.config.methods, [Method::POST, Method::PATCH]);
         assert_eq!(layer.config.key_header_title, "Idempotency-Key");
         assert_eq!(layer.config.in_flight, InFlight::Reject);
+        assert_eq!(layer.config.retry_after, Duration::from_secs(1));
         assert!(matches!(layer.config.scope, Scope::Credentials));
         Ok(())
     }

@@ -31,7 +31,7 @@
 //! | a new key | the handler runs once; its status, [stored headers](IdempotencyLayerBuilder::stored_headers) and body are stored, then sent |
 //! | a new key whose handler answers `404`, `405` or `429` | the answer is sent, not stored, and the key is released: the request was not carried out |
 //! | a key whose request completed | the stored status, headers and body, plus `Idempotency-Replayed: true` |
-//! | a key whose first request still runs | `409 key-in-use` with `Retry-After`; or, [when configured](InFlight::Wait), the first request's answer once it is stored |
+//! | a key whose first request still runs | `409 key-in-use` with a [`Retry-After`](IdempotencyLayerBuilder::retry_after) hint (1 s by default, never past the first request's lease); or, [when configured](InFlight::Wait), the first request's answer once it is stored |
 //! | a key first used with another method, path, query or body | `422 key-reused`: a key names one request |
 //! | a store that fails | `503 store-unavailable` |
 //!
@@ -113,8 +113,8 @@ mod stored;
 
 pub use body::ResponseBody;
 pub use layer::{
-    DEFAULT_MAX_REQUEST_BODY, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, IdempotencyLayer,
-    IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
+    DEFAULT_MAX_REQUEST_BODY, DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
+    IdempotencyLayer, IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
 };
 pub use request::{credentials_scope, scoped_key};
 pub use service::{IdempotencyService, ResponseFuture};

@@ -193,7 +193,7 @@ where
         Ok(Claim::Acquired(ticket)) => ticket,
         Ok(Claim::Completed(outcome)) => return Ok(replay(&config, &outcome.response)),
         Ok(Claim::InProgress { retry_after, .. }) => {
-            return Ok(answer(Problem::key_in_use(retry_after)));
+            return Ok(answer(Problem::key_in_use(retry_after, config.retry_after)));
         }
         Ok(Claim::Mismatch { .. }) => {
             return Ok(answer(Problem::KeyReused.response(format!(
