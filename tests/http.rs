@@ -18,7 +18,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::Extension;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::routing::post;
-use dedupe_store::http::{IdempotencyLayer, InFlight, scoped_key};
+use dedupe_store::http::{IdempotencyLayer, InFlight, credentials_scope, scoped_key};
 use dedupe_store::{ManualClock, Store, Ticket};
 use tokio::sync::Notify;
 use tower::Layer;
@@ -55,7 +55,7 @@ async fn a_first_request_runs_once_and_its_retry_replays_the_stored_response() -
     assert_eq!(retry.text().await?, body);
     assert_eq!(runs.get(), 1);
 
-    let key = scoped_key(b"", &Method::POST, "/charges", b"order-1");
+    let key = scoped_key(&anonymous(), b"order-1");
     assert!(store.get(&key)?.ok_or("the key is stored")?.is_completed());
     Ok(())
 }
@@ -177,7 +177,7 @@ async fn a_required_key_is_enforced_and_bad_keys_are_refused() -> Result {
 }
 
 #[tokio::test]
-async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
+async fn keys_are_scoped_by_tenant_and_name_one_request() -> Result {
     let runs = Runs::default();
     let store = Store::in_memory()?;
     let layer = IdempotencyLayer::builder(store.clone())
@@ -204,17 +204,207 @@ async fn keys_are_scoped_by_tenant_method_and_path() -> Result {
         !replayed(&send("globex", "/charges").await?),
         "another tenant's key is its own"
     );
-    assert!(
-        !replayed(&send("acme", "/refunds").await?),
-        "another path's key is its own"
+    assert_eq!(
+        problem(send("acme", "/refunds").await?).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into()),
+        "a key names one request, whatever its path"
     );
     assert!(replayed(&send("acme", "/charges").await?));
+    assert_eq!(runs.get(), 2);
+    assert!(store.get(scoped_key(b"globex", b"same"))?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_key_reused_on_another_method_or_path_is_422() -> Result {
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(Store::in_memory()?))).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    assert_eq!(
+        keyed_post(&client, &url, "k", "amount=10").await?.status(),
+        StatusCode::CREATED
+    );
+    let patch = client
+        .patch(&url)
+        .header("idempotency-key", "k")
+        .body("amount=10")
+        .send()
+        .await?;
+    assert_eq!(
+        problem(patch).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into())
+    );
+    let other_path = keyed_post(&client, &format!("{base}/refunds"), "k", "amount=10").await?;
+    assert_eq!(
+        problem(other_path).await?,
+        (StatusCode::UNPROCESSABLE_ENTITY, "key-reused".into())
+    );
+    assert_eq!(runs.get(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn answers_that_say_the_request_never_ran_are_not_replayed() -> Result {
+    let runs = Runs::default();
+    let handler_runs = runs.clone();
+    let store = Store::in_memory()?;
+    let app = Router::new().route(
+        "/payments",
+        post(move || async move {
+            match handler_runs.next() {
+                1 => (StatusCode::NOT_FOUND, "no such account yet"),
+                2 => (StatusCode::TOO_MANY_REQUESTS, "slow down"),
+                _ => (StatusCode::CREATED, "charged"),
+            }
+        }),
+    );
+    let base = serve(app.layer(IdempotencyLayer::new(store.clone()))).await?;
+    let client = client()?;
+    let url = format!("{base}/payments");
+    let key = scoped_key(&anonymous(), b"order-1001");
+
+    // The router's own 405 (the route takes POST only), twice: never stored, never replayed.
+    for _ in 0..2 {
+        let patch = client
+            .patch(&url)
+            .header("idempotency-key", "order-1001")
+            .send()
+            .await?;
+        assert_eq!(
+            (patch.status(), replayed(&patch)),
+            (StatusCode::METHOD_NOT_ALLOWED, false)
+        );
+        assert!(store.get(&key)?.is_none(), "the 405 gave the key back");
+    }
+    // The handler's 404 and 429 give the key back too; its 201 is kept.
+    for expected in [
+        StatusCode::NOT_FOUND,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::CREATED,
+    ] {
+        let response = keyed_post(&client, &url, "order-1001", "").await?;
+        assert_eq!((response.status(), replayed(&response)), (expected, false));
+    }
+    let replay = keyed_post(&client, &url, "order-1001", "").await?;
+    assert_eq!(
+        (replay.status(), replayed(&replay)),
+        (StatusCode::CREATED, true)
+    );
     assert_eq!(runs.get(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_quoted_key_and_its_bare_form_are_one_key() -> Result {
+    let runs = Runs::default();
+    let store = Store::in_memory()?;
+    let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
+    let client = client()?;
+    let url = format!("{base}/charges");
+    let first = keyed_post(&client, &url, r#""q-1""#, "amount=10").await?;
+    assert_eq!(
+        (first.status(), replayed(&first)),
+        (StatusCode::CREATED, false)
+    );
+    let bare = keyed_post(&client, &url, "q-1", "amount=10").await?;
+    assert_eq!(
+        (bare.status(), replayed(&bare)),
+        (StatusCode::CREATED, true),
+        "the bare form is the same key: no second charge"
+    );
+    assert!(store.get(scoped_key(&anonymous(), b"q-1"))?.is_some());
+
+    // The draft's strings may hold spaces and escaped quotes.
+    for _ in 0..2 {
+        let spaced = keyed_post(&client, &url, r#""a b \"c\"""#, "amount=10").await?;
+        assert_eq!(spaced.status(), StatusCode::CREATED);
+    }
     assert!(
         store
-            .get(scoped_key(b"globex", &Method::POST, "/charges", b"same"))?
+            .get(scoped_key(&anonymous(), br#"a b "c""#))?
             .is_some()
     );
+    assert_eq!(runs.get(), 2);
+
+    for bad in [r#""unterminated"#, r#""a"b"#, r#""a\nb""#, r#""""#] {
+        let response = keyed_post(&client, &url, bad, "amount=10").await?;
+        assert_eq!(
+            problem(response).await?,
+            (StatusCode::BAD_REQUEST, "invalid-key".into()),
+            "{bad}"
+        );
+    }
+    assert_eq!(runs.get(), 2);
+    Ok(())
+}
+
+/// The scope of requests without credentials.
+fn anonymous() -> Vec<u8> {
+    credentials_scope(&axum::http::HeaderMap::new())
+}
+
+/// Two callers with different credentials send the same key and body.
+async fn two_callers(layer: IdempotencyLayer) -> Result<(Runs, [(bool, String); 4])> {
+    let runs = Runs::default();
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    let mut answers = Vec::new();
+    for token in ["Bearer alice", "Bearer bob", "Bearer alice", "Bearer bob"] {
+        let response = client
+            .post(format!("{base}/charges"))
+            .header(header::AUTHORIZATION, token)
+            .header("idempotency-key", "order-1")
+            .body("amount=10")
+            .send()
+            .await?;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        answers.push((replayed(&response), response.text().await?));
+    }
+    let answers: [(bool, String); 4] = answers.try_into().map_err(|_| "four answers")?;
+    Ok((runs, answers))
+}
+
+#[tokio::test]
+async fn callers_with_other_credentials_never_share_keys_by_default() -> Result {
+    let store = Store::in_memory()?;
+    let (runs, [alice, bob, alice_again, bob_again]) =
+        two_callers(IdempotencyLayer::new(store.clone())).await?;
+    assert_eq!(runs.get(), 2, "each caller's request ran");
+    assert!(!alice.0 && !bob.0, "neither first request is a replay");
+    assert_ne!(alice.1, bob.1, "bob did not get alice's response");
+    assert_eq!(alice_again, (true, alice.1), "alice's retry replays hers");
+    assert_eq!(bob_again, (true, bob.1), "bob's retry replays his");
+
+    // A builder without .scope() scopes by credentials too; cookies count as credentials.
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(store).build()?;
+    let base = serve(charges(&runs).layer(layer)).await?;
+    let client = client()?;
+    for cookie in ["session=alice", "session=bob", "session=alice"] {
+        client
+            .post(format!("{base}/charges"))
+            .header(header::COOKIE, cookie)
+            .header("idempotency-key", "order-2")
+            .body("amount=10")
+            .send()
+            .await?;
+    }
+    assert_eq!(runs.get(), 2, "one run per session");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_shared_scope_replays_across_callers() -> Result {
+    let layer = IdempotencyLayer::builder(Store::in_memory()?)
+        .shared_scope()
+        .build()?;
+    let (runs, answers) = two_callers(layer).await?;
+    assert_eq!(runs.get(), 1, "one execution for everyone");
+    assert!(!answers[0].0);
+    for answer in &answers[1..] {
+        assert_eq!(answer, &(true, answers[0].1.clone()));
+    }
     Ok(())
 }
 
@@ -245,16 +435,14 @@ async fn the_same_key_with_another_request_is_422() -> Result {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_while_the_first_runs_is_409_with_retry_after() -> Result {
+/// The `Retry-After` a retry gets while the first request with its key runs, behind `layer`;
+/// checks that the first request then completes and is replayed.
+async fn retry_after_while_the_first_runs(layer: IdempotencyLayer) -> Result<u64> {
     let (runs, entered, open) = (
         Runs::default(),
         Arc::new(Notify::new()),
         Arc::new(Notify::new()),
     );
-    let layer = IdempotencyLayer::builder(Store::in_memory()?)
-        .lease(Duration::from_secs(30))
-        .build()?;
     let base = serve(gated(&runs, &entered, &open).layer(layer)).await?;
     let client = client()?;
     let url = format!("{base}/slow");
@@ -266,7 +454,6 @@ async fn a_retry_while_the_first_runs_is_409_with_retry_after() -> Result {
 
     let conflict = keyed_post(&client, &url, "k", "").await?;
     let retry_after: u64 = conflict.headers()[header::RETRY_AFTER].to_str()?.parse()?;
-    assert!((1..=30).contains(&retry_after), "Retry-After {retry_after}");
     assert_eq!(
         problem(conflict).await?,
         (StatusCode::CONFLICT, "key-in-use".into())
@@ -279,6 +466,28 @@ async fn a_retry_while_the_first_runs_is_409_with_retry_after() -> Result {
     assert!(replayed(&replay));
     assert_eq!(replay.text().await?, "run 1");
     assert_eq!(runs.get(), 1);
+    Ok(retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_while_the_first_runs_is_409_with_a_retry_after_hint() -> Result {
+    let with = |lease: u64, hint: Option<u64>| {
+        let mut builder =
+            IdempotencyLayer::builder(Store::in_memory()?).lease(Duration::from_secs(lease));
+        if let Some(hint) = hint {
+            builder = builder.retry_after(Duration::from_secs(hint));
+        }
+        builder.build()
+    };
+    // A 30 s lease: the default hint, 1 s, not the lease's 29 s or so left.
+    assert_eq!(retry_after_while_the_first_runs(with(30, None)?).await?, 1);
+    assert_eq!(
+        retry_after_while_the_first_runs(with(30, Some(5))?).await?,
+        5
+    );
+    // A hint longer than the lease is cut to the lease's end.
+    let cut = retry_after_while_the_first_runs(with(10, Some(60))?).await?;
+    assert!((1..=10).contains(&cut), "Retry-After {cut}");
     Ok(())
 }
 
@@ -382,7 +591,7 @@ async fn a_server_error_releases_the_key_unless_configured_to_store_it() -> Resu
             StatusCode::SERVICE_UNAVAILABLE
         );
         // Released (gone) before the answer left, not merely abandoned to a takeover.
-        let key = scoped_key(b"", &Method::POST, "/flaky", b"k");
+        let key = scoped_key(&anonymous(), b"k");
         assert_eq!(store.get(&key)?.is_some(), store_server_errors);
         let retry = keyed_post(&client, &url, "k", "").await?;
         if store_server_errors {
@@ -417,7 +626,7 @@ async fn an_inner_service_error_releases_the_key() -> Result {
         keyed_post(&client, &url, "k", "").await?.status(),
         StatusCode::BAD_GATEWAY
     );
-    let key = scoped_key(b"", &Method::POST, "/charge", b"k");
+    let key = scoped_key(&anonymous(), b"k");
     assert!(
         store.get(&key)?.is_none(),
         "released before the answer left"
@@ -504,7 +713,7 @@ async fn a_client_that_disconnects_abandons_the_attempt_and_its_retry_takes_over
     gone.abort();
     assert!(gone.await.is_err_and(|err| err.is_cancelled()));
     // With the 30 s lease left alone, the retry would get 409 for 30 s.
-    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    lease_ended(&store, &scoped_key(&anonymous(), b"k")).await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     assert_eq!(runs.get(), 2);
@@ -520,7 +729,7 @@ async fn a_handler_that_panics_abandons_the_attempt() -> Result {
         keyed_post(&client, &url, "k", "").await.is_err(),
         "the connection dies with the handler"
     );
-    lease_ended(&store, &scoped_key(b"", &Method::POST, "/work", b"k")).await?;
+    lease_ended(&store, &scoped_key(&anonymous(), b"k")).await?;
     let retry = keyed_post(&client, &url, "k", "").await?;
     assert_eq!(retry.text().await?, "attempt 2 takeover true");
     let replay = keyed_post(&client, &url, "k", "").await?;
@@ -616,7 +825,7 @@ async fn a_failing_store_is_503_and_an_unreadable_answer_500() -> Result {
     let base = serve(charges(&runs).layer(IdempotencyLayer::new(store.clone()))).await?;
     let url = format!("{base}/charges");
     // An answer the layer did not write (no version byte it knows) is never misread.
-    let key = scoped_key(b"", &Method::POST, "/charges", b"foreign");
+    let key = scoped_key(&anonymous(), b"foreign");
     let ticket = store.claim(&key)?.ticket().ok_or("claimed")?;
     store.complete(&ticket, b"\x07not a stored response")?;
     let foreign = keyed_post(&client()?, &url, "foreign", "").await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::request::Parts;
-use ::http::{HeaderName, Method};
+use ::http::{HeaderName, Method, StatusCode};
 use tower::Layer;
 
 use crate::error::{Error, Result};
@@ -14,6 +14,7 @@ use crate::limits;
 use crate::store::Store;
 
 use super::problem::header_title;
+use super::request::credentials_scope;
 use super::service::IdempotencyService;
 
 /// The request header that carries the client's key, by default.
@@ -22,8 +23,12 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The response header that marks a replayed response, by default (its value is `true`).
 pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
 
-/// The longest `Idempotency-Key` value accepted, in bytes.
+/// The longest key accepted, in bytes: the bare value, or a quoted value's content without
+/// its quotes and escapes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The default [`Retry-After`](IdempotencyLayerBuilder::retry_after) hint of a `409`: 1 second.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The default cap on a buffered request body: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -32,8 +37,8 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum InFlight {
-    /// Answer `409 Conflict` at once, with a `Retry-After` header (whole seconds until the
-    /// first request's lease ends, never negative). The default.
+    /// Answer `409 Conflict` at once, with a [`Retry-After`](IdempotencyLayerBuilder::retry_after)
+    /// header. The default.
     #[default]
     Reject,
     /// Wait up to this long for the first request to finish, then replay its response (or run
@@ -47,6 +52,27 @@ pub enum InFlight {
 
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
 
+/// Whose keys a request's key is among.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// The request's credentials: [`credentials_scope`] of its headers.
+    Credentials,
+    /// One scope for every request.
+    Shared,
+    /// A function of the request.
+    Custom(Arc<ScopeFn>),
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Credentials => "Credentials",
+            Scope::Shared => "Shared",
+            Scope::Custom(_) => "Custom",
+        })
+    }
+}
+
 /// The settings an [`IdempotencyService`] runs with, validated.
 pub(crate) struct Config {
     pub store: Store,
@@ -56,13 +82,14 @@ pub(crate) struct Config {
     pub key_header_title: String,
     pub replayed_header: HeaderName,
     pub require_key: bool,
-    pub scope: Option<Arc<ScopeFn>>,
+    pub scope: Scope,
     pub stored_headers: Vec<HeaderName>,
     pub max_request_body: usize,
     pub max_response_body: usize,
     /// The store's own cap on a stored response, which the encoded response must fit.
     pub max_stored_response: usize,
     pub in_flight: InFlight,
+    pub retry_after: Duration,
     pub store_server_errors: bool,
     pub ttl: Option<Duration>,
     pub lease: Option<Duration>,
@@ -73,10 +100,25 @@ impl Config {
         self.methods.contains(method)
     }
 
+    /// Whether a handler's response with `status` is stored and replayed; if not, the key is
+    /// given back. A `404`, `405` or `429` says the request was never carried out (no such
+    /// route, a method the route does not take, a rate limit), so its retry must run; a `5xx`
+    /// says it failed, unless such answers are kept on purpose.
+    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
+        if status.is_server_error() {
+            return self.store_server_errors;
+        }
+        !matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS
+        )
+    }
+
     pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
         match &self.scope {
-            Some(scope) => scope(parts),
-            None => Vec::new(),
+            Scope::Credentials => credentials_scope(&parts.headers),
+            Scope::Shared => Vec::new(),
+            Scope::Custom(scope) => scope(parts),
         }
     }
 }
@@ -127,11 +169,12 @@ impl IdempotencyLayer {
             key_header: IDEMPOTENCY_KEY,
             replayed_header: IDEMPOTENCY_REPLAYED,
             require_key: false,
-            scope: None,
+            scope: Scope::Credentials,
             stored_headers: default_stored_headers(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: None,
             in_flight: InFlight::Reject,
+            retry_after: DEFAULT_RETRY_AFTER,
             store_server_errors: false,
             ttl: None,
             lease: None,
@@ -184,11 +227,12 @@ pub struct IdempotencyLayerBuilder {
     key_header: HeaderName,
     replayed_header: HeaderName,
     require_key: bool,
-    scope: Option<Arc<ScopeFn>>,
+    scope: Scope,
     stored_headers: Vec<HeaderName>,
     max_request_body: usize,
     max_response_body: Option<usize>,
     in_flight: InFlight,
+    retry_after: Duration,
     store_server_errors: bool,
     ttl: Option<Duration>,
     lease: Option<Duration>,
@@ -201,11 +245,12 @@ impl fmt::Debug for IdempotencyLayerBuilder {
             .field("key_header", &self.key_header)
             .field("replayed_header", &self.replayed_header)
             .field("require_key", &self.require_key)
-            .field("scoped", &self.scope.is_some())
+            .field("scope", &self.scope)
             .field("stored_headers", &self.stored_headers)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
             .field("in_flight", &self.in_flight)
+            .field("retry_after", &self.retry_after)
             .field("store_server_errors", &self.store_server_errors)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
@@ -243,18 +288,33 @@ impl IdempotencyLayerBuilder {
     }
 
     /// A function of the request (its head: method, URI, headers and the extensions an
-    /// authentication layer put there) that names whose key it is, such as the tenant. The
-    /// stored key is [`scoped_key`](super::scoped_key)`(scope, method, path, key)`, so one
-    /// tenant's keys never block another's. Default: one scope shared by every request, the
-    /// empty string.
+    /// authentication layer put there) that names whose key it is: the user, account or
+    /// tenant. The stored key is [`scoped_key`](super::scoped_key)`(scope, key)`, so a key in
+    /// one scope never blocks, and never replays to, another. Requests that must
+    /// not see each other's responses must get different scopes.
+    ///
+    /// Default: the request's credentials, [`credentials_scope`](super::credentials_scope) of
+    /// its headers (a digest of its `Authorization` and `Cookie` headers, or `anonymous`
+    /// without either). Replaces [`shared_scope`](Self::shared_scope).
     pub fn scope<F, S>(mut self, scope: F) -> Self
     where
         F: Fn(&Parts) -> S + Send + Sync + 'static,
         S: AsRef<[u8]>,
     {
-        self.scope = Some(Arc::new(move |parts: &Parts| {
+        self.scope = Scope::Custom(Arc::new(move |parts: &Parts| {
             scope(parts).as_ref().to_vec()
         }));
+        self
+    }
+
+    /// Puts every request in one scope (the empty one), whoever sends it: every caller shares
+    /// one set of keys, so a caller who sends the same key as another, with the same method,
+    /// path, query and body, gets the other's stored response, and a key in use by one caller
+    /// is `409` for all. Only for services whose callers all act for one principal (an
+    /// internal API behind one gateway, say). Replaces [`scope`](Self::scope). Default: not
+    /// shared; each request is scoped by its credentials.
+    pub fn shared_scope(mut self) -> Self {
+        self.scope = Scope::Shared;
         self
     }
 
@@ -292,9 +352,23 @@ impl IdempotencyLayerBuilder {
         self
     }
 
+    /// The `Retry-After` of a `409` for a key whose first request still runs: how long a client
+    /// should wait before it tries again. The header is this, in whole seconds rounded up, but
+    /// never more than the seconds (rounded up) left on the first request's lease, after which
+    /// the retry may take over; never negative. Most requests finish well within their lease,
+    /// so a short hint gets the client its answer soon after the first request completes.
+    /// Default: [`DEFAULT_RETRY_AFTER`] (1 s).
+    pub fn retry_after(mut self, hint: Duration) -> Self {
+        self.retry_after = hint;
+        self
+    }
+
     /// Whether `5xx` responses are stored and replayed like any other (Stripe's choice).
     /// Default: false: a `5xx` response, like an error from the inner service, releases the
     /// key so the client may retry and run the handler again.
+    ///
+    /// `404`, `405` and `429` responses are never stored, whatever this says: they mean the
+    /// request was not carried out, so they release the key too.
     pub fn store_server_errors(mut self, store: bool) -> Self {
         self.store_server_errors = store;
         self
@@ -317,7 +391,8 @@ impl IdempotencyLayerBuilder {
     /// Checks the settings and builds the layer.
     ///
     /// # Errors
-    /// [`Error::InvalidDuration`] for a zero or huge `ttl`, `lease` or [`InFlight::Wait`];
+    /// [`Error::InvalidDuration`] for a zero or huge `ttl`, `lease`, `retry_after` or
+    /// [`InFlight::Wait`];
     /// [`Error::InvalidConfig`] for an empty method list or a `max_response_body` over the
     /// store's `max_response_bytes`.
     pub fn build(self) -> Result<IdempotencyLayer> {
@@ -327,6 +402,7 @@ impl IdempotencyLayerBuilder {
         if let Some(lease) = self.lease {
             limits::duration_millis("lease", lease)?;
         }
+        limits::duration_millis("retry-after", self.retry_after)?;
         if let InFlight::Wait(wait) = self.in_flight {
             limits::duration_millis("in-flight wait", wait)?;
         }
@@ -363,6 +439,7 @@ impl IdempotencyLayerBuilder {
                 max_response_body,
                 max_stored_response,
                 in_flight: self.in_flight,
+                retry_after: self.retry_after,
                 store_server_errors: self.store_server_errors,
                 ttl: self.ttl,
                 lease: self.lease,
@@ -392,6 +469,13 @@ mod tests {
             Err(Error::InvalidDuration { .. })
         ));
         assert!(matches!(
+            builder().retry_after(Duration::ZERO).build(),
+            Err(Error::InvalidDuration {
+                what: "retry-after",
+                ..
+            })
+        ));
+        assert!(matches!(
             builder().methods([]).build(),
             Err(Error::InvalidConfig { .. })
         ));
@@ -405,6 +489,31 @@ mod tests {
     }
 
     #[test]
+    fn answers_that_say_the_request_never_ran_are_not_kept()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let store = Store::in_memory()?;
+        let layer = IdempotencyLayer::new(store.clone());
+        for status in [200, 201, 204, 301, 400, 401, 403, 409, 410, 422] {
+            assert!(
+                layer.config.keeps(StatusCode::from_u16(status)?),
+                "{status}"
+            );
+        }
+        for status in [404, 405, 429, 500, 502, 503] {
+            assert!(
+                !layer.config.keeps(StatusCode::from_u16(status)?),
+                "{status}"
+            );
+        }
+        let layer = IdempotencyLayer::builder(store)
+            .store_server_errors(true)
+            .build()?;
+        assert!(layer.config.keeps(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!layer.config.keeps(StatusCode::METHOD_NOT_ALLOWED));
+        Ok(())
+    }
+
+    #[test]
     fn the_defaults_follow_the_store() -> Result<()> {
         let store = Store::builder().max_response_bytes(2048).in_memory()?;
         let layer = IdempotencyLayer::new(store);
@@ -412,6 +521,8 @@ mod tests {
         assert_eq!(layer.config.methods, [Method::POST, Method::PATCH]);
         assert_eq!(layer.config.key_header_title, "Idempotency-Key");
         assert_eq!(layer.config.in_flight, InFlight::Reject);
+        assert_eq!(layer.config.retry_after, Duration::from_secs(1));
+        assert!(matches!(layer.config.scope, Scope::Credentials));
         Ok(())
     }
 }

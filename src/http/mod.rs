@@ -9,6 +9,8 @@
 //!
 //! # let dir = tempfile::tempdir()?;
 //! let store = Store::open(dir.path().join("idempotency.redb"))?;
+//! // Keys are scoped by the caller's credentials (`Authorization`, `Cookie`): no caller ever
+//! // receives another's stored response.
 //! let app: Router = Router::new()
 //!     .route("/charges", post(|body: String| async move { format!("charged {body}") }))
 //!     .layer(IdempotencyLayer::new(store));
@@ -24,24 +26,47 @@
 //! | request | answer |
 //! | --- | --- |
 //! | no `Idempotency-Key` header | passed through; or `400 missing-key` when [required](IdempotencyLayerBuilder::require_key) |
-//! | a key that is empty, over 255 bytes, not visible ASCII, or repeated | `400 invalid-key` |
+//! | a key that is empty, over 255 bytes, neither [form of a key](#keys-and-scopes), or repeated | `400 invalid-key` |
 //! | a body over [the limit](IdempotencyLayerBuilder::max_request_body) | `413 request-too-large`, before the handler runs |
 //! | a new key | the handler runs once; its status, [stored headers](IdempotencyLayerBuilder::stored_headers) and body are stored, then sent |
+//! | a new key whose handler answers `404`, `405` or `429` | the answer is sent, not stored, and the key is released: the request was not carried out |
 //! | a key whose request completed | the stored status, headers and body, plus `Idempotency-Replayed: true` |
-//! | a key whose first request still runs | `409 key-in-use` with `Retry-After`; or, [when configured](InFlight::Wait), the first request's answer once it is stored |
-//! | a key first used with another method, path, query or body | `422 key-reused` |
+//! | a key whose first request still runs | `409 key-in-use` with a [`Retry-After`](IdempotencyLayerBuilder::retry_after) hint (1 s by default, never past the first request's lease); or, [when configured](InFlight::Wait), the first request's answer once it is stored |
+//! | a key first used with another method, path, query or body | `422 key-reused`: a key names one request |
 //! | a store that fails | `503 store-unavailable` |
 //!
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
 //! `urn:dedupe-store:idempotency:` and the name in the table.
 //!
-//! # Keys
+//! # Keys and scopes
 //!
-//! A client's key is scoped by a [function of the request](IdempotencyLayerBuilder::scope)
-//! (the tenant, say), its method and its path: the stored key is
-//! [`scoped_key`]`(scope, method, path, key)`, so one tenant's keys never block another's. The
-//! request's fingerprint is SHA-256 over its method, path and query, and body; the same key with
-//! another fingerprint is `422`.
+//! A client's key is only ever compared with keys of the same *scope*, which names whose keys
+//! they are. The stored key is [`scoped_key`]`(scope, key)`, so one scope's key never blocks,
+//! and never replays to, another's. The scope is:
+//!
+//! - by default, the request's credentials: [`credentials_scope`], a SHA-256 digest of its
+//!   `Authorization` and `Cookie` headers. Two callers share keys only if they send the same
+//!   credentials, so one caller can never receive another's stored response. Requests with
+//!   neither header share one `anonymous` scope.
+//! - with [`scope`](IdempotencyLayerBuilder::scope), a function of the request: the user or
+//!   tenant an authentication layer found, say. Use it when the credentials change between a
+//!   request and its retry (a refreshed token, a rotating cookie), which the default would
+//!   treat as a new caller, running the handler again.
+//! - with [`shared_scope`](IdempotencyLayerBuilder::shared_scope), one scope for everyone:
+//!   every caller shares one set of keys and may receive another caller's response. Only for
+//!   services whose callers all act for one principal.
+//!
+//! The header's value is the key in one of two forms, which name the same key: the IETF
+//! draft's structured-field string (RFC 8941: in double quotes, printable ASCII including the
+//! space, with `\"` and `\\` escaped by a backslash), whose content is the key, so
+//! `"order-1"` is the key `order-1`; or the bare form that Stripe-style clients send, visible
+//! ASCII not starting with a quote, taken as it is. A key is 1 to
+//! [255](MAX_IDEMPOTENCY_KEY_LEN) bytes, counted without the quotes and escapes.
+//!
+//! Within a scope, a key names one request, as in the IETF draft and at Stripe: the method and
+//! path are not part of the stored key but of the request's fingerprint, SHA-256 over its
+//! method, path and query, and body. The same key with another method, path, query or body is
+//! `422`, never a second, separate request.
 //!
 //! # Failures
 //!
@@ -49,6 +74,9 @@
 //!   response): the key is released, so the client may retry and run the handler again.
 //!   [`store_server_errors`](IdempotencyLayerBuilder::store_server_errors) keeps `5xx`
 //!   responses instead, as Stripe does.
+//! - **The answer says the request was not carried out**: `404` (no such route), `405` (a method
+//!   the route does not take), `429` (rate limited) release the key too, always, so that such
+//!   an answer is never replayed to the retry that would succeed.
 //! - **The request ends without an answer** (the client disconnects and the server drops the
 //!   request, a timeout layer cancels it, the handler panics): the attempt is *abandoned*. Its
 //!   lease is cut short at once, so the retry takes the key over as the next attempt with
@@ -85,8 +113,8 @@ mod stored;
 
 pub use body::ResponseBody;
 pub use layer::{
-    DEFAULT_MAX_REQUEST_BODY, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED, IdempotencyLayer,
-    IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
+    DEFAULT_MAX_REQUEST_BODY, DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
+    IdempotencyLayer, IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
 };
-pub use request::scoped_key;
+pub use request::{credentials_scope, scoped_key};
 pub use service::{IdempotencyService, ResponseFuture};

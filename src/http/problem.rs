@@ -11,7 +11,7 @@ use bytes::Bytes;
 pub(crate) enum Problem {
     /// The key header is required and absent.
     MissingKey,
-    /// The key header is empty, too long, not visible ASCII, or repeated.
+    /// The key header is empty, too long, in neither form of a key, or repeated.
     InvalidKey,
     /// The request body is over the layer's limit.
     RequestTooLarge,
@@ -100,9 +100,11 @@ impl Problem {
         response
     }
 
-    /// A `409` that says when to retry: whole seconds, rounded up, never negative.
-    pub(crate) fn key_in_use(retry_after: Duration) -> Response<Bytes> {
-        let seconds = u64::try_from(retry_after.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+    /// A `409` whose `Retry-After` is `hint`, but never past the first request's lease, which
+    /// ends in `lease_left`: whole seconds, each rounded up, the smaller of the two. Never
+    /// negative; `0` once the lease is over.
+    pub(crate) fn key_in_use(lease_left: Duration, hint: Duration) -> Response<Bytes> {
+        let seconds = whole_seconds(lease_left).min(whole_seconds(hint));
         let mut response = Problem::KeyInUse.response(format!(
             "The first request with this key is still running; retry in {seconds} s."
         ));
@@ -111,6 +113,11 @@ impl Problem {
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         response
     }
+}
+
+/// A duration in whole seconds, rounded up.
+fn whole_seconds(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 /// A header name as people write it in prose (`Idempotency-Key`); `HeaderName` keeps only the
@@ -157,16 +164,23 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_rounds_up_and_is_never_negative() {
-        for (left, expected) in [
-            (Duration::ZERO, "0"),
-            (Duration::from_millis(1), "1"),
-            (Duration::from_millis(1000), "1"),
-            (Duration::from_millis(29_001), "30"),
+    fn retry_after_is_the_hint_but_never_past_the_lease() {
+        let second = Duration::from_secs(1);
+        for (lease_left, hint, expected) in [
+            (Duration::from_secs(29), second, "1"),
+            (Duration::from_secs(29), Duration::from_millis(2500), "3"),
+            (Duration::from_secs(29), Duration::from_secs(60), "29"),
+            (Duration::from_millis(29_001), Duration::from_secs(60), "30"),
+            (Duration::from_millis(1), Duration::from_secs(5), "1"),
+            (Duration::ZERO, second, "0"),
         ] {
-            let response = Problem::key_in_use(left);
+            let response = Problem::key_in_use(lease_left, hint);
             assert_eq!(response.status(), StatusCode::CONFLICT);
-            assert_eq!(response.headers()[header::RETRY_AFTER], expected);
+            assert_eq!(
+                response.headers()[header::RETRY_AFTER],
+                expected,
+                "{lease_left:?} {hint:?}"
+            );
         }
     }
 }

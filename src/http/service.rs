@@ -152,7 +152,7 @@ where
         &config.key_header,
         &config.key_header_title,
     ) {
-        Ok(Some(key)) => key.to_vec(),
+        Ok(Some(key)) => key,
         Ok(None) if config.require_key => {
             return Ok(answer(Problem::MissingKey.response(format!(
                 "{} requests need an {} header.",
@@ -179,12 +179,7 @@ where
         }
     };
 
-    let key = request::scoped_key(
-        &config.scope_of(&parts),
-        &parts.method,
-        parts.uri.path(),
-        &client_key,
-    );
+    let key = request::scoped_key(&config.scope_of(&parts), &client_key);
     let mut options =
         ClaimOptions::new().fingerprint(request::fingerprint(&parts.method, &parts.uri, &body));
     if let Some(lease) = config.lease {
@@ -198,7 +193,7 @@ where
         Ok(Claim::Acquired(ticket)) => ticket,
         Ok(Claim::Completed(outcome)) => return Ok(replay(&config, &outcome.response)),
         Ok(Claim::InProgress { retry_after, .. }) => {
-            return Ok(answer(Problem::key_in_use(retry_after)));
+            return Ok(answer(Problem::key_in_use(retry_after, config.retry_after)));
         }
         Ok(Claim::Mismatch { .. }) => {
             return Ok(answer(Problem::KeyReused.response(format!(
@@ -225,7 +220,7 @@ where
             return Err(err);
         }
     };
-    if response.status().is_server_error() && !config.store_server_errors {
+    if !config.keeps(response.status()) {
         guard.release().await;
         return Ok(response.map(ResponseBody::streaming));
     }
