@@ -991,3 +991,42 @@ fn a_run_sweeps_one_batch_of_a_backlog_and_sweep_clears_the_rest() -> TestResult
     assert_eq!(scratch.get("x")?["state"], "completed");
     Ok(())
 }
+
+#[test]
+fn a_new_key_past_max_keys_exits_69_and_stored_keys_still_answer() -> TestResult {
+    let scratch = Scratch::new()?;
+    for key in ["a", "b"] {
+        assert_eq!(
+            scratch.run(&["--max-keys", "2", "mark", key])?.code,
+            Some(0)
+        );
+    }
+    let refused = scratch.run(&["--max-keys", "2", "mark", "c"])?;
+    assert_eq!(refused.code, Some(69), "{}", refused.stderr);
+    one_line(&refused);
+    assert!(refused.stderr.contains("budget"), "{}", refused.stderr);
+    let run = scratch.run(&[
+        "--max-keys",
+        "2",
+        "run",
+        "--key",
+        "job",
+        "--",
+        "sh",
+        "-c",
+        "echo ran >> count",
+    ])?;
+    assert_eq!(run.code, Some(69), "{}", run.stderr);
+    assert_eq!(
+        scratch.count("count"),
+        0,
+        "CMD ran although its key was refused"
+    );
+    assert_eq!(
+        scratch.run(&["--max-keys", "2", "mark", "a"])?.code,
+        Some(1)
+    );
+    // Without the budget the same file takes new keys again.
+    assert_eq!(scratch.run(&["mark", "c"])?.code, Some(0));
+    Ok(())
+}

@@ -4,6 +4,8 @@
 //! disconnects, and (in `http/restart.rs`) a server process restarted between a request and
 //! its retry.
 
+#[path = "http/budget.rs"]
+mod budget;
 #[path = "http/restart.rs"]
 mod restart;
 #[path = "http/support.rs"]

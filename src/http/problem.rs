@@ -29,6 +29,8 @@ pub(crate) enum Problem {
     StoredResponseCorrupt,
     /// The store could not be reached (a storage error, a closed store).
     StoreUnavailable,
+    /// The store holds its budget of keys and takes no new one until keys expire.
+    KeyBudgetExhausted,
 }
 
 impl Problem {
@@ -43,7 +45,9 @@ impl Problem {
             Problem::ResponseNotReplayable
             | Problem::ResponseFailed
             | Problem::StoredResponseCorrupt => StatusCode::INTERNAL_SERVER_ERROR,
-            Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::StoreUnavailable | Problem::KeyBudgetExhausted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -64,6 +68,7 @@ impl Problem {
                 "urn:dedupe-store:idempotency:stored-response-corrupt"
             }
             Problem::StoreUnavailable => "urn:dedupe-store:idempotency:store-unavailable",
+            Problem::KeyBudgetExhausted => "urn:dedupe-store:idempotency:key-budget-exhausted",
         }
     }
 
@@ -79,6 +84,7 @@ impl Problem {
             Problem::ResponseFailed => "The response failed while it was being recorded",
             Problem::StoredResponseCorrupt => "The stored response could not be read",
             Problem::StoreUnavailable => "The idempotency store is unavailable",
+            Problem::KeyBudgetExhausted => "The idempotency store takes no new keys for now",
         }
     }
 
@@ -111,6 +117,18 @@ impl Problem {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        response
+    }
+}
+
+impl Problem {
+    /// A `503` for a new key refused at the store's key budget, with `hint` as its
+    /// `Retry-After` (whole seconds, rounded up): room comes back as keys expire.
+    pub(crate) fn key_budget_exhausted(detail: String, hint: Duration) -> Response<Bytes> {
+        let mut response = Problem::KeyBudgetExhausted.response(detail);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(whole_seconds(hint)));
         response
     }
 }

@@ -125,12 +125,16 @@ fn answer<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
     response.map(ResponseBody::buffered)
 }
 
-fn store_problem<B>(failure: &StoreFailure) -> Response<ResponseBody<B>> {
-    let problem = match failure {
-        StoreFailure::Error(crate::Error::Corrupt { .. }) => Problem::StoredResponseCorrupt,
-        _ => Problem::StoreUnavailable,
-    };
-    answer(problem.response(failure.to_string()))
+fn store_problem<B>(failure: &StoreFailure, config: &Config) -> Response<ResponseBody<B>> {
+    answer(match failure {
+        StoreFailure::Error(crate::Error::Corrupt { .. }) => {
+            Problem::StoredResponseCorrupt.response(failure.to_string())
+        }
+        StoreFailure::Error(crate::Error::KeyBudgetExhausted { .. }) => {
+            Problem::key_budget_exhausted(failure.to_string(), config.retry_after)
+        }
+        _ => Problem::StoreUnavailable.response(failure.to_string()),
+    })
 }
 
 /// A request the layer applies to, from its key header to its stored answer.
@@ -202,7 +206,7 @@ where
                 config.key_header_title
             ))));
         }
-        Err(failure) => return Ok(store_problem(&failure)),
+        Err(failure) => return Ok(store_problem(&failure, &config)),
     };
 
     // From here until the answer is stored, a drop of this future abandons the attempt.

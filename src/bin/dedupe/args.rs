@@ -99,6 +99,12 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 
+    /// The most keys the store may hold (live, or expired and not yet swept). At the budget,
+    /// `run` and `mark` of a new key exit 69 and record nothing, while keys already stored
+    /// still replay; `dedupe sweep` makes room as keys expire. Default: no limit.
+    #[arg(long, global = true, env = "DEDUPE_MAX_KEYS", value_name = "N")]
+    pub max_keys: Option<u64>,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

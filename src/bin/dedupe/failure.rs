@@ -16,6 +16,9 @@ pub const MISMATCH: u8 = 65;
 /// (sysexits' EX_IOERR): a script never reads a failure as "already seen", nor as a CMD that
 /// exited 1.
 pub const IO_ERROR: u8 = 74;
+/// Exit status of `run` and `mark` when the store holds its budget of keys (`--max-keys`) and
+/// takes no new one until keys expire (sysexits' EX_UNAVAILABLE).
+pub const KEY_BUDGET: u8 = 69;
 /// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
 pub const INTERNAL_ERROR: u8 = 70;
 /// Exit status of `run` while another run holds the key (sysexits' EX_TEMPFAIL).
@@ -77,6 +80,15 @@ impl Failure {
                 "{doing}: {db}: {err}; run `dedupe --db {db} verify`, and restore the file from \
                  a backup if it fails"
             ),
+            Error::KeyBudgetExhausted { .. } => {
+                return Failure::new(
+                    KEY_BUDGET,
+                    format!(
+                        "{doing}: {db}: {err}; nothing was recorded: run `dedupe --db {db} \
+                         sweep` to remove expired keys, or raise --max-keys"
+                    ),
+                );
+            }
             Error::Corrupt { key, .. } => format!(
                 "{doing}: {db}: {err}; `dedupe --db {db} expire {key}` removes the damaged record"
             ),

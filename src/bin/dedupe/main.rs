@@ -75,7 +75,7 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Access::ReadOnly
         }
     };
-    let file = StoreFile::new(cli.db, cli.lock_timeout, access);
+    let file = StoreFile::new(cli.db, cli.lock_timeout, access).max_keys(cli.max_keys);
     match &cli.command {
         Command::Run(args) => run::run(file, args),
         Command::Mark(args) => mark::mark(&file, args),

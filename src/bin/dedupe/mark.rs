@@ -13,6 +13,6 @@ pub fn mark(file: &StoreFile, args: &MarkArgs) -> Result<u8, Failure> {
         .with(&doing, |store| {
             store.mark_seen_with_ttl(&args.key, args.ttl)
         })
-        .map_err(|failure| Failure::new(IO_ERROR, failure.message))?;
+        .map_err(|failure| failure.store_code(IO_ERROR))?;
     Ok(if first { 0 } else { 1 })
 }

@@ -59,6 +59,7 @@ pub struct StoreFile {
     path: PathBuf,
     lock_timeout: Duration,
     max_response_bytes: usize,
+    max_keys: Option<u64>,
     access: Access,
 }
 
@@ -69,8 +70,15 @@ impl StoreFile {
             path,
             lock_timeout,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_keys: None,
             access,
         }
+    }
+
+    /// The store's key budget (`--max-keys`), if any.
+    pub fn max_keys(mut self, max_keys: Option<u64>) -> StoreFile {
+        self.max_keys = max_keys;
+        self
     }
 
     /// The store will accept responses up to this size (a run's encoded outcome).
@@ -122,11 +130,14 @@ impl StoreFile {
         let deadline = Instant::now() + timeout;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let builder = Store::builder()
+            let mut builder = Store::builder()
                 // A dedupe process holds the file for milliseconds: a background sweeper
                 // would never get to run. `run` sweeps after each command instead.
                 .without_sweeper()
                 .max_response_bytes(self.max_response_bytes);
+            if let Some(max_keys) = self.max_keys {
+                builder = builder.max_keys(max_keys);
+            }
             let opened = match self.access {
                 Access::ReadOnly => File::open(&self.path)
                     .and_then(ReadOnlyFile::new)
