@@ -245,7 +245,9 @@ impl StorageBackend for SharedBackend {
         let started = Instant::now();
         match self.inner.sync_data() {
             Ok(()) => {
-                self.timed_sync(started.elapsed());
+                let took = started.elapsed();
+                self.timed_sync(took);
+                crate::observe::fsync(took);
                 header.sync_done();
                 Ok(())
             }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::journal::{self, Backlog};
 use crate::key::Key;
 use crate::notify::KeyEvents;
+use crate::observe;
 use crate::record::Record;
 use crate::rules::{self, Answer, Change, Context, Op};
 use crate::stats::Counters;
@@ -342,6 +343,7 @@ impl Engine {
                 let mut ops = 0;
                 for reply in &replies {
                     match reply {
+                        Reply::Swept { removed, more } => observe::swept(*removed, *more),
                         Reply::One(answer) => {
                             ops += 1;
                             self.counters.record(answer);
@@ -350,10 +352,7 @@ impl Engine {
                             ops += answers.len();
                             answers.iter().for_each(|a| self.counters.record(a))
                         }
-                        Reply::Many(Err(_))
-                        | Reply::Swept { .. }
-                        | Reply::Flushed
-                        | Reply::Merged => {}
+                        Reply::Many(Err(_)) | Reply::Flushed | Reply::Merged => {}
                     }
                 }
                 self.counters.wrote(ops);
@@ -363,6 +362,13 @@ impl Engine {
                     .saturating_sub(swept as i64)
                     .max(0);
                 self.records.store(now_held as u64, Ordering::Release);
+                observe::commit(
+                    replies.len(),
+                    durable,
+                    true,
+                    now_held as u64,
+                    self.storage.pending_keys(),
+                );
                 for key in &changed {
                     self.events.changed(key);
                 }
@@ -373,6 +379,7 @@ impl Engine {
             }
             Err(err) => {
                 self.counters.commit_failed();
+                observe::commit(works.len(), durable, false, records, 0);
                 works.iter().map(|_| Err(err.clone())).collect()
             }
         }

@@ -102,6 +102,7 @@ mod key;
 mod limits;
 mod maintenance;
 mod notify;
+mod observe;
 mod record;
 mod rules;
 mod sequence;

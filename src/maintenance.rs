@@ -6,6 +6,7 @@ use redb::ReadableDatabase;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::Key;
+use crate::observe::{self, Outcome};
 use crate::rules::Namespace;
 use crate::stats::Stats;
 use crate::storage;
@@ -28,7 +29,11 @@ impl Store {
     /// # Errors
     /// [`Error::Corrupt`] for a damaged record in the range; [`Error::Storage`].
     pub fn list(&self, prefix: impl AsRef<[u8]>, limit: usize) -> Result<Vec<Entry>> {
-        let start = storage::stored_key(Namespace::Idempotency.tag(), prefix.as_ref());
+        self.observed("list", None, || self.list_inner(prefix.as_ref(), limit))
+    }
+
+    fn list_inner(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>> {
+        let start = storage::stored_key(Namespace::Idempotency.tag(), prefix);
         let now = self.engine().now();
         self.engine().storage.read_merged(&start, |txn, pending| {
             let records = txn.open_table(storage::RECORDS)?;
@@ -97,7 +102,9 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`]; batches committed before the failure stay removed.
     pub fn sweep(&self) -> Result<usize> {
-        sweeper::sweep_all(self.engine(), true, None, || false)
+        self.observed("sweep", None, || {
+            sweeper::sweep_all(self.engine(), true, None, || false)
+        })
     }
 
     /// Removes at most one batch of expired records
@@ -132,11 +139,12 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`].
     pub fn stats(&self) -> Result<Stats> {
-        let (records, due) = self.counts()?;
-        Ok(self
-            .engine()
-            .counters
-            .snapshot(records.saturating_sub(due), due))
+        self.observed("stats", None, || {
+            let (records, due) = self.counts()?;
+            let live = records.saturating_sub(due);
+            observe::key_gauges(live, due);
+            Ok(self.engine().counters.snapshot(live, due))
+        })
     }
 
     fn counts(&self) -> Result<(u64, u64)> {
@@ -173,15 +181,17 @@ impl Store {
     /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
     /// records; [`Error::Corrupt`] naming the first damaged record; [`Error::Storage`].
     pub fn verify(&self) -> Result<VerifyReport> {
-        let repaired = self.engine().storage.exclusive(|db, pending| {
-            let clean = db.check_integrity()?;
-            let txn = db.begin_read()?;
-            storage::check_tables(&txn, pending)?;
-            Ok(!clean)
-        })?;
-        // The journal's entries were checked when the file was opened; count them in.
-        let (records, _) = self.counts()?;
-        Ok(VerifyReport { records, repaired })
+        self.observed("verify", None, || {
+            let repaired = self.engine().storage.exclusive(|db, pending| {
+                let clean = db.check_integrity()?;
+                let txn = db.begin_read()?;
+                storage::check_tables(&txn, pending)?;
+                Ok(!clean)
+            })?;
+            // The journal's entries were checked when the file was opened; count them in.
+            let (records, _) = self.counts()?;
+            Ok(VerifyReport { records, repaired })
+        })
     }
 
     /// Rewrites the file to give free space back to the operating system. Holds off every
@@ -191,5 +201,11 @@ impl Store {
     /// [`Error::Storage`].
     pub fn compact(&self) -> Result<bool> {
         self.engine().storage.exclusive(|db, _| Ok(db.compact()?))
+    }
+}
+
+impl Outcome for VerifyReport {
+    fn outcome(&self, _op: &'static str) -> &'static str {
+        if self.repaired { "repaired" } else { "ok" }
     }
 }

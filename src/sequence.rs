@@ -105,23 +105,26 @@ impl Store {
         seq: u64,
         options: &SequenceOptions,
     ) -> Result<SeqCheck> {
-        let key = checked_key(stream.as_ref())?;
-        let ttl = match options.ttl {
-            Some(ttl) => limits::duration_millis("ttl", ttl)?,
-            None => self.engine().config.ttl,
-        };
-        let op = Op::AdvanceSequence {
-            seq,
-            ttl,
-            contiguous: options.contiguous,
-        };
-        let answer = match self.engine().peek(&key, &op)? {
-            Some(answer) => answer,
-            None => self.engine().one(key, op)?,
-        };
-        expect(answer, |answer| match answer {
-            Answer::Sequence(check) => Some(check),
-            _ => None,
+        let stream = stream.as_ref();
+        self.observed("advance_sequence", Some(stream), || {
+            let key = checked_key(stream)?;
+            let ttl = match options.ttl {
+                Some(ttl) => limits::duration_millis("ttl", ttl)?,
+                None => self.engine().config.ttl,
+            };
+            let op = Op::AdvanceSequence {
+                seq,
+                ttl,
+                contiguous: options.contiguous,
+            };
+            let answer = match self.engine().peek(&key, &op)? {
+                Some(answer) => answer,
+                None => self.engine().one(key, op)?,
+            };
+            expect(answer, |answer| match answer {
+                Answer::Sequence(check) => Some(check),
+                _ => None,
+            })
         })
     }
 

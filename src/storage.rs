@@ -387,6 +387,7 @@ impl Storage {
                 self.overlay_keys
                     .store(self.overlay.read().has_keys(), Ordering::Release);
                 self.reopens.fetch_add(1, Ordering::AcqRel);
+                crate::observe::reopened();
                 *slot = Slot::Open(db);
                 Ok(())
             }

@@ -18,6 +18,7 @@ use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::{self, Key};
 use crate::limits;
+use crate::observe::{self, Outcome};
 use crate::rules::{Answer, Namespace, Op};
 use crate::storage::{self, Location, Storage};
 use crate::sweeper::Sweeper;
@@ -183,10 +184,28 @@ impl Store {
     /// [`Error::InvalidDuration`] for bad input; [`Error::Corrupt`] if the key's record is
     /// damaged; [`Error::Storage`] if the commit failed (the claim was not acquired).
     pub fn claim_with(&self, key: impl AsRef<[u8]>, options: &ClaimOptions) -> Result<Claim> {
-        let key = checked_key(key.as_ref())?;
-        let op = self.claim_op(options)?;
-        let claim = self.run_claim(key, op)?;
-        Ok(self.answered(claim))
+        let key = key.as_ref();
+        self.observed("claim", Some(key), || {
+            let key = checked_key(key)?;
+            let op = self.claim_op(options)?;
+            let claim = self.run_claim(key, op)?;
+            Ok(self.answered(claim))
+        })
+    }
+
+    /// Runs public operation `op` on `key` (if it has one) under the store's spans and
+    /// metrics (features `tracing` and `metrics`; without them, just runs it).
+    pub(crate) fn observed<T: Outcome>(
+        &self,
+        op: &'static str,
+        key: Option<&[u8]>,
+        run: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        observe::operation(
+            op,
+            key.map(|key| (self.engine().storage.store_id(), key)),
+            run,
+        )
     }
 
     /// Counts the claim's answer as the caller gets it.
@@ -243,7 +262,19 @@ impl Store {
         options: &ClaimOptions,
         timeout: Duration,
     ) -> Result<Claim> {
-        let key = checked_key(key.as_ref())?;
+        let key = key.as_ref();
+        self.observed("claim_or_wait", Some(key), || {
+            self.claim_or_wait_inner(key, options, timeout)
+        })
+    }
+
+    fn claim_or_wait_inner(
+        &self,
+        key: &[u8],
+        options: &ClaimOptions,
+        timeout: Duration,
+    ) -> Result<Claim> {
+        let key = checked_key(key)?;
         let op = self.claim_op(options)?;
         let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
         let deadline = Instant::now().checked_add(timeout);
@@ -319,16 +350,18 @@ impl Store {
     }
 
     fn complete_inner(&self, ticket: &Ticket, response: &[u8], ttl: u64) -> Result<()> {
-        self.check_ticket(ticket)?;
-        limits::check_response(response, self.engine().config.max_response_bytes)?;
-        let op = Op::Complete {
-            fencing_token: ticket.fencing_token,
-            response: response.to_vec(),
-            ttl,
-        };
-        let answer = self.engine().one(ticket.key.clone(), op)?;
-        expect(answer, |answer| {
-            matches!(answer, Answer::Completed).then_some(())
+        self.observed("complete", Some(ticket.key.as_bytes()), || {
+            self.check_ticket(ticket)?;
+            limits::check_response(response, self.engine().config.max_response_bytes)?;
+            let op = Op::Complete {
+                fencing_token: ticket.fencing_token,
+                response: response.to_vec(),
+                ttl,
+            };
+            let answer = self.engine().one(ticket.key.clone(), op)?;
+            expect(answer, |answer| {
+                matches!(answer, Answer::Completed).then_some(())
+            })
         })
     }
 
@@ -339,13 +372,15 @@ impl Store {
     /// [`Error::LeaseLost`] if the ticket no longer owns the key; [`Error::ForeignTicket`];
     /// [`Error::Storage`].
     pub fn release(&self, ticket: &Ticket) -> Result<()> {
-        self.check_ticket(ticket)?;
-        let op = Op::Release {
-            fencing_token: ticket.fencing_token,
-        };
-        let answer = self.engine().one(ticket.key.clone(), op)?;
-        expect(answer, |answer| {
-            matches!(answer, Answer::Released).then_some(())
+        self.observed("release", Some(ticket.key.as_bytes()), || {
+            self.check_ticket(ticket)?;
+            let op = Op::Release {
+                fencing_token: ticket.fencing_token,
+            };
+            let answer = self.engine().one(ticket.key.clone(), op)?;
+            expect(answer, |answer| {
+                matches!(answer, Answer::Released).then_some(())
+            })
         })
     }
 
@@ -356,15 +391,18 @@ impl Store {
     /// [`Error::LeaseLost`], [`Error::ForeignTicket`], [`Error::InvalidDuration`],
     /// [`Error::Storage`].
     pub fn extend(&self, ticket: &mut Ticket, lease: Duration) -> Result<()> {
-        self.check_ticket(ticket)?;
-        let op = Op::Extend {
-            fencing_token: ticket.fencing_token,
-            lease: limits::duration_millis("lease", lease)?,
-        };
-        let answer = self.engine().one(ticket.key.clone(), op)?;
-        ticket.lease_until = expect(answer, |answer| match answer {
-            Answer::Extended { lease_until } => Some(lease_until),
-            _ => None,
+        let key = ticket.key.clone();
+        ticket.lease_until = self.observed("extend", Some(key.as_bytes()), || {
+            self.check_ticket(ticket)?;
+            let op = Op::Extend {
+                fencing_token: ticket.fencing_token,
+                lease: limits::duration_millis("lease", lease)?,
+            };
+            let answer = self.engine().one(key.clone(), op)?;
+            expect(answer, |answer| match answer {
+                Answer::Extended { lease_until } => Some(lease_until),
+                _ => None,
+            })
         })?;
         Ok(())
     }
@@ -423,18 +461,20 @@ impl Store {
         state: &[u8],
         lease: Option<u64>,
     ) -> Result<u64> {
-        self.check_ticket(ticket)?;
-        limits::check_checkpoint(step, state)?;
-        let op = Op::Checkpoint {
-            fencing_token: ticket.fencing_token,
-            step: step.to_string(),
-            state: state.to_vec(),
-            lease,
-        };
-        let answer = self.engine().one(ticket.key.clone(), op)?;
-        expect(answer, |answer| match answer {
-            Answer::Checkpointed { lease_until } => Some(lease_until),
-            _ => None,
+        self.observed("checkpoint", Some(ticket.key.as_bytes()), || {
+            self.check_ticket(ticket)?;
+            limits::check_checkpoint(step, state)?;
+            let op = Op::Checkpoint {
+                fencing_token: ticket.fencing_token,
+                step: step.to_string(),
+                state: state.to_vec(),
+                lease,
+            };
+            let answer = self.engine().one(ticket.key.clone(), op)?;
+            expect(answer, |answer| match answer {
+                Answer::Checkpointed { lease_until } => Some(lease_until),
+                _ => None,
+            })
         })
     }
 
@@ -443,15 +483,18 @@ impl Store {
     /// # Errors
     /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
-        let key = checked_key(key.as_ref())?;
-        let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
-        let now = self.engine().now();
-        match self.engine().load(&stored_key)? {
-            None => Ok(None),
-            Some(Err(err)) => Err(Error::Corrupt { key, reason: err.0 }),
-            Some(Ok(record)) if record.is_live(now) => Ok(Entry::from_record(key, record)),
-            Some(Ok(_)) => Ok(None),
-        }
+        let key = key.as_ref();
+        self.observed("get", Some(key), || {
+            let key = checked_key(key)?;
+            let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
+            let now = self.engine().now();
+            match self.engine().load(&stored_key)? {
+                None => Ok(None),
+                Some(Err(err)) => Err(Error::Corrupt { key, reason: err.0 }),
+                Some(Ok(record)) if record.is_live(now) => Ok(Entry::from_record(key, record)),
+                Some(Ok(_)) => Ok(None),
+            }
+        })
     }
 
     /// Removes the key now, whatever its state (an operator's tool; it also clears a record
@@ -460,11 +503,14 @@ impl Store {
     /// # Errors
     /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Storage`].
     pub fn expire(&self, key: impl AsRef<[u8]>) -> Result<bool> {
-        let key = checked_key(key.as_ref())?;
-        let answer = self.engine().one(key, Op::Expire)?;
-        expect(answer, |answer| match answer {
-            Answer::Expired(was_live) => Some(was_live),
-            _ => None,
+        let key = key.as_ref();
+        self.observed("expire", Some(key), || {
+            let key = checked_key(key)?;
+            let answer = self.engine().one(key, Op::Expire)?;
+            expect(answer, |answer| match answer {
+                Answer::Expired(was_live) => Some(was_live),
+                _ => None,
+            })
         })
     }
 
@@ -498,15 +544,17 @@ impl Store {
     }
 
     fn mark_seen_inner(&self, key: &[u8], ttl: u64) -> Result<bool> {
-        let key = checked_key(key)?;
-        let op = Op::MarkSeen { ttl };
-        let answer = match self.engine().peek(&key, &op)? {
-            Some(answer) => answer,
-            None => self.engine().one(key, op)?,
-        };
-        expect(answer, |answer| match answer {
-            Answer::Seen(first) => Some(first),
-            _ => None,
+        self.observed("mark_seen", Some(key), || {
+            let key = checked_key(key)?;
+            let op = Op::MarkSeen { ttl };
+            let answer = match self.engine().peek(&key, &op)? {
+                Some(answer) => answer,
+                None => self.engine().one(key, op)?,
+            };
+            expect(answer, |answer| match answer {
+                Answer::Seen(first) => Some(first),
+                _ => None,
+            })
         })
     }
 
@@ -551,23 +599,25 @@ impl Store {
         I: IntoIterator<Item = K>,
         K: AsRef<[u8]>,
     {
-        let ops = keys
-            .into_iter()
-            .map(|key| Ok((checked_key(key.as_ref())?, Op::MarkSeen { ttl })))
-            .collect::<Result<Vec<_>>>()?;
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.engine()
-            .many(ops)?
-            .into_iter()
-            .map(|answer| {
-                expect(answer, |answer| match answer {
-                    Answer::Seen(first) => Some(first),
-                    _ => None,
+        self.observed("mark_seen_many", None, || {
+            let ops = keys
+                .into_iter()
+                .map(|key| Ok((checked_key(key.as_ref())?, Op::MarkSeen { ttl })))
+                .collect::<Result<Vec<_>>>()?;
+            if ops.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.engine()
+                .many(ops)?
+                .into_iter()
+                .map(|answer| {
+                    expect(answer, |answer| match answer {
+                        Answer::Seen(first) => Some(first),
+                        _ => None,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// Stops and joins the sweeper, makes every commit durable and releases the file, returning
@@ -579,11 +629,13 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] or [`Error::Io`] if the final flush or the release failed.
     pub fn close(self) -> Result<()> {
-        drop(self.handle.sweeper.lock().take());
-        let closed = self.engine().storage.close();
-        // Callers waiting in `claim_or_wait` on other clones look again, and get `Closed`.
-        self.engine().events.changed_all();
-        closed
+        self.observed("close", None, || {
+            drop(self.handle.sweeper.lock().take());
+            let closed = self.engine().storage.close();
+            // Callers waiting in `claim_or_wait` on other clones look again, and get `Closed`.
+            self.engine().events.changed_all();
+            closed
+        })
     }
 }
 
