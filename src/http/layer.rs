@@ -45,8 +45,10 @@ pub enum InFlight {
     /// the handler, if the first request failed and gave the key back). Still running after
     /// the wait: `409`, as for `Reject`.
     ///
-    /// Each waiting request holds one thread of tokio's blocking pool (512 by default) for up
-    /// to the wait, so keep it short: a few seconds, not minutes.
+    /// A waiting request is a parked task, woken when the store reports a change to its key
+    /// (or the first request's lease ends): it holds no thread while it waits, so thousands of
+    /// duplicates can wait without starving other requests of tokio's blocking pool. The
+    /// runtime needs its timer (`enable_time`, on with `#[tokio::main]`).
     Wait(Duration),
 }
 

@@ -93,9 +93,12 @@
 //!
 //! # The runtime
 //!
-//! Store calls wait for fsyncs (and, with [`InFlight::Wait`], for the first request), so the
-//! layer makes every one on tokio's blocking pool and awaits it: the runtime's worker threads
-//! never block on the store. The layer needs a tokio runtime.
+//! Store calls wait for fsyncs, so the layer makes every one on tokio's blocking pool and
+//! awaits it: the runtime's worker threads never block on the store. A request that
+//! [waits](InFlight::Wait) for the first request with its key holds no thread while it waits:
+//! it is a task woken by the store's notification that the key changed, so a retry storm of
+//! duplicates leaves the blocking pool to every other request. The layer needs a tokio
+//! runtime; [`InFlight::Wait`] needs its timer too.
 //!
 //! # The stored response
 //!
