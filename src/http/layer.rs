@@ -213,9 +213,11 @@ fn default_stored_headers() -> Vec<HeaderName> {
 /// let store = Store::in_memory()?;
 /// let layer = IdempotencyLayer::builder(store)
 ///     .require_key(true)
-///     // One tenant's keys never block another's.
-///     .scope(|request: &http::request::Parts| {
-///         request.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+///     // Scoped by the tenant a gateway in front of the service names (instead of the
+///     // caller's credentials, the default); one tenant's keys never meet another's.
+///     .scope(|request: &http::request::Parts| match request.headers.get("x-tenant") {
+///         Some(tenant) => [b"tenant:", tenant.as_bytes()].concat(),
+///         None => b"no-tenant".to_vec(),
 ///     })
 ///     .in_flight(InFlight::Wait(Duration::from_secs(5)))
 ///     .ttl(Duration::from_secs(24 * 3600))
@@ -275,7 +277,16 @@ impl IdempotencyLayerBuilder {
     }
 
     /// The response header set to `true` on a replayed response. Default:
-    /// `Idempotency-Replayed`.
+    /// `Idempotency-Replayed`. Stripe's clients read `Idempotent-Replayed`:
+    ///
+    /// ```
+    /// use dedupe_store::{Store, http::IdempotencyLayer};
+    ///
+    /// let layer = IdempotencyLayer::builder(Store::in_memory()?)
+    ///     .replayed_header(http::HeaderName::from_static("idempotent-replayed"))
+    ///     .build()?;
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
     pub fn replayed_header(mut self, name: HeaderName) -> Self {
         self.replayed_header = name;
         self

@@ -38,6 +38,10 @@
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
 //! `urn:dedupe-store:idempotency:` and the name in the table.
 //!
+//! Clients written for Stripe read `Idempotent-Replayed: true` on a replay rather than the
+//! draft's `Idempotency-Replayed`: name it with
+//! [`replayed_header`](IdempotencyLayerBuilder::replayed_header).
+//!
 //! # Keys and scopes
 //!
 //! A client's key is only ever compared with keys of the same *scope*, which names whose keys
