@@ -621,6 +621,41 @@ fn two_thousand_waiting_duplicates_leave_the_blocking_pool_to_other_requests() -
     })
 }
 
+/// A waiting request notices the first request's lease run out (here by the store's clock,
+/// with no change to the key to wake it) and takes the key over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_takes_over_once_the_first_requests_lease_ends() -> Result {
+    let runs = Runs::default();
+    let clock = ManualClock::new(1_000_000);
+    let store = Store::builder().clock(clock.clone()).in_memory()?;
+    let layer = IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .in_flight(InFlight::Wait(Duration::from_secs(20)))
+        .build()?;
+    let base = serve(support::attempts(&runs, "hang").layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/work");
+    let hung = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the first attempt runs", || Ok(runs.get() >= 1)).await?;
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the second request waits", || {
+        Ok(store.stats()?.in_progress >= 1)
+    })
+    .await?;
+    clock.advance(Duration::from_secs(31));
+    let taken_over = waiter.await??;
+    assert_eq!(taken_over.text().await?, "attempt 2 takeover true");
+    assert_eq!(runs.get(), 2);
+    hung.abort();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_the_first_request_gives_up_with_409() -> Result {
     let (runs, entered, open) = (
