@@ -2,7 +2,7 @@
 //! (the bank takes three seconds), and a retry with the same `Idempotency-Key` gets the same
 //! payment back instead of a second charge.
 //!
-//! Run with `cargo run --example payments --features http [FILE]` (without FILE it uses a
+//! Run with `cargo run --example payments --features http -- [FILE]` (without FILE it uses a
 //! temporary store file), then follow the README's "HTTP middleware" section with curl. It
 //! listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`.
 

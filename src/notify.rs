@@ -6,6 +6,9 @@
 //! looks at the key and sleeps until the generation moves, so a change that lands between the
 //! look and the sleep is never missed. Waiters on other keys of the same shard wake for nothing
 //! and go back to sleep.
+//!
+//! With the `http` feature each shard also wakes async waiters (the HTTP layer's requests that
+//! wait for a first request), which hold a task rather than a thread while they wait.
 
 use std::hash::BuildHasher;
 use std::time::Instant;
@@ -17,6 +20,8 @@ const SHARDS: usize = 64;
 struct Shard {
     generation: Mutex<u64>,
     changed: Condvar,
+    #[cfg(feature = "http")]
+    changed_async: tokio::sync::Notify,
 }
 
 pub(crate) struct KeyEvents {
@@ -31,6 +36,8 @@ impl KeyEvents {
                 .map(|_| Shard {
                     generation: Mutex::new(0),
                     changed: Condvar::new(),
+                    #[cfg(feature = "http")]
+                    changed_async: tokio::sync::Notify::new(),
                 })
                 .collect(),
             hasher: std::collections::hash_map::RandomState::new(),
@@ -52,6 +59,8 @@ impl KeyEvents {
         let shard = self.shard(stored_key);
         *shard.generation.lock() += 1;
         shard.changed.notify_all();
+        #[cfg(feature = "http")]
+        shard.changed_async.notify_waiters();
     }
 
     /// Wakes every waiter (after a sweep, which may touch any key).
@@ -59,7 +68,17 @@ impl KeyEvents {
         for shard in &self.shards {
             *shard.generation.lock() += 1;
             shard.changed.notify_all();
+            #[cfg(feature = "http")]
+            shard.changed_async.notify_waiters();
         }
+    }
+
+    /// A future that completes at the next change to the key's shard after this call, whether
+    /// or not it was polled yet: create it *before* looking at the key, so that a change
+    /// between the look and the wait is not missed.
+    #[cfg(feature = "http")]
+    pub(crate) fn changed_async(&self, stored_key: &[u8]) -> tokio::sync::futures::Notified<'_> {
+        self.shard(stored_key).changed_async.notified()
     }
 
     /// Sleeps until the key's shard moves past `seen` or `until` passes. Returns true when it
@@ -103,6 +122,23 @@ mod tests {
         let seen = events.generation(b"k");
         events.changed(b"k");
         assert!(events.wait(b"k", seen, Instant::now()));
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn a_change_completes_an_async_wait_created_before_it() {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+
+        let events = KeyEvents::new();
+        let mut before = std::pin::pin!(events.changed_async(b"k"));
+        events.changed(b"k");
+        let mut after = std::pin::pin!(events.changed_async(b"k"));
+        let mut context = Context::from_waker(Waker::noop());
+        assert!(before.as_mut().poll(&mut context).is_ready());
+        assert!(after.as_mut().poll(&mut context).is_pending());
+        events.changed_all();
+        assert!(after.as_mut().poll(&mut context).is_ready());
     }
 
     #[test]

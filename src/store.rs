@@ -208,6 +208,23 @@ impl Store {
         )
     }
 
+    /// Like [`Store::claim_with`], without counting an in-progress answer: a look of a wait
+    /// that already counted its one in-progress answer.
+    #[cfg(feature = "http")]
+    pub(crate) fn claim_uncounted(&self, key: &[u8], options: &ClaimOptions) -> Result<Claim> {
+        let key = checked_key(key)?;
+        let op = self.claim_op(options)?;
+        self.run_claim(key, op)
+    }
+
+    /// A future that completes at the next change to the idempotency key `key` (or another
+    /// key of its notification shard) after this call: create it before looking at the key.
+    #[cfg(feature = "http")]
+    pub(crate) fn key_changed(&self, key: &Key) -> tokio::sync::futures::Notified<'_> {
+        let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
+        self.engine().events.changed_async(&stored_key)
+    }
+
     /// Counts the claim's answer as the caller gets it.
     fn answered(&self, claim: Claim) -> Claim {
         if matches!(claim, Claim::InProgress { .. }) {

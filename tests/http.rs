@@ -540,6 +540,124 @@ async fn fifty_concurrent_identical_posts_run_the_handler_once() -> Result {
     Ok(())
 }
 
+/// Duplicates that wait for a first request hold tasks, not threads of the blocking pool: with
+/// a pool of 16 threads, 2,000 of them wait while other requests on the same server, whose
+/// store calls need that pool, are still served.
+#[test]
+fn two_thousand_waiting_duplicates_leave_the_blocking_pool_to_other_requests() -> Result {
+    const WAITERS: usize = 2000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        // Small, so that a thread held by each waiting request would exhaust it at once.
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (runs, entered, open) = (
+            Runs::default(),
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+        );
+        let others = Runs::default();
+        let store = Store::in_memory()?;
+        let layer = IdempotencyLayer::builder(store.clone())
+            .lease(Duration::from_secs(60))
+            .in_flight(InFlight::Wait(Duration::from_secs(60)))
+            .build()?;
+        let app = gated(&runs, &entered, &open).merge(charges(&others));
+        let base = serve(app.layer(layer)).await?;
+        let client = client()?;
+        let url = format!("{base}/slow");
+        let first = tokio::spawn({
+            let (client, url) = (client.clone(), url.clone());
+            async move { keyed_post(&client, &url, "storm", "").await }
+        });
+        entered.notified().await;
+
+        let waiters: Vec<_> = (0..WAITERS)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let response = keyed_post(&client, &url, "storm", "").await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+                        response.status(),
+                        replayed(&response),
+                        response.text().await?,
+                    ))
+                })
+            })
+            .collect();
+        eventually("every duplicate waits for the first request", || {
+            Ok(store.stats()?.in_progress >= WAITERS as u64)
+        })
+        .await?;
+
+        for other in 0..20 {
+            let response = keyed_post(
+                &client,
+                &format!("{base}/charges"),
+                &format!("other-{other}"),
+                "amount=10",
+            )
+            .await?;
+            assert_eq!(response.status(), StatusCode::CREATED);
+        }
+        assert_eq!(others.get(), 20, "other requests were served");
+        assert_eq!(runs.get(), 1);
+        assert!(
+            waiters.iter().all(|waiter| !waiter.is_finished()),
+            "meanwhile the duplicates still wait"
+        );
+
+        open.notify_one();
+        assert_eq!(first.await??.text().await?, "run 1");
+        for waiter in waiters {
+            let (status, was_replayed, body) = waiter.await??;
+            assert_eq!(
+                (status, was_replayed, body.as_str()),
+                (StatusCode::CREATED, true, "run 1")
+            );
+        }
+        assert_eq!(runs.get(), 1, "the slow request ran once");
+        Ok(())
+    })
+}
+
+/// A waiting request notices the first request's lease run out (here by the store's clock,
+/// with no change to the key to wake it) and takes the key over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_request_takes_over_once_the_first_requests_lease_ends() -> Result {
+    let runs = Runs::default();
+    let clock = ManualClock::new(1_000_000);
+    let store = Store::builder().clock(clock.clone()).in_memory()?;
+    let layer = IdempotencyLayer::builder(store.clone())
+        .lease(Duration::from_secs(30))
+        .in_flight(InFlight::Wait(Duration::from_secs(20)))
+        .build()?;
+    let base = serve(support::attempts(&runs, "hang").layer(layer)).await?;
+    let client = client()?;
+    let url = format!("{base}/work");
+    let hung = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the first attempt runs", || Ok(runs.get() >= 1)).await?;
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { keyed_post(&client, &url, "k", "").await }
+    });
+    eventually("the second request waits", || {
+        Ok(store.stats()?.in_progress >= 1)
+    })
+    .await?;
+    clock.advance(Duration::from_secs(31));
+    let taken_over = waiter.await??;
+    assert_eq!(taken_over.text().await?, "attempt 2 takeover true");
+    assert_eq!(runs.get(), 2);
+    hung.abort();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_the_first_request_gives_up_with_409() -> Result {
     let (runs, entered, open) = (

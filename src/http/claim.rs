@@ -1,16 +1,22 @@
 //! The claim's life inside one request: every store call made off the async runtime's worker
 //! threads, and what happens to a claim when the request's future is dropped half-way.
 //!
-//! Store calls can wait for an fsync (a claim, a complete) or for another request (a claim
-//! that waits for the first request with its key), so each runs on tokio's blocking pool with
-//! [`spawn_blocking`](tokio::task::spawn_blocking) and the request's future awaits it. A
-//! blocking call, once started, runs to its end even if the request is dropped meanwhile, so a
-//! `complete` or `release` that was begun is never lost half-way.
+//! Store calls can wait for an fsync (a claim, a complete), so each runs on tokio's blocking
+//! pool with [`spawn_blocking`](tokio::task::spawn_blocking) and the request's future awaits
+//! it. A blocking call, once started, runs to its end even if the request is dropped meanwhile,
+//! so a `complete` or `release` that was begun is never lost half-way.
+//!
+//! Waiting for another request (with [`InFlight::Wait`]) is not a blocking call: between its
+//! looks at the key, a waiting request is a task parked on the store's notification of changes
+//! to the key, holding no thread, so a retry storm of duplicates cannot exhaust the blocking
+//! pool that every other request's store calls need.
 
+use std::pin::pin;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::claim::{Claim, ClaimOptions, Ticket};
 use crate::error::Error;
@@ -57,25 +63,88 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
+/// How often a waiting request re-reads the store's clock while it waits for a lease to run out
+/// with no change to its key, so a clock that jumps (or a [`ManualClock`](crate::ManualClock)
+/// moved by a test) is noticed. Each recheck is a clock read, not a store call.
+const CLOCK_RECHECK: Duration = Duration::from_millis(250);
+
+/// Which look at a key a claim is, for the store's in-progress count: a wait counts as one
+/// in-progress answer, however often it looks again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    First,
+    Again,
+}
+
 /// Claims `key`, waiting for a first request in flight when `in_flight` says so.
 ///
-/// If the request is dropped while the claim is being made, the claim may still be acquired
-/// on the blocking pool after nobody is left to run the handler. The answer travels over a
-/// oneshot channel whose two ends settle who gives such a key back: the sender when the
-/// receiver was already gone, the receiver's drop when the answer had already arrived. Nothing
-/// ran, so the key is released and the client's retry can claim it at once.
+/// The wait is a loop of looks: register for the key's next change, claim (on the blocking
+/// pool), and if the key is still in progress, await the change, the end of the owner's lease
+/// (by the store's clock) or the wait's deadline, whichever is first. At the deadline it looks
+/// once more and answers as that claim does, so a key still in progress is `409`.
 pub(crate) async fn claim(
     store: &Store,
     key: Key,
     options: ClaimOptions,
     in_flight: InFlight,
 ) -> Result<Claim, StoreFailure> {
+    let InFlight::Wait(timeout) = in_flight else {
+        return claim_once(store, &key, &options, Look::First).await;
+    };
+    let deadline = Instant::now().checked_add(timeout);
+    let mut look = Look::First;
+    loop {
+        // Registered before the look, so a change between the look and the wait wakes it.
+        let mut changed = pin!(store.key_changed(&key));
+        let claim = claim_once(store, &key, &options, look).await?;
+        look = Look::Again;
+        let Claim::InProgress { lease_until, .. } = claim else {
+            return Ok(claim);
+        };
+        loop {
+            let now = Instant::now();
+            if deadline.is_some_and(|deadline| now >= deadline) {
+                return claim_once(store, &key, &options, Look::Again).await;
+            }
+            let lease_left =
+                Duration::from_millis(lease_until.saturating_sub(store.engine().now()));
+            if lease_left.is_zero() {
+                break;
+            }
+            let mut until = now + lease_left.min(CLOCK_RECHECK);
+            if let Some(deadline) = deadline {
+                until = until.min(deadline);
+            }
+            if tokio::time::timeout_at(until, changed.as_mut())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// One claim of `key` on the blocking pool.
+///
+/// If the request is dropped while the claim is being made, the claim may still be acquired
+/// on the blocking pool after nobody is left to run the handler. The answer travels over a
+/// oneshot channel whose two ends settle who gives such a key back: the sender when the
+/// receiver was already gone, the receiver's drop when the answer had already arrived. Nothing
+/// ran, so the key is released and the client's retry can claim it at once.
+async fn claim_once(
+    store: &Store,
+    key: &Key,
+    options: &ClaimOptions,
+    look: Look,
+) -> Result<Claim, StoreFailure> {
     let (answer, receiver) = oneshot::channel();
     let worker = store.clone();
+    let (key, options) = (key.clone(), options.clone());
     detach(move || {
-        let claim = match in_flight {
-            InFlight::Wait(timeout) => worker.claim_or_wait(&key, &options, timeout),
-            InFlight::Reject => worker.claim_with(&key, &options),
+        let claim = match look {
+            Look::First => worker.claim_with(&key, &options),
+            Look::Again => worker.claim_uncounted(key.as_bytes(), &options),
         };
         if let Err(Ok(Claim::Acquired(ticket))) = answer.send(claim) {
             let _ = worker.release(&ticket);

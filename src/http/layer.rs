@@ -45,8 +45,10 @@ pub enum InFlight {
     /// the handler, if the first request failed and gave the key back). Still running after
     /// the wait: `409`, as for `Reject`.
     ///
-    /// Each waiting request holds one thread of tokio's blocking pool (512 by default) for up
-    /// to the wait, so keep it short: a few seconds, not minutes.
+    /// A waiting request is a parked task, woken when the store reports a change to its key
+    /// (or the first request's lease ends): it holds no thread while it waits, so thousands of
+    /// duplicates can wait without starving other requests of tokio's blocking pool. The
+    /// runtime needs its timer (`enable_time`, on with `#[tokio::main]`).
     Wait(Duration),
 }
 
@@ -211,9 +213,11 @@ fn default_stored_headers() -> Vec<HeaderName> {
 /// let store = Store::in_memory()?;
 /// let layer = IdempotencyLayer::builder(store)
 ///     .require_key(true)
-///     // One tenant's keys never block another's.
-///     .scope(|request: &http::request::Parts| {
-///         request.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
+///     // Scoped by the tenant a gateway in front of the service names (instead of the
+///     // caller's credentials, the default); one tenant's keys never meet another's.
+///     .scope(|request: &http::request::Parts| match request.headers.get("x-tenant") {
+///         Some(tenant) => [b"tenant:", tenant.as_bytes()].concat(),
+///         None => b"no-tenant".to_vec(),
 ///     })
 ///     .in_flight(InFlight::Wait(Duration::from_secs(5)))
 ///     .ttl(Duration::from_secs(24 * 3600))
@@ -273,7 +277,16 @@ impl IdempotencyLayerBuilder {
     }
 
     /// The response header set to `true` on a replayed response. Default:
-    /// `Idempotency-Replayed`.
+    /// `Idempotency-Replayed`. Stripe's clients read `Idempotent-Replayed`:
+    ///
+    /// ```
+    /// use dedupe_store::{Store, http::IdempotencyLayer};
+    ///
+    /// let layer = IdempotencyLayer::builder(Store::in_memory()?)
+    ///     .replayed_header(http::HeaderName::from_static("idempotent-replayed"))
+    ///     .build()?;
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
     pub fn replayed_header(mut self, name: HeaderName) -> Self {
         self.replayed_header = name;
         self

@@ -38,6 +38,10 @@
 //! The layer's own answers are `application/problem+json` (RFC 9457) with a `type` of
 //! `urn:dedupe-store:idempotency:` and the name in the table.
 //!
+//! Clients written for Stripe read `Idempotent-Replayed: true` on a replay rather than the
+//! draft's `Idempotency-Replayed`: name it with
+//! [`replayed_header`](IdempotencyLayerBuilder::replayed_header).
+//!
 //! # Keys and scopes
 //!
 //! A client's key is only ever compared with keys of the same *scope*, which names whose keys
@@ -93,9 +97,12 @@
 //!
 //! # The runtime
 //!
-//! Store calls wait for fsyncs (and, with [`InFlight::Wait`], for the first request), so the
-//! layer makes every one on tokio's blocking pool and awaits it: the runtime's worker threads
-//! never block on the store. The layer needs a tokio runtime.
+//! Store calls wait for fsyncs, so the layer makes every one on tokio's blocking pool and
+//! awaits it: the runtime's worker threads never block on the store. A request that
+//! [waits](InFlight::Wait) for the first request with its key holds no thread while it waits:
+//! it is a task woken by the store's notification that the key changed, so a retry storm of
+//! duplicates leaves the blocking pool to every other request. The layer needs a tokio
+//! runtime; [`InFlight::Wait`] needs its timer too.
 //!
 //! # The stored response
 //!

@@ -64,7 +64,10 @@ pub(crate) fn charges(runs: &Runs) -> Router {
 
 /// Serves `app` on an ephemeral loopback port until the test's runtime ends.
 pub(crate) async fn serve(app: Router) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // A backlog deep enough for a few thousand clients connecting at once.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let listener = socket.listen(4096)?;
     let addr: SocketAddr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(format!("http://{addr}"))
