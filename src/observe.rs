@@ -286,6 +286,61 @@ pub(crate) fn key_gauges(live: u64, expired_pending: u64) {
     let _ = (live, expired_pending);
 }
 
+/// One request through the HTTP layer: its span and, when it is answered, its outcome,
+/// status and latency, labelled by route template.
+#[cfg(all(feature = "http", any(feature = "tracing", feature = "metrics")))]
+pub(crate) struct HttpRequest {
+    route: String,
+    started: Instant,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+#[cfg(all(feature = "http", any(feature = "tracing", feature = "metrics")))]
+impl HttpRequest {
+    pub(crate) fn start(route: String) -> HttpRequest {
+        HttpRequest {
+            #[cfg(feature = "tracing")]
+            span: tracing::info_span!(
+                "dedupe_http",
+                route = route.as_str(),
+                outcome = tracing::field::Empty,
+                status = tracing::field::Empty,
+            ),
+            route,
+            started: Instant::now(),
+        }
+    }
+
+    #[cfg(feature = "tracing")]
+    pub(crate) fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    pub(crate) fn finish(self, outcome: &'static str, status: u16) {
+        // Only the span shows the status.
+        let _ = status;
+        #[cfg(feature = "tracing")]
+        {
+            self.span.record("outcome", outcome);
+            self.span.record("status", status);
+        }
+        #[cfg(feature = "metrics")]
+        {
+            metrics::counter!(
+                "dedupe_http_requests_total",
+                "route" => self.route.clone(),
+                "outcome" => outcome,
+            )
+            .increment(1);
+            metrics::histogram!("dedupe_http_request_duration_seconds", "route" => self.route)
+                .record(self.started.elapsed().as_secs_f64());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (self.route, self.started);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

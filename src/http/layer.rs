@@ -53,6 +53,7 @@ pub enum InFlight {
 }
 
 type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
+type RouteFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 /// Whose keys a request's key is among.
 #[derive(Clone)]
@@ -95,9 +96,22 @@ pub(crate) struct Config {
     pub store_server_errors: bool,
     pub ttl: Option<Duration>,
     pub lease: Option<Duration>,
+    #[cfg_attr(not(any(feature = "tracing", feature = "metrics")), allow(dead_code))]
+    pub route_label: Option<Arc<RouteFn>>,
 }
 
 impl Config {
+    /// The route template that labels a request's metrics and span: what the
+    /// [`route_label`](IdempotencyLayerBuilder::route_label) function gives, else empty.
+    /// Never the raw path, whose ids would make a label per request.
+    #[cfg_attr(not(any(feature = "tracing", feature = "metrics")), allow(dead_code))]
+    pub(crate) fn route_of(&self, parts: &Parts) -> String {
+        self.route_label
+            .as_ref()
+            .and_then(|label| label(parts))
+            .unwrap_or_default()
+    }
+
     pub(crate) fn applies_to(&self, method: &Method) -> bool {
         self.methods.contains(method)
     }
@@ -180,6 +194,7 @@ impl IdempotencyLayer {
             store_server_errors: false,
             ttl: None,
             lease: None,
+            route_label: None,
         }
     }
 }
@@ -240,6 +255,7 @@ pub struct IdempotencyLayerBuilder {
     store_server_errors: bool,
     ttl: Option<Duration>,
     lease: Option<Duration>,
+    route_label: Option<Arc<RouteFn>>,
 }
 
 impl fmt::Debug for IdempotencyLayerBuilder {
@@ -317,6 +333,36 @@ impl IdempotencyLayerBuilder {
         self.scope = Scope::Custom(Arc::new(move |parts: &Parts| {
             scope(parts).as_ref().to_vec()
         }));
+        self
+    }
+
+    /// A function of the request that gives its route template (`/payments/{id}`, not
+    /// `/payments/pay_1a2b`), for the `route` label of the layer's metrics and the field of its
+    /// span (features `metrics` and `tracing`). The layer sits in front of the router and
+    /// cannot see its routes; with axum, apply it with `Router::route_layer` and read
+    /// `axum::extract::MatchedPath` from the request's extensions, as below. Return a
+    /// template, never the raw path: each distinct label value is a time series of its own.
+    /// Default: none, and the label is empty.
+    ///
+    /// ```
+    /// use axum::extract::MatchedPath;
+    /// use dedupe_store::{Store, http::IdempotencyLayer};
+    ///
+    /// let layer = IdempotencyLayer::builder(Store::in_memory()?)
+    ///     .route_label(|request: &http::request::Parts| {
+    ///         request.extensions.get::<MatchedPath>().map(|path| path.as_str().to_string())
+    ///     })
+    ///     .build()?;
+    /// let app: axum::Router = axum::Router::new()
+    ///     .route("/payments/{id}", axum::routing::post(|| async { "charged" }))
+    ///     .route_layer(layer);
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
+    pub fn route_label<F>(mut self, label: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.route_label = Some(Arc::new(label));
         self
     }
 
@@ -456,6 +502,7 @@ impl IdempotencyLayerBuilder {
                 store_server_errors: self.store_server_errors,
                 ttl: self.ttl,
                 lease: self.lease,
+                route_label: self.route_label,
             }),
         }
     }

@@ -86,7 +86,7 @@ where
         // poll_ready made ready and leave a clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(idempotent(self.config.clone(), inner, request))
+        ResponseFuture::new(observed(self.config.clone(), inner, request))
     }
 }
 
@@ -137,12 +137,50 @@ fn store_problem<B>(failure: &StoreFailure, config: &Config) -> Response<Respons
     })
 }
 
-/// A request the layer applies to, from its key header to its stored answer.
+/// [`idempotent`], with its span and metrics (features `tracing` and `metrics`).
+async fn observed<S, ReqBody, ResBody>(
+    config: Arc<Config>,
+    inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body + From<Bytes>,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    {
+        let (parts, body) = request.into_parts();
+        let route = config.route_of(&parts);
+        let request = Request::from_parts(parts, body);
+        let watch = crate::observe::HttpRequest::start(route);
+        let future = idempotent(config, inner, request);
+        #[cfg(feature = "tracing")]
+        let future = tracing::Instrument::instrument(future, watch.span());
+        let answered = future.await;
+        match &answered {
+            Ok((response, outcome)) => watch.finish(outcome, response.status().as_u16()),
+            Err(_) => watch.finish("handler_error", 500),
+        }
+        answered.map(|(response, _)| response)
+    }
+    #[cfg(not(any(feature = "tracing", feature = "metrics")))]
+    {
+        idempotent(config, inner, request)
+            .await
+            .map(|(response, _)| response)
+    }
+}
+
+/// A request the layer applies to, from its key header to its stored answer; with the answer,
+/// what happened, as the `outcome` label of the layer's metrics says it.
 async fn idempotent<S, ReqBody, ResBody>(
     config: Arc<Config>,
     mut inner: S,
     request: Request<ReqBody>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+) -> Result<(Response<ResponseBody<ResBody>>, &'static str), S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: Body + From<Bytes>,
@@ -158,28 +196,31 @@ where
     ) {
         Ok(Some(key)) => key,
         Ok(None) if config.require_key => {
-            return Ok(answer(Problem::MissingKey.response(format!(
+            let response = answer(Problem::MissingKey.response(format!(
                 "{} requests need an {} header.",
                 parts.method, config.key_header_title
-            ))));
+            )));
+            return Ok((response, "missing_key"));
         }
         Ok(None) => {
             let response = inner.call(Request::from_parts(parts, body)).await?;
-            return Ok(response.map(ResponseBody::streaming));
+            return Ok((response.map(ResponseBody::streaming), "no_key"));
         }
-        Err(reason) => return Ok(answer(Problem::InvalidKey.response(reason))),
+        Err(reason) => return Ok((answer(Problem::InvalidKey.response(reason)), "invalid_key")),
     };
 
     let body = match request::buffer_request(&parts.headers, body, config.max_request_body).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
-            return Ok(answer(Problem::RequestTooLarge.response(format!(
+            let response = answer(Problem::RequestTooLarge.response(format!(
                 "Requests with an {} header may have a body of at most {} bytes.",
                 config.key_header_title, config.max_request_body
-            ))));
+            )));
+            return Ok((response, "request_too_large"));
         }
         Err(BodyError::Unreadable(reason)) => {
-            return Ok(answer(Problem::RequestUnreadable.response(reason)));
+            let response = answer(Problem::RequestUnreadable.response(reason));
+            return Ok((response, "request_unreadable"));
         }
     };
 
@@ -195,18 +236,30 @@ where
 
     let ticket = match claiming::claim(&config.store, key, options, config.in_flight).await {
         Ok(Claim::Acquired(ticket)) => ticket,
-        Ok(Claim::Completed(outcome)) => return Ok(replay(&config, &outcome.response)),
+        Ok(Claim::Completed(outcome)) => {
+            return Ok((replay(&config, &outcome.response), "replayed"));
+        }
         Ok(Claim::InProgress { retry_after, .. }) => {
-            return Ok(answer(Problem::key_in_use(retry_after, config.retry_after)));
+            let response = answer(Problem::key_in_use(retry_after, config.retry_after));
+            return Ok((response, "in_progress"));
         }
         Ok(Claim::Mismatch { .. }) => {
-            return Ok(answer(Problem::KeyReused.response(format!(
+            let response = answer(Problem::KeyReused.response(format!(
                 "The {} header was first used with a different request (method, path, query \
                  or body); use a new key for a new request.",
                 config.key_header_title
-            ))));
+            )));
+            return Ok((response, "mismatch"));
         }
-        Err(failure) => return Ok(store_problem(&failure, &config)),
+        Err(failure) => {
+            let outcome = match &failure {
+                StoreFailure::Error(crate::Error::KeyBudgetExhausted { .. }) => {
+                    "key_budget_exhausted"
+                }
+                _ => "store_error",
+            };
+            return Ok((store_problem(&failure, &config), outcome));
+        }
     };
 
     // From here until the answer is stored, a drop of this future abandons the attempt.
@@ -226,7 +279,7 @@ where
     };
     if !config.keeps(response.status()) {
         guard.release().await;
-        return Ok(response.map(ResponseBody::streaming));
+        return Ok((response.map(ResponseBody::streaming), "released"));
     }
 
     let (parts, body) = response.into_parts();
@@ -244,25 +297,25 @@ where
                 .encode(config.max_stored_response)
                 .unwrap_or_default();
             guard.complete(encoded, config.ttl).await;
-            Ok(Response::from_parts(parts, ResponseBody::buffered(body)))
+            let response = Response::from_parts(parts, ResponseBody::buffered(body));
+            Ok((response, "executed"))
         }
         Buffered::Overflow { prefix, rest } => {
             // The handler ran: the key must not run it again, so it is completed with the
             // empty marker that replays as "not replayable", and this client gets the whole
             // response, streamed.
             guard.complete(Vec::new(), config.ttl).await;
-            Ok(Response::from_parts(
-                parts,
-                ResponseBody::resumed(prefix, rest),
-            ))
+            let response = Response::from_parts(parts, ResponseBody::resumed(prefix, rest));
+            Ok((response, "executed"))
         }
         Buffered::Failed(reason) => {
             // The handler ran and may have done its work, so this is not a failure it reported:
             // the attempt is abandoned, as if dropped, and the retry takes over.
             drop(guard);
-            Ok(answer(
+            let response = answer(
                 Problem::ResponseFailed.response(format!("The response body failed: {reason}")),
-            ))
+            );
+            Ok((response, "response_failed"))
         }
     }
 }
