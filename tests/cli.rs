@@ -991,3 +991,73 @@ fn a_run_sweeps_one_batch_of_a_backlog_and_sweep_clears_the_rest() -> TestResult
     assert_eq!(scratch.get("x")?["state"], "completed");
     Ok(())
 }
+
+fn file_len(path: &std::path::Path) -> u64 {
+    fs::metadata(path).map_or(0, |meta| meta.len())
+}
+
+#[test]
+fn kill_9_of_dedupe_stops_cmd_and_its_children_and_cmd_sees_its_ticket() -> TestResult {
+    let scratch = Scratch::new()?;
+    let ticker = "echo \"$DEDUPE_FENCING_TOKEN $DEDUPE_ATTEMPT $DEDUPE_KEY\" > env; \
+                  (while :; do echo tick >> child-ticks; sleep 0.02; done) & \
+                  while :; do echo tick >> ticks; sleep 0.02; done";
+    let mut victim = scratch
+        .dedupe(&[
+            "run", "--key", "tick/1", "--lease", "1s", "--", "sh", "-c", ticker,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("child-ticks"))?;
+    wait_for(&scratch.path("ticks"))?;
+    victim.kill()?; // SIGKILL to dedupe alone, not to CMD or its child
+    victim.wait()?;
+
+    // Give the supervisor time to notice, then the ticks must have stopped for good.
+    let (ticks, child_ticks) = (scratch.path("ticks"), scratch.path("child-ticks"));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let before = (file_len(&ticks), file_len(&child_ticks));
+        thread::sleep(Duration::from_millis(500));
+        if (file_len(&ticks), file_len(&child_ticks)) == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CMD or its child outlived dedupe"
+        );
+    }
+    let env = fs::read_to_string(scratch.path("env"))?;
+    let entry = scratch.get("tick/1")?;
+    assert_eq!(
+        env.trim(),
+        format!("{} 1 tick/1", entry["fencing_token"]),
+        "CMD's environment"
+    );
+
+    // The takeover runs CMD as attempt 2 with a larger token, and nothing else is running.
+    let next = scratch.run(&[
+        "run",
+        "--key",
+        "tick/1",
+        "--lease",
+        "1s",
+        "--wait",
+        "30s",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$DEDUPE_FENCING_TOKEN $DEDUPE_ATTEMPT\"",
+    ])?;
+    assert_eq!(next.code, Some(0), "{next:?}");
+    let second: Vec<u64> = next
+        .stdout
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(second.get(1), Some(&2));
+    assert!(second[0] > entry["fencing_token"].as_u64().unwrap_or(u64::MAX));
+    let frozen = (file_len(&ticks), file_len(&child_ticks));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!((file_len(&ticks), file_len(&child_ticks)), frozen);
+    Ok(())
+}

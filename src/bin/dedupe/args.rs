@@ -59,9 +59,19 @@ its outcome, or run CMD if it failed and released the key).
 While CMD runs, dedupe renews its lease on the key every third of --lease (the heartbeat;
 --lease is at least 1s so that a live dedupe always renews it in time). If
 dedupe itself dies (kill -9, a crash, a reboot), the heartbeat stops, and once the lease has run
-out the next run takes the key over and says so on stderr. SIGTERM and SIGHUP sent to dedupe
-are passed on to CMD; SIGINT and SIGQUIT from the terminal reach CMD directly. Either way dedupe
-waits for CMD and records how it ended.
+out the next run takes the key over and says so on stderr.
+
+CMD runs in a process group of its own, under a small supervisor (a copy of dedupe): if dedupe
+is killed, even with kill -9, the supervisor kills CMD's whole group with SIGKILL (at once on
+Linux, Android and FreeBSD, within 200ms elsewhere), so that a takeover never runs beside a
+CMD left behind. Processes that leave CMD's group (setsid, daemons) are not killed. SIGTERM,
+SIGHUP, SIGINT and SIGQUIT sent to dedupe are passed on to CMD's group; from a terminal, CMD's
+group is in the foreground, so Ctrl-C reaches it directly. Either way dedupe waits for CMD and
+records how it ended.
+
+CMD finds in its environment DEDUPE_KEY (the key), DEDUPE_ATTEMPT (1, or more after a
+takeover) and DEDUPE_FENCING_TOKEN (larger for every new owner of the key: pass it to the
+systems CMD writes to, so that they can refuse a stale owner's writes).
 
 Stored outcome (the key's response bytes, version 1, integers little-endian):
   bytes 0-3    magic \"DRUN\"
@@ -142,6 +152,27 @@ pub enum Command {
 
     /// Rewrite the file to give free space back to the operating system.
     Compact,
+
+    /// Internal to `dedupe run`: runs CMD in a process group of its own and kills the group
+    /// if the dedupe that started it dies.
+    #[command(name = "__supervise", hide = true)]
+    Supervise(SuperviseArgs),
+}
+
+/// `dedupe __supervise`, started by `dedupe run` only.
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    /// The process id of the dedupe that started it.
+    #[arg(long, value_name = "PID")]
+    pub parent: i32,
+
+    /// The process group to give the terminal's foreground back to when CMD has ended.
+    #[arg(long, value_name = "PGID")]
+    pub foreground_of: Option<i32>,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<OsString>,
 }
 
 /// `dedupe run`.

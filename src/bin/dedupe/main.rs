@@ -2,7 +2,7 @@
 //! durable [`dedupe_store`] file. See `dedupe --help` and the README's "The dedupe command".
 //!
 //! One module per concept: `args` (the command line), `open` (opening the file for one step at
-//! a time, and why), `run` with `capture`, `heartbeat` and `signals` (the `run` command),
+//! a time, and why), `run` with `capture`, `heartbeat`, `signals` and `supervise` (the `run` command),
 //! `outcome` (the stored outcome's layout), `mark`, `read_only` (reading a file without writing to it), `report` (the readers and their table and
 //! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
 #![forbid(unsafe_code)]
@@ -25,6 +25,7 @@ mod read_only;
 mod report;
 mod run;
 mod signals;
+mod supervise;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
@@ -68,12 +69,17 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Supervise(args) = &cli.command {
+        return Ok(supervise::supervise(args));
+    }
     let access = match cli.command {
         Command::Run(_) | Command::Mark(_) => Access::Create,
         Command::Expire(_) | Command::Sweep | Command::Compact => Access::Existing,
-        Command::Get(_) | Command::List(_) | Command::Stats(_) | Command::Verify(_) => {
-            Access::ReadOnly
-        }
+        Command::Get(_)
+        | Command::List(_)
+        | Command::Stats(_)
+        | Command::Verify(_)
+        | Command::Supervise(_) => Access::ReadOnly,
     };
     let file = StoreFile::new(cli.db, cli.lock_timeout, access);
     match &cli.command {
@@ -86,5 +92,6 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Expire(args) => maintenance::expire(&file, args),
         Command::Sweep => maintenance::sweep(&file),
         Command::Compact => maintenance::compact(&file),
+        Command::Supervise(args) => Ok(supervise::supervise(args)),
     }
 }

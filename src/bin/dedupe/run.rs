@@ -1,13 +1,18 @@
 //! `dedupe run`: claim the key, then either replay the stored outcome, report the run that
 //! holds the key, or run CMD with a heartbeat and store how it ended.
 
+use std::ffi::OsStr;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use dedupe_store::{Claim, ClaimOptions, Error, Outcome, Ticket};
+use rustix::process::Pid;
 
 use crate::args::RunArgs;
 use crate::capture::{self, Budget, Captured};
@@ -17,6 +22,16 @@ use crate::heartbeat::Heartbeat;
 use crate::open::{self, StoreFile};
 use crate::outcome::{self, Ending, RunOutcome};
 use crate::signals::Caught;
+use crate::supervise;
+
+/// CMD's environment: its fencing token, for the systems it writes to to refuse a stale
+/// owner's writes.
+pub const ENV_FENCING_TOKEN: &str = "DEDUPE_FENCING_TOKEN";
+/// CMD's environment: which attempt at the key this is (1 the first time, more after a
+/// takeover).
+pub const ENV_ATTEMPT: &str = "DEDUPE_ATTEMPT";
+/// CMD's environment: the key.
+pub const ENV_KEY: &str = "DEDUPE_KEY";
 
 /// The first pause between polls of a busy key under `--wait`; it doubles up to
 /// [`MAX_POLL`].
@@ -181,14 +196,41 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
         }
     };
     let caught = Caught::install();
-    let spawned = Command::new(program)
-        .args(program_args)
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let foreground = supervise::foreground_group();
+    let spawned = runnable(program).and_then(|()| {
+        // CMD runs under `dedupe __supervise`, which kills CMD's group if we die.
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg(supervise::SUBCOMMAND)
+            .arg("--parent")
+            .arg(std::process::id().to_string());
+        if let Some(group) = foreground {
+            command
+                .arg("--foreground-of")
+                .arg(group.as_raw_pid().to_string());
+        }
+        command
+            .arg("--")
+            .arg(program)
+            .args(program_args)
+            .process_group(0)
+            .env(ENV_FENCING_TOKEN, ticket.fencing_token().to_string())
+            .env(ENV_ATTEMPT, ticket.attempt().to_string())
+            .env(ENV_KEY, OsStr::from_bytes(ticket.key().as_bytes()))
+            .stdin(Stdio::inherit())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    });
     let mut child = match spawned {
-        Ok(child) => child,
+        Ok(child) => {
+            if foreground.is_some() {
+                // Our group is the terminal's foreground, so this is allowed; the supervisor
+                // waits for it before starting CMD and gives the foreground back after.
+                let _ = rustix::termios::tcsetpgrp(io::stdin(), Pid::from_child(&child));
+            }
+            child
+        }
         Err(err) => {
             let (code, what) = match err.kind() {
                 io::ErrorKind::NotFound => (failure::NOT_FOUND, "command not found"),
@@ -284,6 +326,42 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
         console::say(&failure.message);
     }
     Ok(code)
+}
+
+/// Checks that `program` can be run, as a shell does before it starts it, so that a CMD that
+/// is missing or not executable is told apart from one that ran and exited 126 or 127.
+fn runnable(program: &OsStr) -> io::Result<()> {
+    let executable = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let not_executable = || io::Error::new(io::ErrorKind::PermissionDenied, "not executable");
+    if program.as_bytes().contains(&b'/') {
+        let path = Path::new(program);
+        if !path.exists() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no such file"));
+        }
+        return if executable(path) {
+            Ok(())
+        } else {
+            Err(not_executable())
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    let mut found = false;
+    for dir in std::env::split_paths(&search) {
+        let candidate = dir.join(program);
+        if executable(&candidate) {
+            return Ok(());
+        }
+        found |= candidate.is_file();
+    }
+    if found {
+        Err(not_executable())
+    } else {
+        Err(io::Error::new(io::ErrorKind::NotFound, "not in PATH"))
+    }
 }
 
 /// Completes the key with `outcome`, or releases it when there is none, then removes one batch
