@@ -1061,3 +1061,141 @@ fn kill_9_of_dedupe_stops_cmd_and_its_children_and_cmd_sees_its_ticket() -> Test
     assert_eq!((file_len(&ticks), file_len(&child_ticks)), frozen);
     Ok(())
 }
+
+/// Opens the store in this process, waiting while a dedupe holds it, and so holds the file.
+fn hold(scratch: &Scratch) -> Result<dedupe_store::Store, Box<dyn std::error::Error>> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match dedupe_store::Store::open(scratch.db()) {
+            Err(dedupe_store::Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            held => return Ok(held?),
+        }
+    }
+}
+
+const WAITS_FOR_GO: &str = "touch started; while [ ! -f go ]; do sleep 0.02; done; echo the output";
+
+#[test]
+fn an_outcome_that_cannot_be_stored_at_once_is_retried_while_the_key_is_kept() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch
+        .dedupe(&[
+            "--lock-timeout",
+            "100ms",
+            "run",
+            "--key",
+            "retry",
+            "--lease",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    let held = hold(&scratch)?;
+    fs::write(scratch.path("go"), "")?;
+    // CMD ends now, and its dedupe finds the file held for its first tries.
+    thread::sleep(Duration::from_millis(600));
+    held.close()?;
+    let finished = finish(run)?;
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let entry = scratch.get("retry")?;
+    assert_eq!(entry["state"], "completed");
+    assert_eq!(entry["run"]["stdout"], "the output\n");
+    Ok(())
+}
+
+#[test]
+fn output_too_large_for_the_disk_falls_back_to_the_exit_status() -> TestResult {
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "first"])?.code, Some(0));
+    // A file size limit (ulimit -f, with SIGXFSZ ignored so that writes fail with EFBIG)
+    // stands for a full disk: the store cannot grow to hold 3 MB of output, but its exit status
+    // fits in the file as it is.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 2048; exec \"{}\" --db \"{}\" run --key big --max-output 4MiB \
+         -- sh -c 'head -c 3000000 /dev/zero | tr \"\\\\0\" x'",
+        env!("CARGO_BIN_EXE_dedupe"),
+        scratch.db().display()
+    );
+    let mut shell = Command::new("sh");
+    shell
+        .args(["-c", &script])
+        .current_dir(scratch.dir.path())
+        .env_remove("DEDUPE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let finished = finish(shell.spawn()?)?;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_eq!(finished.stdout.len(), 3_000_000, "the live output is whole");
+    assert!(
+        finished
+            .stderr
+            .contains("its exit status 0 was stored without it"),
+        "{}",
+        finished.stderr
+    );
+    let entry = scratch.get("big")?;
+    assert_eq!(entry["state"], "completed");
+    assert_eq!(entry["run"]["status"], 0);
+    assert_eq!(entry["run"]["stdout_bytes"], 0);
+    assert_eq!(entry["run"]["stdout_cut"], true);
+
+    let replay = scratch.run(&["run", "--key", "big", "--", "sh", "-c", "echo ran >> count"])?;
+    assert_eq!(replay.code, Some(0));
+    assert_eq!(
+        scratch.count("count"),
+        0,
+        "a stored status is replayed, not run again"
+    );
+    Ok(())
+}
+
+#[test]
+fn when_nothing_can_be_stored_the_run_exits_73_and_says_the_key_is_still_claimed() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch
+        .dedupe(&[
+            "--lock-timeout",
+            "100ms",
+            "run",
+            "--key",
+            "stuck",
+            "--lease",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    let held = hold(&scratch)?;
+    fs::write(scratch.path("go"), "")?;
+    let finished = finish(run)?;
+    held.close()?;
+    assert_eq!(finished.code, Some(73), "{finished:?}");
+    assert_eq!(finished.stdout, "the output\n");
+    let note = finished
+        .notes()
+        .last()
+        .map(|line| line.to_string())
+        .unwrap_or_default();
+    assert!(
+        note.contains("neither its outcome nor its exit status"),
+        "{note}"
+    );
+    assert!(
+        note.contains("\"stuck\" is still claimed by this run"),
+        "{note}"
+    );
+    let entry = scratch.get("stuck")?;
+    assert_eq!(entry["state"], "in_progress");
+    assert_eq!(entry["attempt"], 1);
+    Ok(())
+}

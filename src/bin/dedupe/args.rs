@@ -30,7 +30,8 @@ Exit codes:
   run      CMD's own status; 128+N when CMD was killed by signal N; the stored status on a
            replay; 75 while another run holds the key; 65 when the key was run with another
            --fingerprint; 126/127 when CMD cannot be executed / is not found; 74 for a store
-           error before CMD ran (CMD did not run)
+           error before CMD ran (CMD did not run); 73 when CMD ran but neither its outcome nor
+           its exit status could be stored (the message says what state the key is in)
   mark     0 the first time the key is seen, 1 when it was seen before, 74 on a store error
   others   1 for a store error (one line: what, which file, what to do)
   all      2 for bad arguments; 70 for an internal error in dedupe (please report it)
@@ -47,6 +48,11 @@ was cut; the live output is never cut). When CMD exits 0 (or with --remember-fai
 any status) its status and captured output are stored for --ttl, and dedupe exits with CMD's
 status. A CMD that exits non-zero releases the key, so the next run tries again. A CMD killed
 by signal N exits 128+N, as in a shell.
+
+When the outcome cannot be stored (the file is held, the disk is full), dedupe retries a few
+times, renewing the lease as it goes, then stores the exit status without the output (replays
+then exit with it and print nothing, and a note says so), and if even that fails exits 73 with
+a message that says what state the key is left in.
 
 Repeat within the TTL: the stored stdout and stderr are printed and dedupe exits with the stored
 status; CMD does not run. A one-line note on stderr says so (--quiet drops it; --quiet-replay

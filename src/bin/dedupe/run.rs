@@ -321,11 +321,136 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
     };
     let code = ending.exit_code();
     let keep = ending.success() || args.remember_failures;
-    if let Err(failure) = finish(file, args, &ticket, keep.then_some(&outcome)) {
-        // CMD did run: its status is still this run's answer, with the warning above it.
-        console::say(&failure.message);
+    let recorded = if keep {
+        record(file, args, ticket, &outcome)
+    } else {
+        finish(file, args, &ticket, None)
+    };
+    match recorded {
+        Ok(()) => Ok(code),
+        // CMD did run and nothing was lost that a retry would not redo: its status is still
+        // this run's answer, with the warning above it.
+        Err(failure) if failure.code == failure::STORE_ERROR => {
+            console::say(&failure.message);
+            Ok(code)
+        }
+        Err(failure) => Err(failure),
     }
-    Ok(code)
+}
+
+/// How many times a run tries to store CMD's outcome before it falls back to storing the
+/// exit status alone, and as many again for that.
+const RECORD_TRIES: u32 = 4;
+/// The first pause between two tries; it doubles, up to a third of the lease.
+const FIRST_RECORD_PAUSE: Duration = Duration::from_millis(250);
+
+/// What one try to complete the key found.
+enum Recorded {
+    Stored,
+    /// Another run took the key over.
+    Lost,
+    /// The store refuses the outcome whatever the retries: it is too large.
+    Refused(String),
+}
+
+/// Stores the outcome of a CMD that ran. A failed try renews the lease in the same step, when
+/// the store still takes that, so the key stays this run's while it retries. When the whole
+/// outcome cannot be stored, the exit status is stored without the output; when even that
+/// fails, the run ends with [`failure::NOT_RECORDED`] and a message that says what state the
+/// key is left in.
+fn record(
+    file: &StoreFile,
+    args: &RunArgs,
+    mut ticket: Ticket,
+    outcome: &RunOutcome,
+) -> Result<(), Failure> {
+    let doing = format!("cannot store the outcome of key {:?}", args.key);
+    let why = match try_to_record(file, args, &mut ticket, &outcome.encode(), &doing)? {
+        None => return Ok(()),
+        Some(why) => why,
+    };
+    let bare = RunOutcome {
+        ending: outcome.ending,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        stdout_cut: outcome.stdout_cut || !outcome.stdout.is_empty(),
+        stderr_cut: outcome.stderr_cut || !outcome.stderr.is_empty(),
+    };
+    let doing = format!("cannot store the exit status of key {:?}", args.key);
+    match try_to_record(file, args, &mut ticket, &bare.encode(), &doing)? {
+        None => {
+            console::say(&format!(
+                "CMD's output could not be stored ({why}); its {} was stored without it, so \
+                 replays of key {:?} exit with it and print nothing",
+                outcome.ending, args.key
+            ));
+            Ok(())
+        }
+        Some(bare_why) => Err(Failure::new(
+            failure::NOT_RECORDED,
+            format!(
+                "CMD ran and ended with {}, but neither its outcome nor its exit status could be \
+                 stored ({bare_why}); key {:?} is still claimed by this run (attempt {}) until \
+                 its lease ends at {}; then the next run takes it over and runs CMD again",
+                outcome.ending,
+                args.key,
+                ticket.attempt(),
+                utc(ticket.lease_until())
+            ),
+        )),
+    }
+}
+
+/// Tries to complete the key with `bytes` up to [`RECORD_TRIES`] times. Returns `None` once it
+/// is stored, or why it could not be.
+fn try_to_record(
+    file: &StoreFile,
+    args: &RunArgs,
+    ticket: &mut Ticket,
+    bytes: &[u8],
+    doing: &str,
+) -> Result<Option<String>, Failure> {
+    let mut pause = FIRST_RECORD_PAUSE;
+    let mut why = String::new();
+    for try_number in 1..=RECORD_TRIES {
+        let tried = file.with(doing, |store| {
+            match store.complete_with_ttl(ticket, bytes, args.ttl) {
+                Ok(()) => {
+                    // A failed sweep loses nothing; the next run or `dedupe sweep` tries again.
+                    let _ = store.sweep_batch();
+                    Ok(Recorded::Stored)
+                }
+                Err(Error::LeaseLost { .. }) => Ok(Recorded::Lost),
+                Err(err @ Error::ResponseTooLarge { .. }) => Ok(Recorded::Refused(err.to_string())),
+                Err(err) => match store.extend(ticket, args.lease) {
+                    Err(Error::LeaseLost { .. }) => Ok(Recorded::Lost),
+                    _ => Err(err),
+                },
+            }
+        });
+        match tried {
+            Ok(Recorded::Stored) => return Ok(None),
+            Ok(Recorded::Lost) => return Err(taken_over(args)),
+            Ok(Recorded::Refused(reason)) => return Ok(Some(reason)),
+            Err(failure) => why = failure.message,
+        }
+        if try_number < RECORD_TRIES {
+            thread::sleep(pause.min(args.lease / 3));
+            pause *= 2;
+        }
+    }
+    Ok(Some(why))
+}
+
+fn taken_over(args: &RunArgs) -> Failure {
+    Failure::new(
+        failure::STORE_ERROR,
+        format!(
+            "key {:?} was taken over by another run while CMD ran (this run's lease had run \
+             out); this run's outcome was not stored",
+            args.key
+        ),
+    )
 }
 
 /// Checks that `program` can be run, as a shell does before it starts it, so that a CMD that
@@ -396,14 +521,7 @@ fn finish(
     if recorded {
         Ok(())
     } else {
-        Err(Failure::new(
-            failure::STORE_ERROR,
-            format!(
-                "key {:?} was taken over by another run while CMD ran (this run's lease had run \
-                 out); this run's outcome was not stored",
-                args.key
-            ),
-        ))
+        Err(taken_over(args))
     }
 }
 
