@@ -1199,3 +1199,122 @@ fn when_nothing_can_be_stored_the_run_exits_73_and_says_the_key_is_still_claimed
     assert_eq!(entry["attempt"], 1);
     Ok(())
 }
+
+/// `dedupe ARGS` with `input` on its stdin, to the end.
+fn with_input(
+    scratch: &Scratch,
+    args: &[&str],
+    input: &[u8],
+) -> Result<cli_support::Finished, Box<dyn std::error::Error>> {
+    let mut child = scratch
+        .dedupe(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&input);
+    });
+    let finished = finish(child)?;
+    let _ = writer.join();
+    Ok(finished)
+}
+
+#[test]
+fn filter_passes_on_each_id_once_across_batches_and_runs() -> TestResult {
+    let scratch = Scratch::new()?;
+    let first = with_input(&scratch, &["filter"], b"a\nb\na\n\nc\r\nb\n")?;
+    assert_eq!(
+        (first.code, first.stdout.as_str()),
+        (Some(0), "a\nb\nc\n"),
+        "{first:?}"
+    );
+    let second = with_input(&scratch, &["filter", "--ttl", "1h"], b"c\nd\na\ne")?;
+    assert_eq!((second.code, second.stdout.as_str()), (Some(0), "d\ne\n"));
+    assert_eq!(
+        scratch.run(&["mark", "d"])?.code,
+        Some(1),
+        "filter marks like mark"
+    );
+
+    // Many ids, each twice, in small batches: each comes out once, in input order.
+    let ids: Vec<String> = (0..3000).map(|i| format!("id-{i}")).collect();
+    let mut input = String::new();
+    for pair in ids.chunks(2) {
+        for id in pair.iter().chain(pair) {
+            input.push_str(id);
+            input.push('\n');
+        }
+    }
+    let many = with_input(&scratch, &["filter", "--batch", "64"], input.as_bytes())?;
+    assert_eq!(many.code, Some(0), "{}", many.stderr);
+    assert_eq!(many.stdout.lines().collect::<Vec<_>>(), ids);
+    let again = with_input(&scratch, &["filter"], input.as_bytes())?;
+    assert_eq!((again.code, again.stdout.as_str()), (Some(0), ""));
+
+    // A line that is no id stops the filter with 65 after the lines before it.
+    let long = format!("new-1\n{}\nnew-2\n", "x".repeat(2000));
+    let bad = with_input(&scratch, &["filter"], long.as_bytes())?;
+    assert_eq!(
+        (bad.code, bad.stdout.as_str()),
+        (Some(65), "new-1\n"),
+        "{bad:?}"
+    );
+    assert!(bad.stderr.contains("line 2"), "{}", bad.stderr);
+    assert_eq!(scratch.get("new-2")?["state"], "absent");
+    Ok(())
+}
+
+#[test]
+fn hex_keys_name_any_bytes_and_binary_output_is_base64() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch.run(&[
+        "--hex",
+        "run",
+        "--key",
+        "00ff01",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$DEDUPE_KEY_HEX ${DEDUPE_KEY-none}\"; printf '\\377\\376' >&2",
+    ])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout, "00ff01 none\n",
+        "a key with a NUL byte is in DEDUPE_KEY_HEX only"
+    );
+
+    let got = scratch.run(&["--hex", "get", "00FF01", "--json"])?;
+    assert_eq!(got.code, Some(0), "{got:?}");
+    let entry: Value = serde_json::from_str(&got.stdout)?;
+    assert_eq!(entry["key_hex"], "00ff01");
+    assert_eq!(entry["run"]["stdout"], "00ff01 none\n");
+    assert_eq!(entry["run"]["stdout_encoding"], "utf-8");
+    assert_eq!(entry["run"]["stderr"], "//4=");
+    assert_eq!(entry["run"]["stderr_encoding"], "base64");
+    let table = scratch.run(&["--hex", "get", "00ff01"])?;
+    assert!(table.stdout.contains("0x00ff01"), "{}", table.stdout);
+
+    // The same bytes as text and as hex are one key.
+    assert_eq!(scratch.run(&["mark", "job"])?.code, Some(0));
+    assert_eq!(scratch.run(&["--hex", "mark", "6a6f62"])?.code, Some(1));
+    let hex_filter = with_input(&scratch, &["--hex", "filter"], b"6a6f62\n6a6f63\n")?;
+    assert_eq!(
+        (hex_filter.code, hex_filter.stdout.as_str()),
+        (Some(0), "6a6f63\n")
+    );
+    assert_eq!(scratch.get("jod")?["state"], "absent");
+    assert_eq!(scratch.get("joc")?["state"], "completed");
+
+    let expired = scratch.run(&["--hex", "expire", "00ff01"])?;
+    assert_eq!(expired.code, Some(0), "{expired:?}");
+    assert_eq!(
+        scratch.run(&["--hex", "get", "00ff01", "--json"])?.code,
+        Some(0)
+    );
+    let bad = scratch.run(&["--hex", "get", "0g"])?;
+    assert_eq!(bad.code, Some(2));
+    one_line(&bad);
+    Ok(())
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dedupe_store::{Claim, ClaimOptions, Error, Outcome, Ticket};
 use rustix::process::Pid;
 
-use crate::args::RunArgs;
+use crate::args::{self, RunArgs};
 use crate::capture::{self, Budget, Captured};
 use crate::console;
 use crate::failure::{self, Failure};
@@ -30,8 +30,11 @@ pub const ENV_FENCING_TOKEN: &str = "DEDUPE_FENCING_TOKEN";
 /// CMD's environment: which attempt at the key this is (1 the first time, more after a
 /// takeover).
 pub const ENV_ATTEMPT: &str = "DEDUPE_ATTEMPT";
-/// CMD's environment: the key.
+/// CMD's environment: the key (unless it has a NUL byte, which no environment variable can
+/// hold).
 pub const ENV_KEY: &str = "DEDUPE_KEY";
+/// CMD's environment: the hex of the key's bytes.
+pub const ENV_KEY_HEX: &str = "DEDUPE_KEY_HEX";
 
 /// The first pause between polls of a busy key under `--wait`; it doubles up to
 /// [`MAX_POLL`].
@@ -80,12 +83,14 @@ enum Start {
 /// without a commit, and the pause between polls never runs past the holder's lease deadline,
 /// so a takeover of a dead holder's key is not delayed either.
 fn claim(file: &StoreFile, args: &RunArgs, options: &ClaimOptions) -> Result<Start, Failure> {
-    let doing = format!("cannot claim key {:?}", args.key);
+    let doing = format!("cannot claim key {}", args.key);
     let started = Instant::now();
     let deadline = args.wait.map(|wait| started + wait);
     let mut pause = FIRST_POLL;
     loop {
-        match file.with(&doing, |store| store.claim_with(&args.key, options))? {
+        match file.with(&doing, |store| {
+            store.claim_with(args.key.as_bytes(), options)
+        })? {
             Claim::Acquired(ticket) => return Ok(Start::Run(ticket)),
             Claim::Completed(outcome) => return Ok(Start::Replay(outcome)),
             Claim::Mismatch { completed, .. } => {
@@ -93,7 +98,7 @@ fn claim(file: &StoreFile, args: &RunArgs, options: &ClaimOptions) -> Result<Sta
                 return Err(Failure::new(
                     failure::MISMATCH,
                     format!(
-                        "key {:?} {state} with a different --fingerprint; use a key of its own \
+                        "key {} {state} with a different --fingerprint; use a key of its own \
                          for this input, or `dedupe expire` the key first",
                         args.key
                     ),
@@ -136,7 +141,7 @@ fn busy(args: &RunArgs, lease_until: u64, attempt: u32, started: Instant) -> Fai
     Failure::new(
         failure::BUSY,
         format!(
-            "key {:?} is still being run by another dedupe (attempt {attempt}){waited}; its \
+            "key {} is still being run by another dedupe (attempt {attempt}){waited}; its \
              lease ends at {} unless renewed; {advice}",
             args.key,
             utc(lease_until)
@@ -148,7 +153,7 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
     if outcome.response.is_empty() {
         if !args.quiet {
             console::say(&format!(
-                "key {:?} was marked done without an outcome (by `dedupe mark`) at {}; not \
+                "key {} was marked done without an outcome (by `dedupe mark`) at {}; not \
                  running CMD",
                 args.key,
                 utc(outcome.completed_at)
@@ -160,9 +165,10 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
         Failure::new(
             failure::IO_ERROR,
             format!(
-                "key {:?} is completed but cannot be replayed: {why}; `dedupe expire {}` clears \
-                 it if CMD should run again",
-                args.key, args.key
+                "key {} is completed but cannot be replayed: {why}; `{}` clears it if CMD \
+                 should run again",
+                args.key,
+                args.key.expire_command()
             ),
         )
     })?;
@@ -177,7 +183,7 @@ fn replay(args: &RunArgs, outcome: &Outcome) -> Result<u8, Failure> {
             ""
         };
         console::say(&format!(
-            "replayed key {:?}: it ran at {} with {}{cut}; CMD was not run again",
+            "replayed key {}: it ran at {} with {}{cut}; CMD was not run again",
             args.key,
             utc(outcome.completed_at),
             stored.ending
@@ -216,11 +222,16 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
             .process_group(0)
             .env(ENV_FENCING_TOKEN, ticket.fencing_token().to_string())
             .env(ENV_ATTEMPT, ticket.attempt().to_string())
-            .env(ENV_KEY, OsStr::from_bytes(ticket.key().as_bytes()))
+            .env(ENV_KEY_HEX, args::encode_hex(ticket.key().as_bytes()))
             .stdin(Stdio::inherit())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .stderr(Stdio::piped());
+        // An environment variable cannot hold a NUL byte; such a key is in DEDUPE_KEY_HEX only.
+        let key = ticket.key().as_bytes();
+        if !key.contains(&0) {
+            command.env(ENV_KEY, OsStr::from_bytes(key));
+        }
+        command.spawn()
     });
     let mut child = match spawned {
         Ok(child) => {
@@ -364,7 +375,7 @@ fn record(
     mut ticket: Ticket,
     outcome: &RunOutcome,
 ) -> Result<(), Failure> {
-    let doing = format!("cannot store the outcome of key {:?}", args.key);
+    let doing = format!("cannot store the outcome of key {}", args.key);
     let why = match try_to_record(file, args, &mut ticket, &outcome.encode(), &doing)? {
         None => return Ok(()),
         Some(why) => why,
@@ -376,12 +387,12 @@ fn record(
         stdout_cut: outcome.stdout_cut || !outcome.stdout.is_empty(),
         stderr_cut: outcome.stderr_cut || !outcome.stderr.is_empty(),
     };
-    let doing = format!("cannot store the exit status of key {:?}", args.key);
+    let doing = format!("cannot store the exit status of key {}", args.key);
     match try_to_record(file, args, &mut ticket, &bare.encode(), &doing)? {
         None => {
             console::say(&format!(
                 "CMD's output could not be stored ({why}); its {} was stored without it, so \
-                 replays of key {:?} exit with it and print nothing",
+                 replays of key {} exit with it and print nothing",
                 outcome.ending, args.key
             ));
             Ok(())
@@ -390,7 +401,7 @@ fn record(
             failure::NOT_RECORDED,
             format!(
                 "CMD ran and ended with {}, but neither its outcome nor its exit status could be \
-                 stored ({bare_why}); key {:?} is still claimed by this run (attempt {}) until \
+                 stored ({bare_why}); key {} is still claimed by this run (attempt {}) until \
                  its lease ends at {}; then the next run takes it over and runs CMD again",
                 outcome.ending,
                 args.key,
@@ -446,7 +457,7 @@ fn taken_over(args: &RunArgs) -> Failure {
     Failure::new(
         failure::STORE_ERROR,
         format!(
-            "key {:?} was taken over by another run while CMD ran (this run's lease had run \
+            "key {} was taken over by another run while CMD ran (this run's lease had run \
              out); this run's outcome was not stored",
             args.key
         ),
@@ -500,8 +511,8 @@ fn finish(
     outcome: Option<&RunOutcome>,
 ) -> Result<(), Failure> {
     let doing = match outcome {
-        Some(_) => format!("cannot store the outcome of key {:?}", args.key),
-        None => format!("cannot release key {:?}", args.key),
+        Some(_) => format!("cannot store the outcome of key {}", args.key),
+        None => format!("cannot release key {}", args.key),
     };
     let recorded = file.with(&doing, |store| {
         let recorded = match outcome {
