@@ -892,7 +892,7 @@ fn readers_work_on_a_read_only_file_and_never_create_or_change_a_store() -> Test
             assert!(
                 finished
                     .stderr
-                    .contains("only `run` and `mark` create a store")
+                    .contains("only `run`, `mark` and `filter` create a store")
             );
         }
         assert_eq!(

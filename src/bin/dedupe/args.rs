@@ -20,7 +20,7 @@ Run a command at most once per key, and dedupe ids, on one durable store file.
 `dedupe run` runs CMD the first time a key is seen and stores its exit status and output;
 every later run of the key within its TTL prints that output and exits with that status
 instead of running CMD again. `dedupe mark` is the plain \"have I seen this id?\" test for
-shell scripts. The other commands inspect and maintain the store file.
+shell scripts, and `dedupe filter` the same for a stream of ids in a pipeline. The other commands inspect and maintain the store file.
 
 Several dedupe processes may use one file at once: each holds the file only for the moment
 it reads or writes it, and waits (up to --lock-timeout) while another holds it.";
@@ -102,7 +102,8 @@ A dedupe that finds a version it does not know refuses to replay it rather than 
     propagate_version = true
 )]
 pub struct Cli {
-    /// The store file; created by `run` and `mark` if it does not exist.
+    /// The store file; created by `run`, `mark` and `filter` if it does not
+    /// exist.
     #[arg(
         long,
         global = true,
