@@ -26,7 +26,8 @@
 //! Ctrl-C go. When dedupe's stdin is its terminal and dedupe is in the foreground, `dedupe run`
 //! hands the foreground to CMD's group; the supervisor waits for that before starting CMD, and
 //! gives the foreground back when CMD has ended (only a foreground group may do so without
-//! being stopped).
+//! being stopped). Ctrl-Z then stops CMD's group, not dedupe, so the shell does not see a
+//! stopped job: `kill -CONT -PGID` (CMD's group) resumes it.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
