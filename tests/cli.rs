@@ -892,7 +892,7 @@ fn readers_work_on_a_read_only_file_and_never_create_or_change_a_store() -> Test
             assert!(
                 finished
                     .stderr
-                    .contains("only `run` and `mark` create a store")
+                    .contains("only `run`, `mark` and `filter` create a store")
             );
         }
         assert_eq!(
@@ -1028,5 +1028,330 @@ fn a_new_key_past_max_keys_exits_69_and_stored_keys_still_answer() -> TestResult
     );
     // Without the budget the same file takes new keys again.
     assert_eq!(scratch.run(&["mark", "c"])?.code, Some(0));
+
+fn file_len(path: &std::path::Path) -> u64 {
+    fs::metadata(path).map_or(0, |meta| meta.len())
+}
+
+#[test]
+fn kill_9_of_dedupe_stops_cmd_and_its_children_and_cmd_sees_its_ticket() -> TestResult {
+    let scratch = Scratch::new()?;
+    let ticker = "echo \"$DEDUPE_FENCING_TOKEN $DEDUPE_ATTEMPT $DEDUPE_KEY\" > env; \
+                  (while :; do echo tick >> child-ticks; sleep 0.02; done) & \
+                  while :; do echo tick >> ticks; sleep 0.02; done";
+    let mut victim = scratch
+        .dedupe(&[
+            "run", "--key", "tick/1", "--lease", "1s", "--", "sh", "-c", ticker,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("child-ticks"))?;
+    wait_for(&scratch.path("ticks"))?;
+    victim.kill()?; // SIGKILL to dedupe alone, not to CMD or its child
+    victim.wait()?;
+
+    // Give the supervisor time to notice, then the ticks must have stopped for good.
+    let (ticks, child_ticks) = (scratch.path("ticks"), scratch.path("child-ticks"));
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let before = (file_len(&ticks), file_len(&child_ticks));
+        thread::sleep(Duration::from_millis(500));
+        if (file_len(&ticks), file_len(&child_ticks)) == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CMD or its child outlived dedupe"
+        );
+    }
+    let env = fs::read_to_string(scratch.path("env"))?;
+    let entry = scratch.get("tick/1")?;
+    assert_eq!(
+        env.trim(),
+        format!("{} 1 tick/1", entry["fencing_token"]),
+        "CMD's environment"
+    );
+
+    // The takeover runs CMD as attempt 2 with a larger token, and nothing else is running.
+    let next = scratch.run(&[
+        "run",
+        "--key",
+        "tick/1",
+        "--lease",
+        "1s",
+        "--wait",
+        "30s",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$DEDUPE_FENCING_TOKEN $DEDUPE_ATTEMPT\"",
+    ])?;
+    assert_eq!(next.code, Some(0), "{next:?}");
+    let second: Vec<u64> = next
+        .stdout
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(second.get(1), Some(&2));
+    assert!(second[0] > entry["fencing_token"].as_u64().unwrap_or(u64::MAX));
+    let frozen = (file_len(&ticks), file_len(&child_ticks));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!((file_len(&ticks), file_len(&child_ticks)), frozen);
+    Ok(())
+}
+
+/// Opens the store in this process, waiting while a dedupe holds it, and so holds the file.
+fn hold(scratch: &Scratch) -> Result<dedupe_store::Store, Box<dyn std::error::Error>> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match dedupe_store::Store::open(scratch.db()) {
+            Err(dedupe_store::Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(2));
+            }
+            held => return Ok(held?),
+        }
+    }
+}
+
+const WAITS_FOR_GO: &str = "touch started; while [ ! -f go ]; do sleep 0.02; done; echo the output";
+
+#[test]
+fn an_outcome_that_cannot_be_stored_at_once_is_retried_while_the_key_is_kept() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch
+        .dedupe(&[
+            "--lock-timeout",
+            "100ms",
+            "run",
+            "--key",
+            "retry",
+            "--lease",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    let held = hold(&scratch)?;
+    fs::write(scratch.path("go"), "")?;
+    // CMD ends now, and its dedupe finds the file held for its first tries.
+    thread::sleep(Duration::from_millis(600));
+    held.close()?;
+    let finished = finish(run)?;
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    let entry = scratch.get("retry")?;
+    assert_eq!(entry["state"], "completed");
+    assert_eq!(entry["run"]["stdout"], "the output\n");
+    Ok(())
+}
+
+#[test]
+fn output_too_large_for_the_disk_falls_back_to_the_exit_status() -> TestResult {
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "first"])?.code, Some(0));
+    // A file size limit (ulimit -f, with SIGXFSZ ignored so that writes fail with EFBIG)
+    // stands for a full disk: the store cannot grow to hold 3 MB of output, but its exit status
+    // fits in the file as it is.
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 2048; exec \"{}\" --db \"{}\" run --key big --max-output 4MiB \
+         -- sh -c 'head -c 3000000 /dev/zero | tr \"\\\\0\" x'",
+        env!("CARGO_BIN_EXE_dedupe"),
+        scratch.db().display()
+    );
+    let mut shell = Command::new("sh");
+    shell
+        .args(["-c", &script])
+        .current_dir(scratch.dir.path())
+        .env_remove("DEDUPE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let finished = finish(shell.spawn()?)?;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert_eq!(finished.stdout.len(), 3_000_000, "the live output is whole");
+    assert!(
+        finished
+            .stderr
+            .contains("its exit status 0 was stored without it"),
+        "{}",
+        finished.stderr
+    );
+    let entry = scratch.get("big")?;
+    assert_eq!(entry["state"], "completed");
+    assert_eq!(entry["run"]["status"], 0);
+    assert_eq!(entry["run"]["stdout_bytes"], 0);
+    assert_eq!(entry["run"]["stdout_cut"], true);
+
+    let replay = scratch.run(&["run", "--key", "big", "--", "sh", "-c", "echo ran >> count"])?;
+    assert_eq!(replay.code, Some(0));
+    assert_eq!(
+        scratch.count("count"),
+        0,
+        "a stored status is replayed, not run again"
+    );
+    Ok(())
+}
+
+#[test]
+fn when_nothing_can_be_stored_the_run_exits_73_and_says_the_key_is_still_claimed() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch
+        .dedupe(&[
+            "--lock-timeout",
+            "100ms",
+            "run",
+            "--key",
+            "stuck",
+            "--lease",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            WAITS_FOR_GO,
+        ])
+        .spawn()?;
+    wait_for(&scratch.path("started"))?;
+    let held = hold(&scratch)?;
+    fs::write(scratch.path("go"), "")?;
+    let finished = finish(run)?;
+    held.close()?;
+    assert_eq!(finished.code, Some(73), "{finished:?}");
+    assert_eq!(finished.stdout, "the output\n");
+    let note = finished
+        .notes()
+        .last()
+        .map(|line| line.to_string())
+        .unwrap_or_default();
+    assert!(
+        note.contains("neither its outcome nor its exit status"),
+        "{note}"
+    );
+    assert!(
+        note.contains("\"stuck\" is still claimed by this run"),
+        "{note}"
+    );
+    let entry = scratch.get("stuck")?;
+    assert_eq!(entry["state"], "in_progress");
+    assert_eq!(entry["attempt"], 1);
+    Ok(())
+}
+
+/// `dedupe ARGS` with `input` on its stdin, to the end.
+fn with_input(
+    scratch: &Scratch,
+    args: &[&str],
+    input: &[u8],
+) -> Result<cli_support::Finished, Box<dyn std::error::Error>> {
+    let mut child = scratch
+        .dedupe(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&input);
+    });
+    let finished = finish(child)?;
+    let _ = writer.join();
+    Ok(finished)
+}
+
+#[test]
+fn filter_passes_on_each_id_once_across_batches_and_runs() -> TestResult {
+    let scratch = Scratch::new()?;
+    let first = with_input(&scratch, &["filter"], b"a\nb\na\n\nc\r\nb\n")?;
+    assert_eq!(
+        (first.code, first.stdout.as_str()),
+        (Some(0), "a\nb\nc\n"),
+        "{first:?}"
+    );
+    let second = with_input(&scratch, &["filter", "--ttl", "1h"], b"c\nd\na\ne")?;
+    assert_eq!((second.code, second.stdout.as_str()), (Some(0), "d\ne\n"));
+    assert_eq!(
+        scratch.run(&["mark", "d"])?.code,
+        Some(1),
+        "filter marks like mark"
+    );
+
+    // Many ids, each twice, in small batches: each comes out once, in input order.
+    let ids: Vec<String> = (0..3000).map(|i| format!("id-{i}")).collect();
+    let mut input = String::new();
+    for pair in ids.chunks(2) {
+        for id in pair.iter().chain(pair) {
+            input.push_str(id);
+            input.push('\n');
+        }
+    }
+    let many = with_input(&scratch, &["filter", "--batch", "64"], input.as_bytes())?;
+    assert_eq!(many.code, Some(0), "{}", many.stderr);
+    assert_eq!(many.stdout.lines().collect::<Vec<_>>(), ids);
+    let again = with_input(&scratch, &["filter"], input.as_bytes())?;
+    assert_eq!((again.code, again.stdout.as_str()), (Some(0), ""));
+
+    // A line that is no id stops the filter with 65 after the lines before it.
+    let long = format!("new-1\n{}\nnew-2\n", "x".repeat(2000));
+    let bad = with_input(&scratch, &["filter"], long.as_bytes())?;
+    assert_eq!(
+        (bad.code, bad.stdout.as_str()),
+        (Some(65), "new-1\n"),
+        "{bad:?}"
+    );
+    assert!(bad.stderr.contains("line 2"), "{}", bad.stderr);
+    assert_eq!(scratch.get("new-2")?["state"], "absent");
+    Ok(())
+}
+
+#[test]
+fn hex_keys_name_any_bytes_and_binary_output_is_base64() -> TestResult {
+    let scratch = Scratch::new()?;
+    let run = scratch.run(&[
+        "--hex",
+        "run",
+        "--key",
+        "00ff01",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$DEDUPE_KEY_HEX ${DEDUPE_KEY-none}\"; printf '\\377\\376' >&2",
+    ])?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        run.stdout, "00ff01 none\n",
+        "a key with a NUL byte is in DEDUPE_KEY_HEX only"
+    );
+
+    let got = scratch.run(&["--hex", "get", "00FF01", "--json"])?;
+    assert_eq!(got.code, Some(0), "{got:?}");
+    let entry: Value = serde_json::from_str(&got.stdout)?;
+    assert_eq!(entry["key_hex"], "00ff01");
+    assert_eq!(entry["run"]["stdout"], "00ff01 none\n");
+    assert_eq!(entry["run"]["stdout_encoding"], "utf-8");
+    assert_eq!(entry["run"]["stderr"], "//4=");
+    assert_eq!(entry["run"]["stderr_encoding"], "base64");
+    let table = scratch.run(&["--hex", "get", "00ff01"])?;
+    assert!(table.stdout.contains("0x00ff01"), "{}", table.stdout);
+
+    // The same bytes as text and as hex are one key.
+    assert_eq!(scratch.run(&["mark", "job"])?.code, Some(0));
+    assert_eq!(scratch.run(&["--hex", "mark", "6a6f62"])?.code, Some(1));
+    let hex_filter = with_input(&scratch, &["--hex", "filter"], b"6a6f62\n6a6f63\n")?;
+    assert_eq!(
+        (hex_filter.code, hex_filter.stdout.as_str()),
+        (Some(0), "6a6f63\n")
+    );
+    assert_eq!(scratch.get("jod")?["state"], "absent");
+    assert_eq!(scratch.get("joc")?["state"], "completed");
+
+    let expired = scratch.run(&["--hex", "expire", "00ff01"])?;
+    assert_eq!(expired.code, Some(0), "{expired:?}");
+    assert_eq!(
+        scratch.run(&["--hex", "get", "00ff01", "--json"])?.code,
+        Some(0)
+    );
+    let bad = scratch.run(&["--hex", "get", "0g"])?;
+    assert_eq!(bad.code, Some(2));
+    one_line(&bad);
     Ok(())
 }

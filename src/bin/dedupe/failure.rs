@@ -16,11 +16,15 @@ pub const MISMATCH: u8 = 65;
 /// (sysexits' EX_IOERR): a script never reads a failure as "already seen", nor as a CMD that
 /// exited 1.
 pub const IO_ERROR: u8 = 74;
-/// Exit status of `run` and `mark` when the store holds its budget of keys (`--max-keys`) and
+/// Exit status of `run`, `mark` and `filter` when the store holds its budget of keys (`--max-keys`) and
 /// takes no new one until keys expire (sysexits' EX_UNAVAILABLE).
 pub const KEY_BUDGET: u8 = 69;
 /// Exit status when dedupe itself has a bug (sysexits' EX_SOFTWARE).
 pub const INTERNAL_ERROR: u8 = 70;
+/// Exit status of `run` when CMD ran but neither its outcome nor its exit status could be
+/// stored (sysexits' EX_CANTCREAT): the key stays claimed until its lease runs out, and then
+/// runs again.
+pub const NOT_RECORDED: u8 = 73;
 /// Exit status of `run` while another run holds the key (sysexits' EX_TEMPFAIL).
 pub const BUSY: u8 = 75;
 /// Exit status of `run` when CMD exists but cannot be executed, as in a shell.

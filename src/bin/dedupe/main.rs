@@ -2,8 +2,8 @@
 //! durable [`dedupe_store`] file. See `dedupe --help` and the README's "The dedupe command".
 //!
 //! One module per concept: `args` (the command line), `open` (opening the file for one step at
-//! a time, and why), `run` with `capture`, `heartbeat` and `signals` (the `run` command),
-//! `outcome` (the stored outcome's layout), `mark`, `read_only` (reading a file without writing to it), `report` (the readers and their table and
+//! a time, and why), `run` with `capture`, `heartbeat`, `signals` and `supervise` (the `run` command),
+//! `outcome` (the stored outcome's layout), `mark`, `filter` (the pipeline filter), `read_only` (reading a file without writing to it), `report` (the readers and their table and
 //! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -16,6 +16,7 @@ mod args;
 mod capture;
 mod console;
 mod failure;
+mod filter;
 mod heartbeat;
 mod maintenance;
 mod mark;
@@ -25,6 +26,7 @@ mod read_only;
 mod report;
 mod run;
 mod signals;
+mod supervise;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
@@ -67,18 +69,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cli: Cli) -> Result<u8, Failure> {
+fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
+    if let Command::Supervise(args) = &cli.command {
+        return Ok(supervise::supervise(args));
+    }
+    let key = match &mut cli.command {
+        Command::Run(args) => Some(&mut args.key),
+        Command::Mark(args) => Some(&mut args.key),
+        Command::Get(args) => Some(&mut args.key),
+        Command::Expire(args) => Some(&mut args.key),
+        _ => None,
+    };
+    if let Some(key) = key {
+        let checked = if cli.hex {
+            key.decode_hex()
+        } else {
+            args::check_key_len(key.as_bytes().len())
+        };
+        checked.map_err(|why| {
+            Failure::new(
+                failure::USAGE,
+                format!("invalid KEY: {why}; see dedupe --help"),
+            )
+        })?;
+    }
     let access = match cli.command {
-        Command::Run(_) | Command::Mark(_) => Access::Create,
+        Command::Run(_) | Command::Mark(_) | Command::Filter(_) => Access::Create,
         Command::Expire(_) | Command::Sweep | Command::Compact => Access::Existing,
-        Command::Get(_) | Command::List(_) | Command::Stats(_) | Command::Verify(_) => {
-            Access::ReadOnly
-        }
+        Command::Get(_)
+        | Command::List(_)
+        | Command::Stats(_)
+        | Command::Verify(_)
+        | Command::Supervise(_) => Access::ReadOnly,
     };
     let file = StoreFile::new(cli.db, cli.lock_timeout, access).max_keys(cli.max_keys);
     match &cli.command {
         Command::Run(args) => run::run(file, args),
         Command::Mark(args) => mark::mark(&file, args),
+        Command::Filter(args) => filter::filter(&file, args, cli.hex),
         Command::Get(args) => report::get(&file, args),
         Command::List(args) => report::list(&file, args),
         Command::Stats(args) => report::stats(&file, args),
@@ -86,5 +114,6 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Expire(args) => maintenance::expire(&file, args),
         Command::Sweep => maintenance::sweep(&file),
         Command::Compact => maintenance::compact(&file),
+        Command::Supervise(args) => Ok(supervise::supervise(args)),
     }
 }

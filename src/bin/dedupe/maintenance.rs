@@ -7,15 +7,15 @@ use crate::open::StoreFile;
 
 /// `dedupe expire KEY`: forget the key now, whatever its state.
 pub fn expire(file: &StoreFile, args: &ExpireArgs) -> Result<u8, Failure> {
-    let doing = format!("cannot expire key {:?}", args.key);
-    let was_live = file.with(&doing, |store| store.expire(&args.key))?;
+    let doing = format!("cannot expire key {}", args.key);
+    let was_live = file.with(&doing, |store| store.expire(args.key.as_bytes()))?;
     let line = if was_live {
         format!(
-            "expired key {:?}; the next run or mark of it starts afresh\n",
+            "expired key {}; the next run or mark of it starts afresh\n",
             args.key
         )
     } else {
-        format!("key {:?} was not live; nothing to do\n", args.key)
+        format!("key {} was not live; nothing to do\n", args.key)
     };
     console::out(line.as_bytes());
     Ok(0)

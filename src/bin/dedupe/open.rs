@@ -43,7 +43,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(100);
 /// How a command may use the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// `run` and `mark` start a store where there was none (a missing or empty file).
+    /// `run`, `mark` and `filter` start a store where there was none (a missing or empty
+    /// file).
     Create,
     /// Maintenance changes an existing store, and refuses a missing or empty file rather than
     /// make a store of a mistyped `--db`.
@@ -175,14 +176,14 @@ impl StoreFile {
 }
 
 impl StoreFile {
-    /// Refuses a missing or empty file: only `run` and `mark` make a store of one.
+    /// Refuses a missing or empty file: only `run`, `mark` and `filter` make a store of one.
     fn existing(&self, doing: &str) -> Result<(), Failure> {
         let refuse = |what: &str| {
             Err(Failure::new(
                 STORE_ERROR,
                 format!(
-                    "{doing}: {} {what}; check --db or DEDUPE_DB (only `run` and `mark` create \
-                     a store; nothing was changed)",
+                    "{doing}: {} {what}; check --db or DEDUPE_DB (only `run`, `mark` and \
+                     `filter` create a store; nothing was changed)",
                     self.path.display()
                 ),
             ))

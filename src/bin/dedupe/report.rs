@@ -16,13 +16,13 @@ use crate::run::utc;
 
 /// `dedupe get KEY`.
 pub fn get(file: &StoreFile, args: &GetArgs) -> Result<u8, Failure> {
-    let doing = format!("cannot read key {:?}", args.key);
-    let entry = file.with(&doing, |store| store.get(&args.key))?;
+    let doing = format!("cannot read key {}", args.key);
+    let entry = file.with(&doing, |store| store.get(args.key.as_bytes()))?;
     if args.json {
         let value = match &entry {
             Some(entry) => entry_json(entry, true),
             None => json!({
-                "key": args.key,
+                "key": String::from_utf8_lossy(args.key.as_bytes()),
                 "key_hex": hex(args.key.as_bytes()),
                 "state": "absent",
             }),
@@ -33,7 +33,7 @@ pub fn get(file: &StoreFile, args: &GetArgs) -> Result<u8, Failure> {
     let mut table = Vec::new();
     match &entry {
         None => {
-            table.push(("key", args.key.clone()));
+            table.push(("key", key_cell(args.key.as_bytes())));
             table.push((
                 "state",
                 "absent (never seen, expired or released)".to_string(),
@@ -71,7 +71,7 @@ pub fn list(file: &StoreFile, args: &ListArgs) -> Result<u8, Failure> {
         .iter()
         .map(|entry| {
             [
-                key_text(entry),
+                key_cell(entry.key.as_bytes()),
                 state_name(entry).replace('_', " "),
                 entry.attempt.to_string(),
                 run_status(entry),
@@ -187,6 +187,14 @@ fn key_text(entry: &Entry) -> String {
     String::from_utf8_lossy(entry.key.as_bytes()).into_owned()
 }
 
+/// A key in a table: its text, or `0x` and its hex when it is not text.
+fn key_cell(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_string(),
+        Err(_) => format!("0x{}", hex(key)),
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
@@ -215,7 +223,7 @@ fn run_status(entry: &Entry) -> String {
 }
 
 fn describe(entry: &Entry, table: &mut Vec<(&'static str, String)>) {
-    table.push(("key", key_text(entry)));
+    table.push(("key", key_cell(entry.key.as_bytes())));
     table.push(("state", state_name(entry).replace('_', " ")));
     table.push(("attempt", entry.attempt.to_string()));
     table.push(("fencing token", entry.fencing_token.to_string()));
@@ -317,14 +325,55 @@ fn run_json(run: &RunOutcome, with_output: bool) -> Value {
         "stderr_cut": run.stderr_cut,
     });
     if with_output && let Value::Object(map) = &mut value {
-        map.insert(
-            "stdout".into(),
-            String::from_utf8_lossy(&run.stdout).into_owned().into(),
-        );
-        map.insert(
-            "stderr".into(),
-            String::from_utf8_lossy(&run.stderr).into_owned().into(),
-        );
+        for (name, bytes) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+            let (text, encoding) = match std::str::from_utf8(bytes) {
+                Ok(text) => (text.to_string(), "utf-8"),
+                Err(_) => (base64(bytes), "base64"),
+            };
+            map.insert(name.into(), text.into());
+            map.insert(format!("{name}_encoding"), encoding.into());
+        }
     }
     value
+}
+
+/// `bytes` in standard base64 (RFC 4648, with padding), for output that is not UTF-8.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word = chunk.iter().enumerate().fold(0u32, |word, (at, &byte)| {
+            word | u32::from(byte) << (16 - 8 * at)
+        });
+        for at in 0..4 {
+            if at <= chunk.len() {
+                let index = (word >> (18 - 6 * at)) & 0x3f;
+                text.push(char::from(ALPHABET[index as usize]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (bytes, text) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xff, 0xfe, 0x00], "//4A"),
+        ] {
+            assert_eq!(base64(bytes), text);
+        }
+    }
 }

@@ -2,16 +2,16 @@
 //! (and release the key if it failed); dying first would leave the key claimed until its lease
 //! ran out, and CMD orphaned.
 //!
-//! - SIGTERM and SIGHUP (a supervisor, `timeout`, `kill PID`, a closed terminal) are usually
-//!   sent to dedupe alone: they are passed on to CMD.
-//! - SIGINT and SIGQUIT usually come from the terminal, which sends them to the whole
-//!   foreground process group, CMD included: passing them on would deliver them twice, so
-//!   dedupe only survives them, like a shell waiting for its foreground job.
+//! CMD runs in a process group of its own (see `supervise.rs`), so signals sent to dedupe or
+//! to dedupe's group do not reach it by themselves: SIGTERM, SIGHUP (a supervisor, `timeout`,
+//! `kill PID`, a closed terminal), SIGINT and SIGQUIT are passed on to CMD's group. From a
+//! terminal, Ctrl-C and Ctrl-\ reach CMD's group directly, as it is in the foreground while it
+//! runs; dedupe does not see them then.
 
 use std::process::Child;
 use std::thread::{self, JoinHandle};
 
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::{Pid, Signal, kill_process_group};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
@@ -30,8 +30,8 @@ impl Caught {
         })
     }
 
-    /// Forwards SIGTERM and SIGHUP to `child`, those caught so far included, until
-    /// [`Forwarder::stop`].
+    /// Forwards SIGTERM, SIGHUP, SIGINT and SIGQUIT to the process group that `child` leads,
+    /// those caught so far included, until [`Forwarder::stop`].
     pub fn forward_to(self, child: &Child) -> std::io::Result<Forwarder> {
         let mut signals = self.signals;
         let handle = signals.handle();
@@ -40,11 +40,9 @@ impl Caught {
             .name("dedupe-signals".to_string())
             .spawn(move || {
                 for signal in signals.forever() {
-                    if (signal == SIGTERM || signal == SIGHUP)
-                        && let Some(signal) = Signal::from_named_raw(signal)
-                    {
+                    if let Some(signal) = Signal::from_named_raw(signal) {
                         // CMD may have exited already; there is nothing left to tell it then.
-                        let _ = kill_process(pid, signal);
+                        let _ = kill_process_group(pid, signal);
                     }
                 }
             })?;
