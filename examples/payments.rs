@@ -2,9 +2,12 @@
 //! (the bank takes three seconds), and a retry with the same `Idempotency-Key` gets the same
 //! payment back instead of a second charge.
 //!
-//! Run with `cargo run --example payments --features http -- [FILE]` (without FILE it uses a
-//! temporary store file), then follow the README's "HTTP middleware" section with curl. It
-//! listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`.
+//! Run with `cargo run --example payments --features http,metrics,tracing -- [FILE]` (without
+//! FILE it uses a temporary store file), then follow the README's "HTTP middleware" section with
+//! curl. It listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`. `GET /metrics` serves the store's
+//! and the layer's metrics in the Prometheus text format, and every request's and store call's
+//! span is logged to stderr (`RUST_LOG`-style filtering is left out to keep it small), so a
+//! retry storm can be watched being absorbed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,14 +15,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, MatchedPath, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use dedupe_store::Store;
 use dedupe_store::Ticket;
 use dedupe_store::http::IdempotencyLayer;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use serde::Deserialize;
+use tracing_subscriber::fmt::format::FmtSpan;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -39,6 +44,24 @@ struct Bank {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Spans to stderr, one line as each closes, with its fields (the outcome among them).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Latencies in seconds, batch sizes in operations.
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            5.0, 10.0,
+        ])?
+        .set_buckets_for_metric(
+            Matcher::Full("dedupe_commit_batch_size".to_string()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )?
+        .install_recorder()?;
+
     let dir = tempfile::tempdir()?;
     let path = match std::env::args_os().nth(1) {
         Some(path) => path.into(),
@@ -52,11 +75,27 @@ async fn main() -> Result<()> {
         .scope(|request: &axum::http::request::Parts| account(&request.headers).to_string())
         .lease(Duration::from_secs(30))
         .ttl(Duration::from_secs(24 * 3600))
+        // Metrics and spans by route template, which the router knows once it has matched.
+        .route_label(|request: &axum::http::request::Parts| {
+            request
+                .extensions
+                .get::<MatchedPath>()
+                .map(|path| path.as_str().to_string())
+        })
         .build()?;
+    let gauges = store.clone();
     let app = Router::new()
         .route("/payments", post(create_payment))
         .with_state(Arc::new(Bank::default()))
-        .layer(idempotency);
+        .route_layer(idempotency)
+        .route(
+            "/metrics",
+            get(move || async move {
+                // The key gauges are read when scraped.
+                let _ = tokio::task::spawn_blocking(move || gauges.stats()).await;
+                metrics.render()
+            }),
+        );
 
     let addr = std::env::var("PAYMENTS_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
@@ -96,7 +135,11 @@ async fn create_payment(
     if ticket.is_takeover() {
         // A previous attempt died half-way; a real service would ask the bank whether it
         // charged before charging again, quoting the fencing token.
-        println!("attempt {} takes over {}", ticket.attempt(), ticket.key());
+        println!(
+            "attempt {} takes over a payment (fencing token {})",
+            ticket.attempt(),
+            ticket.fencing_token()
+        );
     }
     tokio::time::sleep(BANK_LATENCY).await;
     let charge = bank.charges.fetch_add(1, Ordering::SeqCst) + 1;

@@ -1357,3 +1357,32 @@ fn hex_keys_name_any_bytes_and_binary_output_is_base64() -> TestResult {
     one_line(&bad);
     Ok(())
 }
+
+#[test]
+fn stats_prints_the_gauges_for_the_prometheus_textfile_collector() -> TestResult {
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "a"])?.code, Some(0));
+    assert_eq!(scratch.run(&["mark", "b"])?.code, Some(0));
+    let stats = scratch.run(&["stats", "--prometheus"])?;
+    assert_eq!(stats.code, Some(0), "{}", stats.stderr);
+    let db = scratch.db().display().to_string();
+    assert!(
+        stats
+            .stdout
+            .contains(&format!("dedupe_live_keys{{db=\"{db}\"}} 2\n")),
+        "{}",
+        stats.stdout
+    );
+    assert!(
+        stats
+            .stdout
+            .contains("# TYPE dedupe_expired_pending_keys gauge\n")
+    );
+    for line in stats.stdout.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().ok_or("a value")?;
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    let both = scratch.run(&["stats", "--prometheus", "--json"])?;
+    assert_eq!(both.code, Some(2), "--json and --prometheus conflict");
+    Ok(())
+}

@@ -181,7 +181,7 @@ pub enum Command {
     Sweep,
 
     /// Show what the store file holds: live keys, expired records awaiting a sweep, file size.
-    Stats(JsonArgs),
+    Stats(StatsArgs),
 
     /// Check the whole file: page checksums, every record's checksum, the expiry index.
     Verify(JsonArgs),
@@ -330,6 +330,19 @@ pub struct JsonArgs {
     /// Print JSON instead of a table (see the README for its fields).
     #[arg(long)]
     pub json: bool,
+}
+
+/// `stats`: a table, JSON, or the Prometheus text format.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of a table (see the README for its fields).
+    #[arg(long, conflicts_with = "prometheus")]
+    pub json: bool,
+
+    /// Print the gauges in the Prometheus text format, for node-exporter's textfile
+    /// collector (write to a temporary file, then rename it into the collector's directory).
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 /// A duration as humans write it: `300ms`, `90s`, `10m`, `24h`, `30d`, `1h30m`; more than

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use dedupe_store::{Entry, EntryState, FORMAT_VERSION};
 use serde_json::{Value, json};
 
-use crate::args::{GetArgs, JsonArgs, ListArgs};
+use crate::args::{GetArgs, JsonArgs, ListArgs, StatsArgs};
 use crate::console;
 use crate::failure::{Failure, STORE_ERROR};
 use crate::open::StoreFile;
@@ -106,7 +106,7 @@ pub fn list(file: &StoreFile, args: &ListArgs) -> Result<u8, Failure> {
 }
 
 /// `dedupe stats`.
-pub fn stats(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
+pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
     let stats = file.with("cannot read the store's statistics", |store| store.stats())?;
     let file_bytes = std::fs::metadata(file.path()).map_or(0, |meta| meta.len());
     let db = file.path().display().to_string();
@@ -118,6 +118,10 @@ pub fn stats(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
             "expired_pending": stats.expired_pending,
             "format_version": FORMAT_VERSION,
         }));
+        return Ok(0);
+    }
+    if args.prometheus {
+        console::out(prometheus_text(&db, file_bytes, &stats).as_bytes());
         return Ok(0);
     }
     let text = format!(
@@ -375,5 +379,65 @@ mod tests {
         ] {
             assert_eq!(base64(bytes), text);
         }
+    }
+}
+
+/// The store's gauges in the Prometheus text exposition format, labelled by the store file. A
+/// dedupe process opens the store for a moment, so counters since open would always read zero:
+/// only what the file holds is reported. The names match the library's `metrics` gauges.
+fn prometheus_text(db: &str, file_bytes: u64, stats: &dedupe_store::Stats) -> String {
+    let db = db
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    let gauges = [
+        (
+            "dedupe_live_keys",
+            "Keys whose records have not expired.",
+            stats.live_keys,
+        ),
+        (
+            "dedupe_expired_pending_keys",
+            "Expired records the sweeper has not removed yet.",
+            stats.expired_pending,
+        ),
+        (
+            "dedupe_keys",
+            "Records the store holds, live or awaiting the sweeper.",
+            stats.live_keys + stats.expired_pending,
+        ),
+        (
+            "dedupe_file_bytes",
+            "Size of the store file in bytes.",
+            file_bytes,
+        ),
+        (
+            "dedupe_format_version",
+            "The store file's format version.",
+            u64::from(FORMAT_VERSION),
+        ),
+    ];
+    let mut text = String::new();
+    for (name, help, value) in gauges {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{db=\"{db}\"}} {value}\n"
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod prometheus_tests {
+    use super::*;
+
+    #[test]
+    fn the_store_file_label_is_escaped() {
+        let stats = dedupe_store::Stats::default();
+        let text = prometheus_text("/var/lib/a \"b\"\\c.redb", 42, &stats);
+        assert!(
+            text.contains("dedupe_file_bytes{db=\"/var/lib/a \\\"b\\\"\\\\c.redb\"} 42\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE dedupe_live_keys gauge\n"));
     }
 }
