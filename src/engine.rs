@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -78,6 +79,14 @@ pub(crate) struct Engine {
     /// How many records the store holds, live or expired and not yet swept: what the key
     /// budget counts. Changed only by the batch leader, after each commit.
     records: AtomicU64,
+    /// Claims in progress held, less those held at open: what commits since open added.
+    in_progress_since_open: AtomicI64,
+    /// Claims in progress held at open, counted (by reading every record) only when first
+    /// asked for: the `dedupe_in_progress_keys` gauge.
+    in_progress_at_open: OnceLock<i64>,
+    /// Held by the batch leader from before its commit until the counts above are updated,
+    /// so that a count read under it matches the commits.
+    counting: Mutex<()>,
 }
 
 fn stored(key: &Key, op: &Op) -> Vec<u8> {
@@ -108,6 +117,9 @@ impl Engine {
             dirty: AtomicBool::new(false),
             merging: AtomicBool::new(false),
             records: AtomicU64::new(records),
+            in_progress_since_open: AtomicI64::new(0),
+            in_progress_at_open: OnceLock::new(),
+            counting: Mutex::new(()),
         })
     }
 
@@ -271,8 +283,10 @@ impl Engine {
         let mut changed: Vec<Vec<u8>> = Vec::new();
         let mut swept = 0usize;
         // Records the batch adds (less those it deletes), for the key budget.
+        let counting = self.counting.lock();
         let records = self.records.load(Ordering::Acquire);
         let mut added = 0i64;
+        let mut in_progress = 0i64;
         let result = self.storage.write(durable, |writer| {
             if carries_merge {
                 writer.merge(Some(journal::MERGE_CHUNK))?;
@@ -302,6 +316,7 @@ impl Engine {
                             changed: &mut changed,
                             records,
                             added: &mut added,
+                            in_progress: &mut in_progress,
                         };
                         Reply::One(self.apply_one(writer, key, op, &mut step)?)
                     }
@@ -311,12 +326,15 @@ impl Engine {
                             changed: &mut changed,
                             records,
                             added: &mut added,
+                            in_progress: &mut in_progress,
                         };
                         Reply::Many(self.apply_many(writer, ops, &mut step)?)
                     }
                     Work::Sweep { limit, thorough } => {
-                        let (removed, more) = writer.sweep(self.now(), *limit, *thorough)?;
+                        let (removed, removed_in_progress, more) =
+                            writer.sweep(self.now(), *limit, *thorough)?;
                         swept += removed;
+                        in_progress -= removed_in_progress as i64;
                         Reply::Swept { removed, more }
                     }
                     Work::Flush => Reply::Flushed,
@@ -362,12 +380,20 @@ impl Engine {
                     .saturating_sub(swept as i64)
                     .max(0);
                 self.records.store(now_held as u64, Ordering::Release);
+                let since_open = self
+                    .in_progress_since_open
+                    .fetch_add(in_progress, Ordering::AcqRel)
+                    + in_progress;
+                drop(counting);
                 observe::commit(
                     replies.len(),
                     durable,
                     true,
                     now_held as u64,
                     self.storage.pending_keys(),
+                    self.in_progress_at_open
+                        .get()
+                        .map(|at_open| (at_open + since_open).max(0) as u64),
                 );
                 for key in &changed {
                     self.events.changed(key);
@@ -379,7 +405,8 @@ impl Engine {
             }
             Err(err) => {
                 self.counters.commit_failed();
-                observe::commit(works.len(), durable, false, records, 0);
+                drop(counting);
+                observe::commit(works.len(), durable, false, records, 0, None);
                 works.iter().map(|_| Err(err.clone())).collect()
             }
         }
@@ -403,6 +430,7 @@ impl Engine {
                 writer.delete(&stored_key);
                 step.changed.push(stored_key);
                 *step.added -= 1;
+                // A damaged record was never counted as in progress.
                 return Ok(Answer::Expired(true));
             }
             Some(Err(err)) => return Ok(Answer::Refused(corrupt(key, err.0))),
@@ -419,10 +447,33 @@ impl Engine {
             *step.token = ctx.next_token;
         }
         *step.added += held_change(current.is_some(), &transition.change);
+        *step.in_progress += in_progress_change(current.as_ref(), &transition.change);
         if write_change(writer, &stored_key, transition.change) {
             step.changed.push(stored_key);
         }
         Ok(transition.answer)
+    }
+
+    /// How many claims in progress the store holds, whatever their lease and expiry. The first
+    /// call reads every record (under the commit lock, so no commit slips between the count
+    /// and the changes since open); later calls add up.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn in_progress_keys(&self) -> Result<u64> {
+        let at_open = match self.in_progress_at_open.get() {
+            Some(at_open) => *at_open,
+            None => {
+                let _counting = self.counting.lock();
+                let now_held = self
+                    .storage
+                    .read_merged(&[], |txn, pending| storage::count_in_progress(txn, pending))?;
+                let since_open = self.in_progress_since_open.load(Ordering::Acquire);
+                *self
+                    .in_progress_at_open
+                    .get_or_init(|| now_held as i64 - since_open)
+            }
+        };
+        let since_open = self.in_progress_since_open.load(Ordering::Acquire);
+        Ok((at_open + since_open).max(0) as u64)
     }
 
     /// `Some(budget)` when `records + added` records fill the key budget.
@@ -444,6 +495,7 @@ impl Engine {
         let mut next_token = *step.token;
         // Records the group adds, kept apart until the whole group is accepted.
         let mut added = 0i64;
+        let mut in_progress = 0i64;
         // Per key touched: its record now, and whether any operation changed it.
         let mut overlay: HashMap<Vec<u8>, (Option<Record>, bool)> = HashMap::new();
         let mut order = Vec::new();
@@ -477,6 +529,7 @@ impl Engine {
                 next_token = ctx.next_token;
             }
             added += held_change(current.is_some(), &transition.change);
+            in_progress += in_progress_change(current.as_ref(), &transition.change);
             match transition.change {
                 Change::Keep => {}
                 Change::Put(record) => {
@@ -504,6 +557,7 @@ impl Engine {
         }
         *step.token = next_token;
         *step.added += added;
+        *step.in_progress += in_progress;
         Ok(Ok(answers))
     }
 }
@@ -517,6 +571,20 @@ struct Step<'a> {
     records: u64,
     /// Records the batch has added so far, less those it deleted.
     added: &'a mut i64,
+    /// Claims in progress the batch has added so far, less those it ended.
+    in_progress: &'a mut i64,
+}
+
+/// By how much `change` moves the number of claims in progress held, for a key whose record
+/// was `before`.
+fn in_progress_change(before: Option<&Record>, change: &Change) -> i64 {
+    let was = before.is_some_and(Record::is_in_progress);
+    let is = match change {
+        Change::Keep => was,
+        Change::Put(record) => record.is_in_progress(),
+        Change::Delete => false,
+    };
+    i64::from(is) - i64::from(was)
 }
 
 /// By how much `change` moves the number of records held, for a key that held one or not.

@@ -6,7 +6,7 @@ use redb::ReadableDatabase;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::Key;
-use crate::observe::{self, Outcome};
+use crate::observe::Outcome;
 use crate::rules::Namespace;
 use crate::stats::Stats;
 use crate::storage;
@@ -142,7 +142,9 @@ impl Store {
         self.observed("stats", None, || {
             let (records, due) = self.counts()?;
             let live = records.saturating_sub(due);
-            observe::key_gauges(live, due);
+            // Counting claims in progress reads every record once per open: only for metrics.
+            #[cfg(feature = "metrics")]
+            crate::observe::key_gauges(live, due, self.engine().in_progress_keys()?);
             Ok(self.engine().counters.snapshot(live, due))
         })
     }

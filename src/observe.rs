@@ -209,11 +209,19 @@ pub(crate) fn operation<T: Outcome>(
 }
 
 /// One group commit: how many callers' operations it carried, whether it was durable, whether
-/// it succeeded, and how many records the store holds after it.
+/// it succeeded, how many records the store holds after it, how many keys wait in the journal,
+/// and, once they have been counted, how many claims are in progress.
 #[inline]
-pub(crate) fn commit(operations: usize, durable: bool, ok: bool, keys_held: u64, backlog: usize) {
+pub(crate) fn commit(
+    operations: usize,
+    durable: bool,
+    ok: bool,
+    keys_held: u64,
+    backlog: usize,
+    in_progress: Option<u64>,
+) {
     // Each feature reads some of these; none reads all.
-    let _ = (operations, durable, ok, keys_held, backlog);
+    let _ = (operations, durable, ok, keys_held, backlog, in_progress);
     #[cfg(feature = "tracing")]
     tracing::debug!(
         target: "dedupe_store::commit",
@@ -230,6 +238,9 @@ pub(crate) fn commit(operations: usize, durable: bool, ok: bool, keys_held: u64,
             metrics::histogram!("dedupe_commit_batch_size").record(operations as f64);
             metrics::gauge!("dedupe_keys").set(keys_held as f64);
             metrics::gauge!("dedupe_journal_backlog_keys").set(backlog as f64);
+            if let Some(in_progress) = in_progress {
+                metrics::gauge!("dedupe_in_progress_keys").set(in_progress as f64);
+            }
         }
     }
 }
@@ -273,17 +284,13 @@ pub(crate) fn swept(removed: usize, more: bool) {
     metrics::counter!("dedupe_swept_total").increment(removed as u64);
 }
 
-/// The gauges read by [`Store::stats`](crate::Store::stats) or the sweeper: live keys and
-/// expired ones awaiting the sweeper.
-#[inline]
-pub(crate) fn key_gauges(live: u64, expired_pending: u64) {
-    #[cfg(feature = "metrics")]
-    {
-        metrics::gauge!("dedupe_live_keys").set(live as f64);
-        metrics::gauge!("dedupe_expired_pending_keys").set(expired_pending as f64);
-    }
-    #[cfg(not(feature = "metrics"))]
-    let _ = (live, expired_pending);
+/// The gauges read by [`Store::stats`](crate::Store::stats): live keys, expired ones awaiting
+/// the sweeper, and claims in progress.
+#[cfg(feature = "metrics")]
+pub(crate) fn key_gauges(live: u64, expired_pending: u64, in_progress: u64) {
+    metrics::gauge!("dedupe_live_keys").set(live as f64);
+    metrics::gauge!("dedupe_expired_pending_keys").set(expired_pending as f64);
+    metrics::gauge!("dedupe_in_progress_keys").set(in_progress as f64);
 }
 
 /// One request through the HTTP layer: its span and, when it is answered, its outcome,

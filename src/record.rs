@@ -72,6 +72,11 @@ pub(crate) struct StoredCheckpoint {
 }
 
 impl Record {
+    /// Whether the record is a claim in progress, whatever its lease and expiry.
+    pub fn is_in_progress(&self) -> bool {
+        matches!(self.state, RecordState::InProgress { .. })
+    }
+
     /// True while the record still counts (`now < expires_at`).
     pub fn is_live(&self, now: u64) -> bool {
         now < self.expires_at

@@ -849,7 +849,7 @@ impl Writer<'_> {
         now: u64,
         limit: usize,
         thorough: bool,
-    ) -> Result<(usize, bool)> {
+    ) -> Result<(usize, usize, bool)> {
         if thorough || self.overlay.read().has_due(now) {
             self.merge(None)?;
         }
@@ -867,18 +867,22 @@ impl Writer<'_> {
         let more = due.len() > limit;
         due.truncate(limit);
         let mut removed = 0;
+        let mut removed_in_progress = 0;
         for (expires_at, key) in &due {
             tables.expiry.remove((*expires_at, key.as_slice()))?;
-            let matches = matches!(
-                load(&tables.records, key)?,
-                Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now)
-            );
-            if matches {
+            let due = match load(&tables.records, key)? {
+                Some(Ok(record)) if record.expires_at == *expires_at && !record.is_live(now) => {
+                    Some(record.is_in_progress())
+                }
+                _ => None,
+            };
+            if let Some(in_progress) = due {
                 tables.records.remove(key.as_slice())?;
                 removed += 1;
+                removed_in_progress += usize::from(in_progress);
             }
         }
-        Ok((removed, more))
+        Ok((removed, removed_in_progress, more))
     }
 
     /// The last fencing token issued.
@@ -954,6 +958,28 @@ pub(crate) fn count(txn: &ReadTransaction, pending: &Pending, now: u64) -> Resul
         }
     }
     Ok((records, due))
+}
+
+/// How many records are claims in progress, the journal's pending records counted in place
+/// of the tables' (a damaged record counts as not in progress). Reads every record.
+pub(crate) fn count_in_progress(txn: &ReadTransaction, pending: &Pending) -> Result<u64> {
+    let table = txn.open_table(RECORDS)?;
+    let mut in_progress = 0u64;
+    for row in table.iter()? {
+        let (key, value) = row?;
+        if pending.contains_key(key.value()) {
+            continue;
+        }
+        if crate::record::decode(key.value(), value.value()).is_ok_and(|r| r.is_in_progress()) {
+            in_progress += 1;
+        }
+    }
+    for latest in pending.values() {
+        if latest.as_ref().is_some_and(Record::is_in_progress) {
+            in_progress += 1;
+        }
+    }
+    Ok(in_progress)
 }
 
 /// Checks that every record decodes and that records and expiry index agree.

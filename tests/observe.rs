@@ -92,6 +92,7 @@ fn observed() -> &'static Observed {
 struct Recorded {
     counters: HashMap<(String, Vec<(String, String)>), u64>,
     histograms: HashMap<String, usize>,
+    gauges: HashMap<String, f64>,
     labels: Vec<String>,
     spans: Vec<HashMap<String, String>>,
 }
@@ -150,6 +151,7 @@ fn recording(scenario: impl FnOnce() -> TestResult) -> TestResult<Recorded> {
     let mut recorded = Recorded {
         counters: HashMap::new(),
         histograms: HashMap::new(),
+        gauges: HashMap::new(),
         labels: Vec::new(),
         spans: observed
             .capture
@@ -175,7 +177,9 @@ fn recording(scenario: impl FnOnce() -> TestResult) -> TestResult<Recorded> {
             DebugValue::Histogram(samples) => {
                 *recorded.histograms.entry(name).or_default() += samples.len()
             }
-            DebugValue::Gauge(_) => {}
+            DebugValue::Gauge(value) => {
+                recorded.gauges.insert(name, value.into_inner());
+            }
         }
     }
     Ok(recorded)
@@ -406,5 +410,59 @@ fn http_requests_are_labelled_by_route_template_and_outcome() -> TestResult {
     );
     recorded.assert_never_shows("pay_77");
     recorded.assert_never_shows(KEY);
+    Ok(())
+}
+
+/// The in-progress gauge counts claims held in progress, across a reopen, takeovers,
+/// completes, releases and a sweep of abandoned claims.
+#[test]
+fn the_in_progress_gauge_follows_the_claims_held() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("gauges.redb");
+    let clock = dedupe_store::ManualClock::new(common::T0);
+    {
+        let store = Fixture::builder(&clock).open(&path)?;
+        for key in ["held-1", "held-2", "done"] {
+            store.claim(key)?;
+        }
+        let done = store.claim("done-too")?.ticket().ok_or("acquired")?;
+        store.complete(&done, b"ok")?;
+    }
+    let store = Fixture::builder(&clock).open(&path)?;
+    let gauge = |recorded: &Recorded| recorded.gauges.get("dedupe_in_progress_keys").copied();
+    // Counted from the file at the first stats() after the open.
+    let recorded = recording(|| {
+        store.stats()?;
+        Ok(())
+    })?;
+    assert_eq!(gauge(&recorded), Some(3.0));
+    assert_eq!(recorded.gauges.get("dedupe_live_keys"), Some(&4.0));
+    // Then kept by every commit.
+    let recorded = recording(|| {
+        let fresh = store.claim("fresh")?.ticket().ok_or("acquired")?;
+        store.release(&fresh)?;
+        let another = store.claim("another")?.ticket().ok_or("acquired")?;
+        store.complete(&another, b"ok")?;
+        store.claim("one-more")?;
+        Ok(())
+    })?;
+    assert_eq!(gauge(&recorded), Some(4.0));
+    // A takeover keeps the count; a complete after it lowers it.
+    let recorded = recording(|| {
+        clock.advance(LEASE);
+        let taken = store.claim("held-1")?.ticket().ok_or("taken over")?;
+        assert!(taken.is_takeover());
+        store.complete(&taken, b"ok")?;
+        Ok(())
+    })?;
+    assert_eq!(gauge(&recorded), Some(3.0));
+    // Abandoned claims expire and are swept; one new claim is then the only one.
+    let recorded = recording(|| {
+        clock.advance(TTL);
+        assert_eq!(store.sweep()?, 6);
+        store.claim("after-the-sweep")?;
+        Ok(())
+    })?;
+    assert_eq!(gauge(&recorded), Some(1.0));
     Ok(())
 }
