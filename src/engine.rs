@@ -463,9 +463,7 @@ impl Engine {
             Some(at_open) => *at_open,
             None => {
                 let _counting = self.counting.lock();
-                let now_held = self
-                    .storage
-                    .read_merged(&[], |txn, pending| storage::count_in_progress(txn, pending))?;
+                let now_held = self.storage.read_merged(&[], storage::count_in_progress)?;
                 let since_open = self.in_progress_since_open.load(Ordering::Acquire);
                 *self
                     .in_progress_at_open
