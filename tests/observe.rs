@@ -423,7 +423,7 @@ fn the_in_progress_gauge_follows_the_claims_held() -> TestResult {
     {
         let store = Fixture::builder(&clock).open(&path)?;
         for key in ["held-1", "held-2", "done"] {
-            store.claim(key)?;
+            assert!(store.claim(key)?.is_acquired());
         }
         let done = store.claim("done-too")?.ticket().ok_or("acquired")?;
         store.complete(&done, b"ok")?;
@@ -443,7 +443,7 @@ fn the_in_progress_gauge_follows_the_claims_held() -> TestResult {
         store.release(&fresh)?;
         let another = store.claim("another")?.ticket().ok_or("acquired")?;
         store.complete(&another, b"ok")?;
-        store.claim("one-more")?;
+        assert!(store.claim("one-more")?.is_acquired());
         Ok(())
     })?;
     assert_eq!(gauge(&recorded), Some(4.0));
@@ -460,7 +460,7 @@ fn the_in_progress_gauge_follows_the_claims_held() -> TestResult {
     let recorded = recording(|| {
         clock.advance(TTL);
         assert_eq!(store.sweep()?, 6);
-        store.claim("after-the-sweep")?;
+        assert!(store.claim("after-the-sweep")?.is_acquired());
         Ok(())
     })?;
     assert_eq!(gauge(&recorded), Some(1.0));
