@@ -1028,6 +1028,8 @@ fn a_new_key_past_max_keys_exits_69_and_stored_keys_still_answer() -> TestResult
     );
     // Without the budget the same file takes new keys again.
     assert_eq!(scratch.run(&["mark", "c"])?.code, Some(0));
+    Ok(())
+}
 
 fn file_len(path: &std::path::Path) -> u64 {
     fs::metadata(path).map_or(0, |meta| meta.len())
