@@ -5,7 +5,7 @@
 //! commit must write and fsync) or appended in key order (all in the same few pages). Group
 //! commit turns N fsyncs into one, but not N page writes into one: with scattered keys the
 //! cost per key levels off at about one page write, and that bounds durable claims per second
-//! whatever the batching. `cargo bench --bench commit_cost`.
+//! whatever the batching. `cargo bench -p dedupe-store-benches --bench commit_cost`.
 
 use std::time::Duration;
 

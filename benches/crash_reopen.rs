@@ -9,8 +9,9 @@
 //!
 //! Criterion's iteration model does not fit a kill -9 (each run consumes its file), so this
 //! bench measures and prints its own figures. It re-runs its own executable as the child that
-//! gets killed. `cargo bench --bench crash_reopen`; `DEDUPE_BENCH_KEYS` changes the store size
-//! (default 1,000,000) and `DEDUPE_BENCH_ROUNDS` the kills per setting (default 5).
+//! gets killed. `cargo bench -p dedupe-store-benches --bench crash_reopen`;
+//! `DEDUPE_BENCH_KEYS` changes the store size (default 1,000,000) and `DEDUPE_BENCH_ROUNDS`
+//! the kills per setting (default 5).
 
 mod support;
 

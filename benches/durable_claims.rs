@@ -9,9 +9,10 @@
 //! more row shows `Durability::Periodic(100 ms)`, which acknowledges before the fsync: it is
 //! not durable per claim, so no peer compares with it.
 //!
-//! `cargo bench --bench durable_claims` prints criterion's estimates, then a table of ops/s,
-//! the ratio to raw redb at the same thread count, and p50/p99/max per-claim latency.
-//! A criterion filter runs part of it: `cargo bench --bench durable_claims -- /32`.
+//! `cargo bench -p dedupe-store-benches --bench durable_claims` prints criterion's estimates,
+//! then a table of ops/s, the ratio to raw redb at the same thread count, and p50/p99/max
+//! per-claim latency. A criterion filter runs part of it:
+//! `cargo bench -p dedupe-store-benches --bench durable_claims -- /32`.
 
 mod support;
 

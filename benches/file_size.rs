@@ -4,7 +4,8 @@
 //! Each round claims and completes 100k fresh keys from 32 threads (durable, the default),
 //! then moves the clock past their TTL and sweeps them, so the next round's keys replace them.
 //! Criterion's model does not fit (the figure is a size, not a time), so this bench prints its
-//! own: `cargo bench --bench file_size`. `DEDUPE_BENCH_KEYS` changes the live set.
+//! own: `cargo bench -p dedupe-store-benches --bench file_size`. `DEDUPE_BENCH_KEYS` changes
+//! the live set.
 
 mod support;
 

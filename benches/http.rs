@@ -3,7 +3,7 @@
 //! fresh keys (a claim and a complete, each an fsynced group commit), one request at a time and
 //! 32 in flight.
 //!
-//! `cargo bench --bench http --features http`. Criterion's "thrpt" is requests per second.
+//! `cargo bench -p dedupe-store-benches --bench http`. Criterion's "thrpt" is requests per second.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

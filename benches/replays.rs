@@ -2,7 +2,8 @@
 //! from 2 threads, against a raw redb read transaction fetching the same bytes. Replays are
 //! answered from a read transaction and never wait for the writer.
 //!
-//! `cargo bench --bench replays`; the summary table follows criterion's report.
+//! `cargo bench -p dedupe-store-benches --bench replays`; the summary table follows
+//! criterion's report.
 
 mod support;
 

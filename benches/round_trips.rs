@@ -4,7 +4,8 @@
 //! connection shared behind a mutex: SQLite's fastest setup for many writer threads, see
 //! `durable_claims`).
 //!
-//! `cargo bench --bench round_trips`; the summary table follows criterion's report.
+//! `cargo bench -p dedupe-store-benches --bench round_trips`; the summary table follows
+//! criterion's report.
 
 mod support;
 

@@ -5,9 +5,10 @@
 //! are the same; only the clock differs (before or after the keys' expiry). Each run claims
 //! fresh keys for a fixed time and records every claim's latency. Criterion's iteration model
 //! does not fit (a sweep consumes its backlog), so this bench prints its own figures:
-//! `cargo bench --bench sweeper_interference`. `DEDUPE_BENCH_KEYS` changes the backlog size,
-//! `DEDUPE_BENCH_SWEEP_BATCH` the sweeper's batch size. Keys are scattered over the tree, as
-//! real idempotency keys are, so each sweep batch rewrites many leaf pages.
+//! `cargo bench -p dedupe-store-benches --bench sweeper_interference`. `DEDUPE_BENCH_KEYS`
+//! changes the backlog size, `DEDUPE_BENCH_SWEEP_BATCH` the sweeper's batch size. Keys are
+//! scattered over the tree, as real idempotency keys are, so each sweep batch rewrites many
+//! leaf pages.
 
 mod support;
 

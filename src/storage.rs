@@ -43,7 +43,8 @@ pub const FORMAT_VERSION: u32 = RECORD_VERSION as u32;
 /// One key's record as loaded: absent, decoded, or damaged.
 pub(crate) type Loaded = Option<std::result::Result<Record, DecodeError>>;
 
-enum Slot {
+/// Whether the database is open, broken by a failed commit (to be reopened), or closed.
+enum DbState {
     Open(Database),
     /// A commit failed; the next user reopens the file.
     Broken,
@@ -52,8 +53,8 @@ enum Slot {
 
 /// The store file and the redb database on it.
 pub(crate) struct Storage {
-    slot: RwLock<Slot>,
-    /// Committed changes not yet in the tables. Lock order: `slot`, then `overlay`.
+    database: RwLock<DbState>,
+    /// Committed changes not yet in the tables. Lock order: `database`, then `overlay`.
     overlay: RwLock<Overlay>,
     /// Whether the overlay holds any key, set under its write lock: a read finding it false
     /// skips the lock (which two threads reading at once would otherwise bounce between
@@ -66,7 +67,7 @@ pub(crate) struct Storage {
     /// check again.
     reopens: AtomicU64,
     /// Set by [`Storage::close`], so that reads the overlay could answer get `Closed` too
-    /// without taking the slot's lock (see `overlay_keys`).
+    /// without taking the database's lock (see `overlay_keys`).
     closed: AtomicBool,
     /// The changes of the commits made since the last durable one (`Durability::Periodic`),
     /// oldest first: a failed commit's reopen loses them from the file, and commits them again.
@@ -116,7 +117,7 @@ impl Storage {
         });
         match opened {
             Ok((db, store_id, token, overlay, shared)) => Ok(Storage {
-                slot: RwLock::new(Slot::Open(db)),
+                database: RwLock::new(DbState::Open(db)),
                 overlay_keys: AtomicBool::new(overlay.has_keys()),
                 overlay: RwLock::new(overlay),
                 last_token: AtomicU64::new(token),
@@ -214,18 +215,18 @@ impl Storage {
     pub(crate) fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
         loop {
             {
-                let slot = self.slot.read();
-                match &*slot {
-                    Slot::Open(db) => {
+                let database = self.database.read();
+                match &*database {
+                    DbState::Open(db) => {
                         let result = guarded_call("reading", || f(&db.begin_read()?));
-                        drop(slot);
+                        drop(database);
                         return result.unwrap_or_else(|panicked| {
                             self.mark_broken();
                             Err(panicked)
                         });
                     }
-                    Slot::Closed => return Err(Error::Closed),
-                    Slot::Broken => {}
+                    DbState::Closed => return Err(Error::Closed),
+                    DbState::Broken => {}
                 }
             }
             self.reopen()?;
@@ -241,13 +242,15 @@ impl Storage {
     ) -> Result<T> {
         let result = loop {
             {
-                let slot = self.slot.read();
-                match &*slot {
-                    // A panic inside redb leaves the slot to be reopened below, as a failed
+                let database = self.database.read();
+                match &*database {
+                    // A panic inside redb leaves the database to be reopened below, as a failed
                     // commit does.
-                    Slot::Open(db) => break guarded("writing", || self.write_in(db, durable, f)),
-                    Slot::Closed => return Err(Error::Closed),
-                    Slot::Broken => {}
+                    DbState::Open(db) => {
+                        break guarded("writing", || self.write_in(db, durable, f));
+                    }
+                    DbState::Closed => return Err(Error::Closed),
+                    DbState::Broken => {}
                 }
             }
             self.reopen()?;
@@ -256,7 +259,7 @@ impl Storage {
             && err.is_storage()
         {
             // redb refuses writes after a failed commit until it is reopened. If the reopen
-            // fails too, the slot stays broken and the next caller tries again.
+            // fails too, the database stays broken and the next caller tries again.
             self.mark_broken();
             let _ = self.reopen();
         }
@@ -336,19 +339,19 @@ impl Storage {
     ) -> Result<T> {
         loop {
             {
-                let mut slot = self.slot.write();
-                match &mut *slot {
-                    Slot::Open(db) => {
+                let mut database = self.database.write();
+                match &mut *database {
+                    DbState::Open(db) => {
                         let pending = self.overlay.read().snapshot(&[]);
                         return guarded_call("checking the file", || f(db, &pending))
                             .unwrap_or_else(|panicked| {
-                                let broken = std::mem::replace(&mut *slot, Slot::Broken);
+                                let broken = std::mem::replace(&mut *database, DbState::Broken);
                                 drop_quietly(broken);
                                 Err(panicked)
                             });
                     }
-                    Slot::Closed => return Err(Error::Closed),
-                    Slot::Broken => {}
+                    DbState::Closed => return Err(Error::Closed),
+                    DbState::Broken => {}
                 }
             }
             self.reopen()?;
@@ -356,20 +359,20 @@ impl Storage {
     }
 
     fn mark_broken(&self) {
-        let mut slot = self.slot.write();
-        if matches!(*slot, Slot::Open(_)) {
-            let broken = std::mem::replace(&mut *slot, Slot::Broken);
-            drop(slot);
+        let mut database = self.database.write();
+        if matches!(*database, DbState::Open(_)) {
+            let broken = std::mem::replace(&mut *database, DbState::Broken);
+            drop(database);
             drop_quietly(broken);
         }
     }
 
     fn reopen(&self) -> Result<()> {
-        let mut slot = self.slot.write();
-        match &*slot {
-            Slot::Open(_) => Ok(()),
-            Slot::Closed => Err(Error::Closed),
-            Slot::Broken => {
+        let mut database = self.database.write();
+        match &*database {
+            DbState::Open(_) => Ok(()),
+            DbState::Closed => Err(Error::Closed),
+            DbState::Broken => {
                 let db = open_database(&self.backend, &self.location, self.cache_size)?;
                 // What the file holds is the truth now: a commit that failed may or may not
                 // have reached it, and the overlay may hold commits it lost.
@@ -388,7 +391,7 @@ impl Storage {
                     .store(self.overlay.read().has_keys(), Ordering::Release);
                 self.reopens.fetch_add(1, Ordering::AcqRel);
                 crate::observe::reopened();
-                *slot = Slot::Open(db);
+                *database = DbState::Open(db);
                 Ok(())
             }
         }
@@ -421,10 +424,10 @@ impl Storage {
             return outcome.clone();
         }
         self.closed.store(true, Ordering::Release);
-        let previous = std::mem::replace(&mut *self.slot.write(), Slot::Closed);
+        let previous = std::mem::replace(&mut *self.database.write(), DbState::Closed);
         let closed = match previous {
-            Slot::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
-            Slot::Broken | Slot::Closed => Ok(()),
+            DbState::Open(db) => guarded("closing", || db.close().map_err(Error::from)),
+            DbState::Broken | DbState::Closed => Ok(()),
         };
         let released = self.backend.release().map_err(|err| Error::Io {
             path: self.location.name(),

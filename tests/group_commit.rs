@@ -1,8 +1,9 @@
 //! Group commit keeps the semantics of serial calls.
 //!
 //! - Many threads run mixed operations on a few overlapping keys, so that batches are full of
-//!   duplicates of one key; every key's history must be linearizable against a plain model of
-//!   the rules (linearizability is local, so checking each key alone checks the whole run).
+//!   duplicates of one key; every key's history must be linearizable against the shared model
+//!   of the rules, `testing::apply` (linearizability is local, so checking each key alone
+//!   checks the whole run).
 //! - A commit failure injected through a `StorageBackend` fails the callers of that batch only;
 //!   state acknowledged before it survives, also across a reopen, and later calls succeed.
 
@@ -12,9 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
-use dedupe_store::{
-    Claim, ClaimOptions, Entry, EntryState, Error, ManualClock, StorageBackend, Store, Ticket,
-};
+use dedupe_store::testing::{Op, Rec, Refusal, Reply, Rng, apply};
+use dedupe_store::{Claim, ClaimOptions, Error, ManualClock, StorageBackend, Store, Ticket};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -23,338 +23,105 @@ const TTL_MS: u64 = 60_000;
 const EXTEND_MS: u64 = 20_000;
 const START_MS: u64 = 1_700_000_000_000;
 
-/// A small deterministic generator (splitmix64): the test needs reproducible mixes, not
-/// cryptographic randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// The model: one key's state under the rules, at a fixed time.
+// The checker: each key's history against the shared model of the rules
+// (`dedupe_store::testing::apply`), one key at a time.
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum State {
-    Absent,
-    InProgress {
-        token: u64,
-        attempt: u32,
-        fingerprint: Option<Vec<u8>>,
-        claimed_at: u64,
-        lease_until: u64,
-        expires_at: u64,
-    },
-    Completed {
-        /// Unknown until observed when a `mark_seen` wrote the record.
-        token: Option<u64>,
-        attempt: u32,
-        fingerprint: Option<Vec<u8>>,
-        completed_at: u64,
-        response: Vec<u8>,
-        expires_at: u64,
-    },
-}
-
-impl State {
-    fn live(&self, now: u64) -> &State {
-        match self {
-            State::InProgress { expires_at, .. } | State::Completed { expires_at, .. }
-                if now < *expires_at =>
-            {
-                self
-            }
-            _ => &State::Absent,
-        }
-    }
-
-    fn from_entry(entry: Option<&Entry>) -> State {
-        let Some(entry) = entry else {
-            return State::Absent;
-        };
-        match &entry.state {
-            EntryState::InProgress {
-                claimed_at,
-                lease_until,
-                ..
-            } => State::InProgress {
-                token: entry.fencing_token,
-                attempt: entry.attempt,
-                fingerprint: entry.fingerprint.clone(),
-                claimed_at: *claimed_at,
-                lease_until: *lease_until,
-                expires_at: entry.expires_at,
-            },
-            EntryState::Completed {
-                completed_at,
-                response,
-                ..
-            } => State::Completed {
-                token: Some(entry.fencing_token),
-                attempt: entry.attempt,
-                fingerprint: entry.fingerprint.clone(),
-                completed_at: *completed_at,
-                response: response.clone(),
-                expires_at: entry.expires_at,
-            },
-            _ => State::Absent,
-        }
-    }
-
-    /// Whether an observed state is this one (a token the model does not know matches any).
-    fn matches(&self, observed: &State) -> bool {
-        match (self, observed) {
-            (
-                State::Completed {
-                    token: None,
-                    attempt,
-                    fingerprint,
-                    completed_at,
-                    response,
-                    expires_at,
-                },
-                State::Completed {
-                    attempt: a,
-                    fingerprint: f,
-                    completed_at: c,
-                    response: r,
-                    expires_at: e,
-                    ..
-                },
-            ) => (attempt, fingerprint, completed_at, response, expires_at) == (a, f, c, r, e),
-            _ => self == observed,
-        }
-    }
-}
-
-/// One call as a thread made it.
-#[derive(Debug, Clone)]
-enum Call {
-    Claim { fingerprint: Option<Vec<u8>> },
-    Complete { token: u64, response: Vec<u8> },
-    Release { token: u64 },
-    Extend { token: u64 },
-    Expire,
-    MarkSeen,
-    Get,
-}
-
-/// What the store answered, reduced to what the model can predict.
-#[derive(Debug, Clone)]
-enum Answer {
-    Acquired {
-        token: u64,
-        attempt: u32,
-        takeover: bool,
-        claimed_at: u64,
-        lease_until: u64,
-    },
-    InProgress {
-        lease_until: u64,
-        attempt: u32,
-    },
-    Replay {
-        response: Vec<u8>,
-        completed_at: u64,
-        expires_at: u64,
-        attempt: u32,
-    },
-    Mismatch {
-        completed: bool,
-    },
-    Done,
-    Extended {
-        lease_until: u64,
-    },
-    LeaseLost,
-    Flag(bool),
-    Got(State),
-}
+/// The token the checker gives a record stored by `mark_seen`, whose answer does not show its
+/// token: it matches any token the store shows for that record. The store never issues 0.
+const UNSEEN_TOKEN: u64 = 0;
 
 /// One call of a key's history: when it started and ended on a global counter, what it asked
-/// and what it got.
+/// and what the store answered.
 #[derive(Debug, Clone)]
 struct Event {
     invoked: u64,
     returned: u64,
-    call: Call,
-    answer: Answer,
+    op: Op,
+    answer: Reply,
 }
 
-/// The model's step: the state after `call` if the store's `answer` is what the rules give.
-/// `max_token` is the largest token this key has seen so far: a new owner's must be larger.
-fn step(state: &State, max_token: u64, call: &Call, answer: &Answer, now: u64) -> Option<State> {
-    let live = state.live(now);
-    let owner = |token: u64| matches!(live, State::InProgress { token: t, .. } if *t == token);
-    match (call, answer) {
-        (Call::Claim { fingerprint }, answer) => {
-            let (stored_fp, completed) = match live {
-                State::Absent => (None, false),
-                State::InProgress { fingerprint, .. } => (fingerprint.clone(), false),
-                State::Completed { fingerprint, .. } => (fingerprint.clone(), true),
-            };
-            if let (Some(stored), Some(given)) = (&stored_fp, fingerprint)
-                && stored != given
-            {
-                return matches!(answer, Answer::Mismatch { completed: c } if *c == completed)
-                    .then(|| state.clone());
-            }
-            let acquire = |previous: Option<(u32, Option<Vec<u8>>)>| -> Option<State> {
-                let Answer::Acquired {
-                    token,
-                    attempt,
-                    takeover,
-                    claimed_at,
-                    lease_until,
-                } = answer
-                else {
-                    return None;
-                };
-                let (want_attempt, want_fp) = match &previous {
-                    Some((attempt, fp)) => (attempt + 1, fp.clone().or(fingerprint.clone())),
-                    None => (1, fingerprint.clone()),
-                };
-                let ok = *token > max_token
-                    && *attempt == want_attempt
-                    && *takeover == previous.is_some()
-                    && *claimed_at == now
-                    && *lease_until == now + LEASE_MS;
-                ok.then(|| State::InProgress {
-                    token: *token,
-                    attempt: *attempt,
-                    fingerprint: want_fp,
-                    claimed_at: now,
-                    lease_until: now + LEASE_MS,
-                    expires_at: (now + TTL_MS).max(now + LEASE_MS),
-                })
-            };
-            match live {
-                State::Absent => acquire(None),
-                State::InProgress {
-                    lease_until,
-                    attempt,
-                    fingerprint: fp,
-                    ..
-                } => {
-                    if now < *lease_until {
-                        matches!(answer, Answer::InProgress { lease_until: l, attempt: a }
-                            if l == lease_until && a == attempt)
-                        .then(|| state.clone())
-                    } else {
-                        acquire(Some((*attempt, fp.clone())))
-                    }
-                }
-                State::Completed {
-                    response,
-                    completed_at,
-                    expires_at,
-                    attempt,
-                    ..
-                } => matches!(answer, Answer::Replay { response: r, completed_at: c, expires_at: e, attempt: a }
-                    if r == response && c == completed_at && e == expires_at && a == attempt)
-                .then(|| state.clone()),
-            }
-        }
-        (Call::Complete { token, response }, Answer::Done) if owner(*token) => {
-            let State::InProgress {
-                attempt,
-                fingerprint,
-                ..
-            } = live
-            else {
-                return None;
-            };
-            Some(State::Completed {
-                token: Some(*token),
-                attempt: *attempt,
-                fingerprint: fingerprint.clone(),
-                completed_at: now,
-                response: response.clone(),
-                expires_at: now + TTL_MS,
-            })
-        }
-        (Call::Release { token }, Answer::Done) if owner(*token) => Some(State::Absent),
-        (Call::Extend { token }, Answer::Extended { lease_until }) if owner(*token) => {
-            let State::InProgress {
-                token,
-                attempt,
-                fingerprint,
-                claimed_at,
-                ..
-            } = live
-            else {
-                return None;
-            };
-            (*lease_until == now + EXTEND_MS).then(|| State::InProgress {
-                token: *token,
-                attempt: *attempt,
-                fingerprint: fingerprint.clone(),
-                claimed_at: *claimed_at,
-                lease_until: *lease_until,
-                expires_at: (claimed_at + TTL_MS).max(*lease_until),
-            })
-        }
+/// Whether the store's answer is the model's, a token the model does not know matching any.
+fn agrees(model: &Reply, store: &Reply) -> bool {
+    match (model, store) {
         (
-            Call::Complete { token, .. } | Call::Release { token } | Call::Extend { token },
-            Answer::LeaseLost,
-        ) => (!owner(*token)).then(|| state.clone()),
-        (Call::Expire, Answer::Flag(was_live)) => {
-            (*was_live == !matches!(live, State::Absent)).then_some(State::Absent)
+            Reply::Completed {
+                token: UNSEEN_TOKEN,
+                response,
+                completed_at,
+                expires_at,
+                attempt,
+            },
+            Reply::Completed {
+                response: r,
+                completed_at: c,
+                expires_at: e,
+                attempt: a,
+                ..
+            },
+        ) => (response, completed_at, expires_at, attempt) == (r, c, e, a),
+        (Reply::Got(Some(model)), Reply::Got(Some(store))) if model.token == UNSEEN_TOKEN => {
+            Rec {
+                token: store.token,
+                ..model.clone()
+            } == *store
         }
-        (Call::MarkSeen, Answer::Flag(first)) => match live {
-            State::Absent => first.then(|| State::Completed {
-                token: None,
-                attempt: 1,
-                fingerprint: None,
-                completed_at: now,
-                response: Vec::new(),
-                expires_at: now + TTL_MS,
-            }),
-            _ => (!first).then(|| state.clone()),
-        },
-        (Call::Get, Answer::Got(observed)) => live.matches(observed).then(|| state.clone()),
-        _ => None,
+        _ => model == store,
     }
 }
 
-fn max_token_of(state: &State, max_token: u64) -> u64 {
-    match state {
-        State::InProgress { token, .. }
-        | State::Completed {
-            token: Some(token), ..
-        } => max_token.max(*token),
-        _ => max_token,
-    }
+/// The model's step: the key's record after `event` if the store's answer is the one the
+/// rules give. `max_token` is the largest token this key has seen so far: a new owner's must
+/// be larger (SEMANTICS.md §5).
+fn step(record: Option<&Rec>, max_token: u64, event: &Event, now: u64) -> Option<Option<Rec>> {
+    // A claim's new token is the one the store answered, if it is new enough; a mark's is
+    // not shown.
+    let new_token = match (&event.op, &event.answer) {
+        (Op::Claim { .. }, Reply::Acquired { token, .. }) if *token > max_token => *token,
+        (Op::Claim { .. }, Reply::Acquired { .. }) => return None,
+        _ => UNSEEN_TOKEN,
+    };
+    let (reply, next) = apply(record, &event.op, now, new_token);
+    agrees(&reply, &event.answer).then_some(next)
+}
+
+fn max_token_of(record: Option<&Rec>, max_token: u64) -> u64 {
+    record.map_or(max_token, |rec| max_token.max(rec.token))
 }
 
 /// Searches for an order of `events` that respects real time (a call that returned before
-/// another was invoked comes first) in which every answer is the model's, ending in `end`.
-fn linearizable(events: &[Event], start: &State, start_max: u64, end: &State, now: u64) -> bool {
+/// another was invoked comes first) in which every answer is the model's and after which a
+/// `get` answers `end`. Returns the key's record after that order, with the token `end`
+/// shows.
+fn linearize(
+    events: &[Event],
+    start: Option<&Rec>,
+    start_max: u64,
+    end: &Reply,
+    now: u64,
+) -> Option<Option<Rec>> {
     assert!(events.len() <= 64, "too many events per key for the search");
     fn search(
         events: &[Event],
         done: u64,
-        state: &State,
+        record: Option<Rec>,
         max_token: u64,
-        end: &State,
+        end: &Reply,
         now: u64,
-        seen: &mut HashSet<(u64, State, u64)>,
-    ) -> bool {
+        seen: &mut HashSet<(u64, Option<Rec>, u64)>,
+    ) -> Option<Option<Rec>> {
         if done.count_ones() as usize == events.len() {
-            return state.live(now).matches(end.live(now));
+            let (got, _) = apply(record.as_ref(), &Op::Get, now, UNSEEN_TOKEN);
+            return agrees(&got, end).then_some(match (record, end) {
+                (Some(rec), Reply::Got(Some(shown))) => Some(Rec {
+                    token: shown.token,
+                    ..rec
+                }),
+                (record, _) => record,
+            });
         }
-        if !seen.insert((done, state.clone(), max_token)) {
-            return false;
+        if !seen.insert((done, record.clone(), max_token)) {
+            return None;
         }
         let pending = || (0..events.len()).filter(move |i| done & (1 << i) == 0);
         let first_return = pending()
@@ -367,23 +134,26 @@ fn linearizable(events: &[Event], start: &State, start_max: u64, end: &State, no
             if event.invoked > first_return {
                 continue;
             }
-            if let Some(next) = step(state, max_token, &event.call, &event.answer, now)
-                && search(
-                    events,
-                    done | (1 << i),
-                    &next,
-                    max_token_of(&next, max_token),
-                    end,
-                    now,
-                    seen,
-                )
-            {
-                return true;
+            if let Some(next) = step(record.as_ref(), max_token, event, now) {
+                let max_token = max_token_of(next.as_ref(), max_token);
+                if let Some(found) =
+                    search(events, done | (1 << i), next, max_token, end, now, seen)
+                {
+                    return Some(found);
+                }
             }
         }
-        false
+        None
     }
-    search(events, 0, start, start_max, end, now, &mut HashSet::new())
+    search(
+        events,
+        0,
+        start.cloned(),
+        start_max,
+        end,
+        now,
+        &mut HashSet::new(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,17 +178,13 @@ fn one_call(
     rng: &mut Rng,
     tickets: &mut Vec<Ticket>,
     thread: usize,
-) -> Result<(usize, Call, Answer), Error> {
+) -> Result<(usize, Op, Reply), Error> {
     let pick_ticket = |rng: &mut Rng, tickets: &mut Vec<Ticket>| -> Option<Ticket> {
         if tickets.is_empty() {
             return None;
         }
-        let i = rng.below(tickets.len() as u64) as usize;
+        let i = rng.below_usize(tickets.len());
         Some(tickets.swap_remove(i))
-    };
-    let lost = |err: Error| match err {
-        Error::LeaseLost { .. } => Ok(Answer::LeaseLost),
-        other => Err(other),
     };
     let key_index = |ticket: &Ticket| {
         KEYS.iter()
@@ -434,39 +200,47 @@ fn one_call(
         return match choice {
             30..=49 => {
                 let response = format!("response of {token} by thread {thread}").into_bytes();
-                let answer = store
-                    .complete(&ticket, &response)
-                    .map(|()| Answer::Done)
-                    .or_else(lost)?;
-                Ok((k, Call::Complete { token, response }, answer))
+                let answer = Reply::of_owner_call(store.complete(&ticket, &response))?;
+                let op = Op::Complete {
+                    token,
+                    response,
+                    ttl: TTL_MS,
+                };
+                Ok((k, op, answer))
             }
             50..=59 => {
-                let answer = store
-                    .release(&ticket)
-                    .map(|()| Answer::Done)
-                    .or_else(lost)?;
-                Ok((k, Call::Release { token }, answer))
+                let answer = Reply::of_owner_call(store.release(&ticket))?;
+                Ok((k, Op::Release { token }, answer))
             }
             _ => {
                 let answer = match store.extend(&mut ticket, Duration::from_millis(EXTEND_MS)) {
-                    Ok(()) => Answer::Extended {
+                    Ok(()) => Reply::Extended {
                         lease_until: ticket.lease_until(),
                     },
-                    Err(err) => lost(err)?,
+                    Err(Error::LeaseLost { .. }) => Reply::Refused(Refusal::LeaseLost),
+                    Err(err) => return Err(err),
                 };
                 tickets.push(ticket);
-                Ok((k, Call::Extend { token }, answer))
+                let op = Op::Extend {
+                    token,
+                    lease: EXTEND_MS,
+                };
+                Ok((k, op, answer))
             }
         };
     }
-    let k = rng.below(KEYS.len() as u64) as usize;
+    let k = rng.below_usize(KEYS.len());
     let key = KEYS[k];
     match choice {
-        70..=77 => Ok((k, Call::Expire, Answer::Flag(store.expire(key)?))),
-        78..=87 => Ok((k, Call::MarkSeen, Answer::Flag(store.mark_seen(key)?))),
+        70..=77 => Ok((k, Op::Expire, Reply::Flag(store.expire(key)?))),
+        78..=87 => {
+            let answer = Reply::Flag(store.mark_seen(key)?);
+            Ok((k, Op::MarkSeen { ttl: TTL_MS }, answer))
+        }
         88..=99 => {
-            let entry = store.get(key)?;
-            Ok((k, Call::Get, Answer::Got(State::from_entry(entry.as_ref()))))
+            // Every claim here takes the store's TTL.
+            let answer = Reply::of_entry(store.get(key)?.as_ref(), TTL_MS);
+            Ok((k, Op::Get, answer))
         }
         _ => {
             let fingerprint = fingerprint(rng);
@@ -474,35 +248,17 @@ fn one_call(
                 Some(fp) => ClaimOptions::new().fingerprint(fp),
                 None => ClaimOptions::new(),
             };
-            let answer = match store.claim_with(key, &options)? {
-                Claim::Acquired(ticket) => {
-                    let answer = Answer::Acquired {
-                        token: ticket.fencing_token(),
-                        attempt: ticket.attempt(),
-                        takeover: ticket.is_takeover(),
-                        claimed_at: ticket.claimed_at(),
-                        lease_until: ticket.lease_until(),
-                    };
-                    tickets.push(ticket);
-                    answer
-                }
-                Claim::InProgress {
-                    lease_until,
-                    attempt,
-                    ..
-                } => Answer::InProgress {
-                    lease_until,
-                    attempt,
-                },
-                Claim::Completed(outcome) => Answer::Replay {
-                    response: outcome.response,
-                    completed_at: outcome.completed_at,
-                    expires_at: outcome.expires_at,
-                    attempt: outcome.attempt,
-                },
-                Claim::Mismatch { completed, .. } => Answer::Mismatch { completed },
+            let claim = store.claim_with(key, &options)?;
+            let answer = Reply::of_claim(&claim);
+            if let Claim::Acquired(ticket) = claim {
+                tickets.push(ticket);
+            }
+            let op = Op::Claim {
+                fingerprint,
+                lease: LEASE_MS,
+                ttl: TTL_MS,
             };
-            Ok((k, Call::Claim { fingerprint }, answer))
+            Ok((k, op, answer))
         }
     }
 }
@@ -519,14 +275,14 @@ fn concurrent_mixed_calls_on_overlapping_keys_are_linearizable_per_key() -> Test
         .sweep_interval(Duration::from_millis(1))
         .open(dir.path().join("group.redb"))?;
     let sequence = AtomicU64::new(0);
-    let mut states: Vec<State> = vec![State::Absent; KEYS.len()];
+    let mut records: Vec<Option<Rec>> = vec![None; KEYS.len()];
     let mut max_tokens: Vec<u64> = vec![0; KEYS.len()];
     let mut all_tokens: HashSet<u64> = HashSet::new();
     let mut tickets: Vec<Vec<Ticket>> = vec![Vec::new(); THREADS];
-    let mut clock_rng = Rng(7);
+    let mut clock_rng = Rng::new(7);
     for round in 0..ROUNDS {
         // Time moves only between rounds: leases lapse (takeovers), records expire.
-        let step_ms = [0, 1, 5_000, LEASE_MS + 1, 30_000, TTL_MS + 1][clock_rng.below(6) as usize];
+        let step_ms = [0, 1, 5_000, LEASE_MS + 1, 30_000, TTL_MS + 1][clock_rng.below_usize(6)];
         clock.advance(Duration::from_millis(step_ms));
         let now = clock.now();
         let histories: Mutex<Vec<Vec<Event>>> = Mutex::new(vec![Vec::new(); KEYS.len()]);
@@ -539,17 +295,17 @@ fn concurrent_mixed_calls_on_overlapping_keys_are_linearizable_per_key() -> Test
                     let (store, sequence, histories, start_line) =
                         (&store, &sequence, &histories, &start_line);
                     scope.spawn(move || -> Result<Vec<Ticket>, Error> {
-                        let mut rng = Rng((round * THREADS + thread) as u64 * 7919 + 1);
+                        let mut rng = Rng::new((round * THREADS + thread) as u64 * 7919 + 1);
                         start_line.wait();
                         for _ in 0..CALLS_PER_ROUND {
                             let invoked = sequence.fetch_add(1, Ordering::SeqCst);
-                            let (k, call, answer) = one_call(store, &mut rng, &mut mine, thread)?;
+                            let (k, op, answer) = one_call(store, &mut rng, &mut mine, thread)?;
                             let returned = sequence.fetch_add(1, Ordering::SeqCst);
                             let mut histories = histories.lock().map_err(|_| Error::Closed)?;
                             histories[k].push(Event {
                                 invoked,
                                 returned,
-                                call,
+                                op,
                                 answer,
                             });
                         }
@@ -568,20 +324,21 @@ fn concurrent_mixed_calls_on_overlapping_keys_are_linearizable_per_key() -> Test
             .map_err(|_| "history lock poisoned")?;
         for (k, events) in histories.iter().enumerate() {
             for event in events {
-                if let Answer::Acquired { token, .. } = event.answer {
+                if let Reply::Acquired { token, .. } = event.answer {
                     assert!(all_tokens.insert(token), "token {token} issued twice");
                 }
             }
-            let end = State::from_entry(store.get(KEYS[k])?.as_ref());
-            assert!(
-                linearizable(events, &states[k], max_tokens[k], &end, now),
-                "round {round}, key {}: no serial order explains these answers \
-                 (start {:?}, end {end:?}):\n{events:#?}",
-                KEYS[k],
-                states[k]
-            );
-            max_tokens[k] = max_token_of(&end, max_tokens[k]);
-            states[k] = end;
+            let end = Reply::of_entry(store.get(KEYS[k])?.as_ref(), TTL_MS);
+            let Some(record) = linearize(events, records[k].as_ref(), max_tokens[k], &end, now)
+            else {
+                panic!(
+                    "round {round}, key {}: no serial order explains these answers \
+                     (start {:?}, end {end:?}):\n{events:#?}",
+                    KEYS[k], records[k]
+                );
+            };
+            max_tokens[k] = max_token_of(record.as_ref(), max_tokens[k]);
+            records[k] = record;
         }
     }
     let stats = store.stats()?;

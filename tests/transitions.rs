@@ -1,4 +1,4 @@
-//! Every state transition of the SPEC's table, on a real file and in memory.
+//! Every state transition of the table in SEMANTICS.md §3, on a real file and in memory.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! What the benchmarks share: running an operation from many threads while timing every call,
-//! the peers (raw redb, SQLite) set up the way the issue describes, and the summary tables.
+//! the peers (raw redb, SQLite) set up as BENCHMARKS.md describes, and the summary tables.
 //!
 //! Criterion measures the mean; the tails (p50/p99/max) and the ratios to the peers are taken
 //! here, from the same calls criterion times. Criterion runs its warm-up calls first and then

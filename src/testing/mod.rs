@@ -7,7 +7,8 @@
 //! crate-private record envelope. Nothing here is compiled without the feature.
 //!
 //! - `SimDisk`: a storage backend that fails chosen I/O calls and simulates power loss.
-//! - `Model`: the SPEC's semantics as a plain map, written independently of `rules`.
+//! - `Model`: the rules of `docs/SEMANTICS.md` as a plain map, written independently of
+//!   `rules`, and `apply`, the same rules for one key, for per-key checkers.
 //! - `run` / `run_armed`: a sequence of `Step`s against store and model side by side.
 //! - `decode_record`: the record envelope decoder, for fuzzing.
 
@@ -19,7 +20,7 @@ mod scenario;
 mod step;
 
 pub use disk::{Fate, Fault, IoCall, IoCounts, IoFailure, SECTOR, SimDisk};
-pub use model::{Model, Rec, RecState, Refusal};
+pub use model::{Model, Op, Rec, RecCheckpoint, RecState, Refusal, Reply, SeqMark, advance, apply};
 pub use rng::Rng;
 pub use scenario::{Arm, Report, RunOptions, run, run_armed, run_with};
 pub use step::{LEASE, MAX_STEPS, START_MILLIS, Step, TTL};

@@ -10,7 +10,7 @@ use redb::ReadableTable;
 use crate::record::RecordState;
 use crate::{Error, Key, Store};
 
-use super::model::{Rec, RecState};
+use super::model::{Rec, RecCheckpoint, RecState};
 
 /// Every record in the file by caller key, and the last token issued.
 pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>, u64)> {
@@ -40,11 +40,16 @@ pub(super) fn raw_state(store: &Store) -> crate::Result<(BTreeMap<Vec<u8>, Rec>,
                     claimed_at,
                     lease_until,
                     claim_ttl,
-                    ..
+                    checkpoint,
                 } => RecState::InProgress {
                     claimed_at,
                     lease_until,
                     claim_ttl,
+                    checkpoint: checkpoint.map(|saved| RecCheckpoint {
+                        step: saved.step,
+                        state: saved.state.0,
+                        recorded_at: saved.recorded_at,
+                    }),
                 },
                 RecordState::Completed {
                     completed_at,
