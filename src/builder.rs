@@ -10,11 +10,11 @@ use redb::backends::{FileBackend, InMemoryBackend};
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
-use crate::file::{self, DEFAULT_FILE_MODE};
 use crate::limits::{
     self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT, MAX_SWEEP_BATCH_SIZE,
 };
-use crate::storage::Location;
+use crate::redb::file::{self, DEFAULT_FILE_MODE};
+use crate::redb::storage::Location;
 use crate::store::Store;
 
 /// When an acknowledged write is on disk.

@@ -87,27 +87,21 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-mod backend;
-mod batch;
 mod builder;
 mod claim;
 mod clock;
-mod engine;
 mod entry;
 mod error;
-mod file;
-mod guard;
-mod journal;
 mod key;
 mod limits;
 mod maintenance;
 mod notify;
 mod observe;
 mod record;
+mod redb;
 mod rules;
 mod sequence;
 mod stats;
-mod storage;
 mod store;
 mod sweeper;
 
@@ -119,6 +113,8 @@ pub mod http;
 #[doc(hidden)]
 pub mod testing;
 
+pub use crate::redb::schema::FORMAT_VERSION;
+pub use ::redb::StorageBackend;
 pub use builder::{Durability, StoreBuilder};
 pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -130,10 +126,8 @@ pub use limits::{
     MAX_RESPONSE_BYTES_LIMIT, MAX_STEP_LEN, MAX_SWEEP_BATCH_SIZE,
 };
 pub use maintenance::VerifyReport;
-pub use redb::StorageBackend;
 pub use sequence::{SeqCheck, SequenceOptions};
 pub use stats::Stats;
-pub use storage::FORMAT_VERSION;
 pub use store::Store;
 
 /// The README's examples, compiled and run as doctests.

@@ -7,9 +7,10 @@ use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::observe::Outcome;
+use crate::redb::scan;
+use crate::redb::schema;
 use crate::rules::Namespace;
 use crate::stats::Stats;
-use crate::storage;
 use crate::store::Store;
 use crate::sweeper;
 
@@ -33,10 +34,10 @@ impl Store {
     }
 
     fn list_inner(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>> {
-        let start = storage::stored_key(Namespace::Idempotency.tag(), prefix);
+        let start = scan::stored_key(Namespace::Idempotency.tag(), prefix);
         let now = self.engine().now();
         self.engine().storage.read_merged(&start, |txn, pending| {
-            let records = txn.open_table(storage::RECORDS)?;
+            let records = txn.open_table(schema::RECORDS)?;
             let mut rows = records
                 .range(start.as_slice()..)?
                 .map_while(|row| match row {
@@ -61,12 +62,13 @@ impl Store {
                 let (stored_key, record) = if from_table {
                     let Some(row) = rows.next() else { break };
                     let (stored_key, value) = row?;
-                    let record = crate::record::decode(&stored_key, &value).map_err(|err| {
-                        Error::Corrupt {
-                            key: Key::new(stored_key.get(1..).unwrap_or_default()),
-                            reason: err.0,
-                        }
-                    })?;
+                    let record =
+                        crate::redb::codec::decode(&stored_key, &value).map_err(|err| {
+                            Error::Corrupt {
+                                key: Key::new(stored_key.get(1..).unwrap_or_default()),
+                                reason: err.0,
+                            }
+                        })?;
                     (stored_key, Some(record))
                 } else {
                     let Some((stored_key, record)) = pending.next() else {
@@ -153,7 +155,7 @@ impl Store {
         let now = self.engine().now();
         self.engine()
             .storage
-            .read_merged(&[], |txn, pending| storage::count(txn, pending, now))
+            .read_merged(&[], |txn, pending| scan::count(txn, pending, now))
     }
 
     /// The number of live keys (records not yet expired).
@@ -187,7 +189,7 @@ impl Store {
             let repaired = self.engine().storage.exclusive(|db, pending| {
                 let clean = db.check_integrity()?;
                 let txn = db.begin_read()?;
-                storage::check_tables(&txn, pending)?;
+                scan::check_tables(&txn, pending)?;
                 Ok(!clean)
             })?;
             // The journal's entries were checked when the file was opened; count them in.

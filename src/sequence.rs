@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::limits;
+use crate::redb::scan;
 use crate::rules::{Answer, Namespace, Op};
-use crate::storage;
 use crate::store::{Store, checked_key, expect};
 
 /// Per-call settings for [`Store::advance_sequence_with`].
@@ -134,7 +134,7 @@ impl Store {
     /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
     pub fn sequence_mark(&self, stream: impl AsRef<[u8]>) -> Result<Option<u64>> {
         let key = checked_key(stream.as_ref())?;
-        let stored_key = storage::stored_key(Namespace::Sequence.tag(), key.as_bytes());
+        let stored_key = scan::stored_key(Namespace::Sequence.tag(), key.as_bytes());
         let now = self.engine().now();
         match self.engine().load(&stored_key)? {
             None => Ok(None),

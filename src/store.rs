@@ -13,14 +13,15 @@ use redb::StorageBackend;
 use crate::builder::{Config, StoreBuilder};
 use crate::claim::{Claim, ClaimOptions, Ticket};
 use crate::clock::Clock;
-use crate::engine::Engine;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::{self, Key};
 use crate::limits;
 use crate::observe::{self, Outcome};
+use crate::redb::Engine;
+use crate::redb::scan;
+use crate::redb::storage::{Location, Storage};
 use crate::rules::{Answer, Namespace, Op};
-use crate::storage::{self, Location, Storage};
 use crate::sweeper::Sweeper;
 
 /// How often `claim_or_wait` re-reads the clock while it waits for a lease to run out, so a
@@ -221,7 +222,7 @@ impl Store {
     /// key of its notification shard) after this call: create it before looking at the key.
     #[cfg(feature = "http")]
     pub(crate) fn key_changed(&self, key: &Key) -> tokio::sync::futures::Notified<'_> {
-        let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
+        let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
         self.engine().events.changed_async(&stored_key)
     }
 
@@ -293,7 +294,7 @@ impl Store {
     ) -> Result<Claim> {
         let key = checked_key(key)?;
         let op = self.claim_op(options)?;
-        let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
+        let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
         let deadline = Instant::now().checked_add(timeout);
         let events = &self.engine().events;
         // A wait that meets the key in progress counts as one in-progress answer, however
@@ -503,7 +504,7 @@ impl Store {
         let key = key.as_ref();
         self.observed("get", Some(key), || {
             let key = checked_key(key)?;
-            let stored_key = storage::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
+            let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
             let now = self.engine().now();
             match self.engine().load(&stored_key)? {
                 None => Ok(None),

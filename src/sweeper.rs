@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::builder::Durability;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::redb::Engine;
 
 /// The thread's name, as shown by debuggers and `top -H`.
 pub(crate) const THREAD_NAME: &str = "dedupe-sweeper";
@@ -179,7 +179,7 @@ pub(crate) struct Pacing<'a> {
 /// Sweeps in batches until nothing is due or `stop()` says so, then makes the removals
 /// durable (sweep batches commit without an fsync of their own). Returns how many were
 /// removed. `thorough` merges the journal first whatever it holds (see
-/// [`Writer::sweep`](crate::storage::Writer::sweep)). With `pacing`, pauses between batches
+/// [`Writer::sweep`](crate::redb::writer::Writer::sweep)). With `pacing`, pauses between batches
 /// while writers are busy (see the module docs).
 pub(crate) fn sweep_all(
     engine: &Engine,

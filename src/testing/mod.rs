@@ -28,7 +28,7 @@ pub use step::{LEASE, MAX_STEPS, START_MILLIS, Step, TTL};
 /// Whether a store file was created in `directory` and the directory then synced, so that
 /// the file's creation is durable.
 pub fn directory_synced(directory: &std::path::Path) -> bool {
-    crate::file::synced::contains(directory)
+    crate::redb::file::synced::contains(directory)
 }
 
 /// Decodes fuzz bytes as a stored record: the first byte is the stored key's length, then the
@@ -43,10 +43,12 @@ pub fn decode_record(bytes: &[u8]) -> bool {
         None => (0, bytes),
     };
     let (stored_key, envelope) = rest.split_at(key_len);
-    match crate::record::decode(stored_key, envelope) {
+    match crate::redb::codec::decode(stored_key, envelope) {
         Ok(record) => {
-            let again =
-                crate::record::decode(stored_key, &crate::record::encode(stored_key, &record));
+            let again = crate::redb::codec::decode(
+                stored_key,
+                &crate::redb::codec::encode(stored_key, &record),
+            );
             assert_eq!(
                 again.as_ref(),
                 Ok(&record),
@@ -74,7 +76,8 @@ pub fn steps_from_bytes(bytes: &[u8]) -> Vec<Step> {
 /// One record of each kind as [`decode_record`] reads them (key length, stored key, envelope):
 /// seeds for the decoding target.
 pub fn sample_envelopes() -> Vec<Vec<u8>> {
-    use crate::record::{ByteString, Record, RecordState, StoredCheckpoint, encode};
+    use crate::record::{ByteString, Record, RecordState, StoredCheckpoint};
+    use crate::redb::codec::encode;
     let in_progress = RecordState::InProgress {
         claimed_at: START_MILLIS,
         lease_until: START_MILLIS + 30_000,

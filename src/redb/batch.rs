@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::backend::BeforeSync;
+use crate::redb::backend::BeforeSync;
 
 /// The most weight one batch takes (a plain operation weighs 1; see [`weight`]).
 pub(crate) const MAX_BATCH_WEIGHT: usize = 1024;

@@ -31,7 +31,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::record::{self, Record, RecordState};
+use super::codec;
+use crate::record::{Record, RecordState};
 
 /// The value length that marks a removal.
 const REMOVED: u32 = u32::MAX;
@@ -82,7 +83,7 @@ pub(crate) fn encode(token: u64, changes: &Changes) -> Vec<u8> {
         out.extend_from_slice(key);
         match record {
             Some(record) => {
-                let envelope = record::encode(key, record);
+                let envelope = codec::encode(key, record);
                 out.extend_from_slice(&len_u32(envelope.len()).to_le_bytes());
                 out.extend_from_slice(&envelope);
             }
@@ -120,7 +121,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Changes), String> {
             None
         } else {
             let envelope = reader.take(value_len)?;
-            Some(record::decode(&key, envelope).map_err(|err| err.0)?)
+            Some(codec::decode(&key, envelope).map_err(|err| err.0)?)
         };
         changes.push((key, record));
     }

@@ -1,5 +1,28 @@
-//! The engine under a [`Store`](crate::Store): runs operations through the rules against the
-//! tables, answering reads from a read transaction and queueing writes for group commit.
+//! The redb engine under a [`Store`](crate::Store): runs operations through the rules against
+//! the tables of one redb file, answering reads from a read transaction and queueing writes
+//! for group commit.
+//!
+//! - `batch`: group commit, the batcher that gathers concurrent writers into one commit;
+//! - `storage`: the redb handle: open, read, write, reopen after a failed commit, close;
+//! - `schema`: the tables and the meta table, opening and initialising a file;
+//! - `writer`: one write transaction's changes, merges and sweeps;
+//! - `scan`: reads over the tables, counts and the whole-file check;
+//! - `journal`: the journal that makes a commit cheap, and its in-memory overlay;
+//! - `codec`: the record envelope (version, CRC32, bincode);
+//! - `backend`: the file backend that times fsyncs and restores the last synced header;
+//! - `guard`: redb panics as errors, and files whose creation a crash cut short;
+//! - `file`: creating a store file, private and durable.
+
+pub(crate) mod backend;
+pub(crate) mod batch;
+pub(crate) mod codec;
+pub(crate) mod file;
+pub(crate) mod guard;
+pub(crate) mod journal;
+pub(crate) mod scan;
+pub(crate) mod schema;
+pub(crate) mod storage;
+pub(crate) mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,18 +32,19 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::batch::{self, Batcher, Running};
 use crate::builder::{Config, Durability};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::journal::{self, Backlog};
 use crate::key::Key;
 use crate::notify::KeyEvents;
 use crate::observe;
 use crate::record::Record;
 use crate::rules::{self, Answer, Change, Context, Op};
 use crate::stats::Counters;
-use crate::storage::{self, Storage, Writer};
+use batch::{Batcher, Running};
+use journal::Backlog;
+use storage::Storage;
+use writer::Writer;
 
 /// One caller's request to the writer.
 pub(crate) enum Work {
@@ -90,7 +114,7 @@ pub(crate) struct Engine {
 }
 
 fn stored(key: &Key, op: &Op) -> Vec<u8> {
-    storage::stored_key(op.namespace().tag(), key.as_bytes())
+    scan::stored_key(op.namespace().tag(), key.as_bytes())
 }
 
 fn corrupt(key: &Key, reason: String) -> Error {
@@ -103,8 +127,7 @@ fn corrupt(key: &Key, reason: String) -> Error {
 impl Engine {
     pub(crate) fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Result<Engine> {
         // At time zero nothing is due, so this reads only the records' count.
-        let (records, _) =
-            storage.read_merged(&[], |txn, pending| storage::count(txn, pending, 0))?;
+        let (records, _) = storage.read_merged(&[], |txn, pending| scan::count(txn, pending, 0))?;
         Ok(Engine {
             storage,
             clock,
@@ -463,7 +486,7 @@ impl Engine {
             Some(at_open) => *at_open,
             None => {
                 let _counting = self.counting.lock();
-                let now_held = self.storage.read_merged(&[], storage::count_in_progress)?;
+                let now_held = self.storage.read_merged(&[], scan::count_in_progress)?;
                 let since_open = self.in_progress_since_open.load(Ordering::Acquire);
                 *self
                     .in_progress_at_open
