@@ -9,49 +9,14 @@ use redb::StorageBackend;
 use redb::backends::{FileBackend, InMemoryBackend};
 
 use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::limits::{
     self, DEFAULT_MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES_LIMIT, MAX_SWEEP_BATCH_SIZE,
 };
 use crate::redb::file::{self, DEFAULT_FILE_MODE};
-use crate::redb::storage::Location;
+use crate::redb::schema::Location;
 use crate::store::Store;
-
-/// When an acknowledged write is on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Durability {
-    /// Every acknowledged write is fsynced before the call returns. Concurrent writers share
-    /// fsyncs (group commit). The default.
-    #[default]
-    Immediate,
-    /// Writes are committed without an fsync, and a background commit fsyncs them at least this
-    /// often. A crash (or power loss) loses at most the writes of the last interval, like Redis'
-    /// `appendfsync everysec`. Closing the store, or dropping its last handle, makes every
-    /// write durable first; a process that ends without either (`std::process::exit`, a
-    /// store kept in a `static`) may lose the last interval as a crash does. A failed flush
-    /// (an I/O error, a full disk) loses nothing while the process runs: the store commits the
-    /// interval's writes again, durably, once it has reopened the file, and the writes that
-    /// come meanwhile get the error. Acknowledged writes are visible to every later call at
-    /// once either way. The interval is rounded up
-    /// to whole milliseconds.
-    Periodic(Duration),
-}
-
-/// Settings a store runs with, validated.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub ttl: u64,
-    pub lease: u64,
-    pub sweep_interval: Option<Duration>,
-    pub sweep_batch: usize,
-    pub max_response_bytes: usize,
-    pub durability: Durability,
-    pub quick_repair: bool,
-    pub cache_size: usize,
-    /// The most records (live, or expired and not yet swept) the store holds; `None`: no limit.
-    pub max_keys: Option<u64>,
-}
 
 /// Builds a [`Store`]. Every setter states its default.
 ///
@@ -385,5 +350,34 @@ impl StoreBuilder {
             cache_size: self.cache_size,
             max_keys: self.max_keys,
         })
+    }
+}
+
+/// Opening a store: with every default, or through the builder.
+impl Store {
+    /// Opens the store file at `path` with every default, creating it if needed. See
+    /// [`Store::builder`] for the settings.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyOpen`](crate::Error::AlreadyOpen) at once if another process or store holds the file;
+    /// [`Error::UnsupportedFormat`](crate::Error::UnsupportedFormat) or [`Error::NotAStore`](crate::Error::NotAStore) for a file this build must not
+    /// touch (nothing is rewritten); [`Error::Io`](crate::Error::Io) if it cannot be opened.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+        StoreBuilder::new().open(path)
+    }
+
+    /// A store in memory with every default: the real semantics, nothing on disk. For tests
+    /// of code built on the store; pair it with a [`ManualClock`](crate::ManualClock) through
+    /// [`Store::builder`].
+    ///
+    /// # Errors
+    /// Only if the sweeper thread cannot be started.
+    pub fn in_memory() -> Result<Store> {
+        StoreBuilder::new().in_memory()
+    }
+
+    /// A builder for every setting, each with a documented default.
+    pub fn builder() -> StoreBuilder {
+        StoreBuilder::new()
     }
 }

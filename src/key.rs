@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use crate::error::{Error, Result};
-
 /// The longest key the store accepts, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 
@@ -90,20 +88,6 @@ impl Key {
     }
 }
 
-/// Checks a caller's key against the limits.
-pub(crate) fn validate(key: &[u8]) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::EmptyKey);
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(Error::KeyTooLarge {
-            len: key.len(),
-            max: MAX_KEY_LEN,
-        });
-    }
-    Ok(())
-}
-
 impl AsRef<[u8]> for Key {
     fn as_ref(&self) -> &[u8] {
         &self.0
@@ -181,18 +165,5 @@ mod tests {
     fn display_escapes_binary_keys() {
         assert_eq!(Key::from("k1").to_string(), "\"k1\"");
         assert_eq!(Key::new(vec![0u8, 255]).to_string(), "0x00ff");
-    }
-
-    #[test]
-    fn validation_rejects_empty_and_long_keys() {
-        assert!(matches!(validate(b""), Err(Error::EmptyKey)));
-        assert!(validate(&[1u8; MAX_KEY_LEN]).is_ok());
-        assert!(matches!(
-            validate(&[1u8; MAX_KEY_LEN + 1]),
-            Err(Error::KeyTooLarge {
-                len: 1025,
-                max: 1024
-            })
-        ));
     }
 }

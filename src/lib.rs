@@ -90,11 +90,11 @@
 mod builder;
 mod claim;
 mod clock;
+mod config;
 mod entry;
 mod error;
 mod key;
 mod limits;
-mod maintenance;
 mod notify;
 mod observe;
 mod record;
@@ -115,9 +115,10 @@ pub mod testing;
 
 pub use crate::redb::schema::FORMAT_VERSION;
 pub use ::redb::StorageBackend;
-pub use builder::{Durability, StoreBuilder};
+pub use builder::StoreBuilder;
 pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::Durability;
 pub use entry::{Entry, EntryState};
 pub use error::{Error, Result, StorageError};
 pub use key::{Key, MAX_KEY_LEN};
@@ -125,10 +126,10 @@ pub use limits::{
     DEFAULT_MAX_RESPONSE_BYTES, MAX_CHECKPOINT_STATE, MAX_DURATION, MAX_FINGERPRINT_LEN,
     MAX_RESPONSE_BYTES_LIMIT, MAX_STEP_LEN, MAX_SWEEP_BATCH_SIZE,
 };
-pub use maintenance::VerifyReport;
 pub use sequence::{SeqCheck, SequenceOptions};
 pub use stats::Stats;
 pub use store::Store;
+pub use store::maintenance::VerifyReport;
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::key::MAX_KEY_LEN;
 
 /// The longest request fingerprint accepted, in bytes. Fingerprints are compared byte for
 /// byte, so pass a digest (SHA-256, BLAKE3) of a large request rather than the request itself.
@@ -59,6 +60,20 @@ pub(crate) fn interval(what: &'static str, duration: Duration) -> Result<Duratio
     duration_millis(what, duration).map(Duration::from_millis)
 }
 
+/// Checks a caller's key against the limits: 1 to [`MAX_KEY_LEN`] bytes.
+pub(crate) fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_fingerprint(fingerprint: &[u8]) -> Result<()> {
     if fingerprint.len() > MAX_FINGERPRINT_LEN {
         return Err(Error::FingerprintTooLarge {
@@ -97,6 +112,19 @@ pub(crate) fn check_checkpoint(step: &str, state: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn validation_rejects_empty_and_long_keys() {
+        assert!(matches!(check_key(b""), Err(Error::EmptyKey)));
+        assert!(check_key(&[1u8; MAX_KEY_LEN]).is_ok());
+        assert!(matches!(
+            check_key(&[1u8; MAX_KEY_LEN + 1]),
+            Err(Error::KeyTooLarge {
+                len: 1025,
+                max: 1024
+            })
+        ));
+    }
+
     use super::*;
 
     #[test]

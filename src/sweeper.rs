@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::builder::Durability;
+use crate::config::Durability;
 use crate::error::{Error, Result};
 use crate::redb::Engine;
 

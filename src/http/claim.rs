@@ -23,7 +23,24 @@ use crate::error::Error;
 use crate::key::Key;
 use crate::store::Store;
 
-use super::layer::InFlight;
+/// What a request gets when the first request with its key is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum InFlight {
+    /// Answer `409 Conflict` at once, with a [`Retry-After`](super::IdempotencyLayerBuilder::retry_after)
+    /// header. The default.
+    #[default]
+    Reject,
+    /// Wait up to this long for the first request to finish, then replay its response (or run
+    /// the handler, if the first request failed and gave the key back). Still running after
+    /// the wait: `409`, as for `Reject`.
+    ///
+    /// A waiting request is a parked task, woken when the store reports a change to its key
+    /// (or the first request's lease ends): it holds no thread while it waits, so thousands of
+    /// duplicates can wait without starving other requests of tokio's blocking pool. The
+    /// runtime needs its timer (`enable_time`, on with `#[tokio::main]`).
+    Wait(Duration),
+}
 
 /// A store call that could not give its answer.
 #[derive(Debug)]

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::http::request::Parts;
-use ::http::{HeaderName, Method, StatusCode};
+use ::http::{HeaderName, Method};
 use tower::Layer;
 
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::store::Store;
 
+use super::claim::InFlight;
+use super::config::{Config, RouteFn, Scope};
 use super::problem::header_title;
-use super::request::credentials_scope;
 use super::service::IdempotencyService;
 
 /// The request header that carries the client's key, by default.
@@ -23,121 +24,11 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The response header that marks a replayed response, by default (its value is `true`).
 pub const IDEMPOTENCY_REPLAYED: HeaderName = HeaderName::from_static("idempotency-replayed");
 
-/// The longest key accepted, in bytes: the bare value, or a quoted value's content without
-/// its quotes and escapes.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
-
 /// The default [`Retry-After`](IdempotencyLayerBuilder::retry_after) hint of a `409`: 1 second.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The default cap on a buffered request body: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
-
-/// What a request gets when the first request with its key is still running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum InFlight {
-    /// Answer `409 Conflict` at once, with a [`Retry-After`](IdempotencyLayerBuilder::retry_after)
-    /// header. The default.
-    #[default]
-    Reject,
-    /// Wait up to this long for the first request to finish, then replay its response (or run
-    /// the handler, if the first request failed and gave the key back). Still running after
-    /// the wait: `409`, as for `Reject`.
-    ///
-    /// A waiting request is a parked task, woken when the store reports a change to its key
-    /// (or the first request's lease ends): it holds no thread while it waits, so thousands of
-    /// duplicates can wait without starving other requests of tokio's blocking pool. The
-    /// runtime needs its timer (`enable_time`, on with `#[tokio::main]`).
-    Wait(Duration),
-}
-
-type ScopeFn = dyn Fn(&Parts) -> Vec<u8> + Send + Sync;
-type RouteFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
-
-/// Whose keys a request's key is among.
-#[derive(Clone)]
-pub(crate) enum Scope {
-    /// The request's credentials: [`credentials_scope`] of its headers.
-    Credentials,
-    /// One scope for every request.
-    Shared,
-    /// A function of the request.
-    Custom(Arc<ScopeFn>),
-}
-
-impl fmt::Debug for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Scope::Credentials => "Credentials",
-            Scope::Shared => "Shared",
-            Scope::Custom(_) => "Custom",
-        })
-    }
-}
-
-/// The settings an [`IdempotencyService`] runs with, validated.
-pub(crate) struct Config {
-    pub store: Store,
-    pub methods: Vec<Method>,
-    pub key_header: HeaderName,
-    /// The key header's name as messages show it.
-    pub key_header_title: String,
-    pub replayed_header: HeaderName,
-    pub require_key: bool,
-    pub scope: Scope,
-    pub stored_headers: Vec<HeaderName>,
-    pub max_request_body: usize,
-    pub max_response_body: usize,
-    /// The store's own cap on a stored response, which the encoded response must fit.
-    pub max_stored_response: usize,
-    pub in_flight: InFlight,
-    pub retry_after: Duration,
-    pub store_server_errors: bool,
-    pub ttl: Option<Duration>,
-    pub lease: Option<Duration>,
-    #[cfg_attr(not(any(feature = "tracing", feature = "metrics")), allow(dead_code))]
-    pub route_label: Option<Arc<RouteFn>>,
-}
-
-impl Config {
-    /// The route template that labels a request's metrics and span: what the
-    /// [`route_label`](IdempotencyLayerBuilder::route_label) function gives, else empty.
-    /// Never the raw path, whose ids would make a label per request.
-    #[cfg_attr(not(any(feature = "tracing", feature = "metrics")), allow(dead_code))]
-    pub(crate) fn route_of(&self, parts: &Parts) -> String {
-        self.route_label
-            .as_ref()
-            .and_then(|label| label(parts))
-            .unwrap_or_default()
-    }
-
-    pub(crate) fn applies_to(&self, method: &Method) -> bool {
-        self.methods.contains(method)
-    }
-
-    /// Whether a handler's response with `status` is stored and replayed; if not, the key is
-    /// given back. A `404`, `405` or `429` says the request was never carried out (no such
-    /// route, a method the route does not take, a rate limit), so its retry must run; a `5xx`
-    /// says it failed, unless such answers are kept on purpose.
-    pub(crate) fn keeps(&self, status: StatusCode) -> bool {
-        if status.is_server_error() {
-            return self.store_server_errors;
-        }
-        !matches!(
-            status,
-            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED | StatusCode::TOO_MANY_REQUESTS
-        )
-    }
-
-    pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
-        match &self.scope {
-            Scope::Credentials => credentials_scope(&parts.headers),
-            Scope::Shared => Vec::new(),
-            Scope::Custom(scope) => scope(parts),
-        }
-    }
-}
 
 /// A tower [`Layer`] that makes unsafe HTTP requests idempotent with an `Idempotency-Key`
 /// header, on a [`Store`]. See [the module docs](crate::http) for the behaviour.
@@ -511,6 +402,7 @@ impl IdempotencyLayerBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ::http::StatusCode;
 
     #[test]
     fn build_refuses_bad_settings_with_typed_errors() -> Result<()> {

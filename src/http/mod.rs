@@ -112,6 +112,7 @@
 
 mod body;
 mod claim;
+mod config;
 mod layer;
 mod problem;
 mod request;
@@ -119,9 +120,10 @@ mod service;
 mod stored;
 
 pub use body::ResponseBody;
+pub use claim::InFlight;
 pub use layer::{
     DEFAULT_MAX_REQUEST_BODY, DEFAULT_RETRY_AFTER, IDEMPOTENCY_KEY, IDEMPOTENCY_REPLAYED,
-    IdempotencyLayer, IdempotencyLayerBuilder, InFlight, MAX_IDEMPOTENCY_KEY_LEN,
+    IdempotencyLayer, IdempotencyLayerBuilder,
 };
-pub use request::{credentials_scope, scoped_key};
+pub use request::{MAX_IDEMPOTENCY_KEY_LEN, credentials_scope, scoped_key};
 pub use service::{IdempotencyService, ResponseFuture};

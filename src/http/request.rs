@@ -15,7 +15,9 @@ use sha2::{Digest, Sha256};
 
 use crate::key::Key;
 
-use super::layer::MAX_IDEMPOTENCY_KEY_LEN;
+/// The longest key accepted, in bytes: the bare value, or a quoted value's content without
+/// its quotes and escapes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// Scope and key parts longer than this are replaced by their digest in the stored key, so
 /// that both parts always fit [`MAX_KEY_LEN`](crate::MAX_KEY_LEN).

@@ -16,7 +16,7 @@ use crate::claim::{Claim, ClaimOptions};
 
 use super::body::{Buffered, ResponseBody, buffer_response};
 use super::claim::{self as claiming, ClaimGuard, StoreFailure};
-use super::layer::Config;
+use super::config::Config;
 use super::problem::Problem;
 use super::request::{self, BodyError};
 use super::stored::StoredResponse;

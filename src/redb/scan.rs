@@ -5,12 +5,14 @@ use std::ops::Bound;
 
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 
-use super::codec;
+use super::codec::{self, DecodeError};
 use super::schema::{EXPIRY, RECORDS};
-use super::storage::Loaded;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::redb::journal::Pending;
+
+/// One key's record as loaded: absent, decoded, or damaged.
+pub(crate) type Loaded = Option<std::result::Result<Record, DecodeError>>;
 
 /// The stored key: the namespace tag, then the caller's key.
 pub(crate) fn stored_key(tag: u8, key: &[u8]) -> Vec<u8> {

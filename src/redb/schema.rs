@@ -3,11 +3,11 @@
 //! journal at open.
 
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::codec::RECORD_VERSION;
-use super::storage::Location;
 use crate::error::{Error, Result};
 use crate::redb::backend::SharedBackend;
 use crate::redb::guard::guarded;
@@ -202,5 +202,34 @@ pub(super) fn last_token(meta: &impl ReadableTable<&'static str, u64>) -> Result
         None => Err(Error::CorruptFile {
             reason: format!("the meta table has no {META_LAST_TOKEN}"),
         }),
+    }
+}
+
+/// Where a store lives: a file, or no file, for what names it in errors.
+#[derive(Debug)]
+pub(crate) enum Location {
+    File(PathBuf),
+    /// `Store::in_memory`.
+    Memory,
+    /// A backend of the caller's (`StoreBuilder::open_backend`).
+    Backend,
+}
+
+impl Location {
+    /// The file, if the store is on one.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match self {
+            Location::File(path) => Some(path),
+            Location::Memory | Location::Backend => None,
+        }
+    }
+
+    /// How errors name the store: its path, `<memory>` or `<backend>`.
+    pub(crate) fn name(&self) -> PathBuf {
+        match self {
+            Location::File(path) => path.clone(),
+            Location::Memory => PathBuf::from("<memory>"),
+            Location::Backend => PathBuf::from("<backend>"),
+        }
     }
 }

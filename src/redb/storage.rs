@@ -5,27 +5,22 @@
 //! Nothing here decides what a record should become; that is [`crate::rules`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, StorageBackend};
 
-use super::codec::DecodeError;
-use super::scan::load;
+use super::scan::{Loaded, load};
 use super::schema::{
-    JOURNAL, RECORDS, check_before_writing, init_or_check, open_database, recover,
+    JOURNAL, Location, RECORDS, check_before_writing, init_or_check, open_database, recover,
 };
 use super::writer::{Tables, Writer};
 use crate::error::{Error, Result};
-use crate::record::Record;
 use crate::redb::backend::{BeforeSync, SharedBackend, lock_whole_file};
 use crate::redb::guard::{FileStart, drop_quietly, guarded, guarded_call, inspect_file};
 use crate::redb::journal::{Backlog, Changes, Overlay, Pending};
-
-/// One key's record as loaded: absent, decoded, or damaged.
-pub(crate) type Loaded = Option<std::result::Result<Record, DecodeError>>;
 
 /// Whether the database is open, broken by a failed commit (to be reopened), or closed.
 enum DbState {
@@ -448,34 +443,5 @@ impl<'b> Armed<'b> {
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
         self.0.before_next_sync(None);
-    }
-}
-
-/// Where a store lives: a file, or no file, for what names it in errors.
-#[derive(Debug)]
-pub(crate) enum Location {
-    File(PathBuf),
-    /// `Store::in_memory`.
-    Memory,
-    /// A backend of the caller's (`StoreBuilder::open_backend`).
-    Backend,
-}
-
-impl Location {
-    /// The file, if the store is on one.
-    pub(crate) fn path(&self) -> Option<&Path> {
-        match self {
-            Location::File(path) => Some(path),
-            Location::Memory | Location::Backend => None,
-        }
-    }
-
-    /// How errors name the store: its path, `<memory>` or `<backend>`.
-    pub(crate) fn name(&self) -> PathBuf {
-        match self {
-            Location::File(path) => path.clone(),
-            Location::Memory => PathBuf::from("<memory>"),
-            Location::Backend => PathBuf::from("<backend>"),
-        }
     }
 }

@@ -8,9 +8,9 @@ use parking_lot::RwLock;
 use redb::{ReadableTable, Table};
 
 use super::codec;
+use super::scan::Loaded;
 use super::scan::{due_range, load};
 use super::schema::{EXPIRY, META, META_LAST_TOKEN, RECORDS};
-use super::storage::Loaded;
 use crate::error::Result;
 use crate::record::Record;
 use crate::redb::backend::BeforeSync;

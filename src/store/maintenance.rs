@@ -3,6 +3,7 @@
 
 use redb::ReadableDatabase;
 
+use super::Store;
 use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -11,7 +12,6 @@ use crate::redb::scan;
 use crate::redb::schema;
 use crate::rules::Namespace;
 use crate::stats::Stats;
-use crate::store::Store;
 use crate::sweeper;
 
 /// What [`Store::verify`] found.
