@@ -161,18 +161,12 @@ impl StoreBuilder {
     /// after a crash walks the file to check the last commit's checksums (rolling back a last
     /// commit that a crash tore, which no caller was told had succeeded) and to rebuild the
     /// allocator. Either way a failed fsync whose writes the kernel forgets cannot damage the
-    /// file: the store writes the last synced header back before it goes on. Measured on a
-    /// 2-core VM for a store of one million keys (257 MiB; `cargo bench --bench
-    /// crash_reopen` and `durable_claims`, all figures in `BENCHMARKS.md`):
+    /// file: the store writes the last synced header back before it goes on.
     ///
-    /// | | off (default) | on |
-    /// | --- | --- | --- |
-    /// | durable claims, 1 thread | about 4,100–4,800/s, as raw redb | about 2,000–2,300/s |
-    /// | durable claims, 32 threads | about 37–42k/s | about 27–30k/s |
-    /// | reopen after `kill -9`, page cache warm | about 180 ms | about 1.3 ms |
-    /// | reopen after a power cut, page cache cold | about 0.9–1.2 s | about 5 ms |
-    ///
-    /// The walk grows with the file (about 0.7 s per GiB with the page cache warm). Turn
+    /// So quick repair trades about half the single-thread commit rate (two fsyncs per commit
+    /// instead of one) for a restart in milliseconds instead of a walk of the whole file, which
+    /// grows with it (about 0.2 s per million keys with the page cache warm, several times that
+    /// cold); `BENCHMARKS.md` ("Restart and file size") has the figures. Turn
     /// quick repair on for a large store whose restart time matters more than its commit
     /// rate. It also changes what a damaged file shows: without it redb cannot tell a last
     /// commit torn by a crash from one whose pages were damaged on the disk afterwards, and

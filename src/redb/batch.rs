@@ -9,21 +9,18 @@
 //! caller, whose work is at the front of the queue and therefore in the next batch, so no caller
 //! waits for more than one batch beyond the one in flight when it arrived.
 //!
-//! Measured (see `BENCHMARKS.md`): handing the lead on *before* waking the answered callers
-//! lets the next commit start sooner but halves the batches (the callers have not queued their
-//! next request yet), which cost more than it saved. Waking them first is the natural batching
-//! window.
+//! The lead is handed on only after the answered callers are woken: handing it on first lets
+//! the next commit start sooner, but before those callers have queued their next work, so the
+//! batches shrink and cost more than they save (`BENCHMARKS.md`, "Tried and not kept").
 //!
 //! A batch also takes in work that queued while it was being applied, until nothing more is
 //! waiting, and only then commits: a caller that arrives just after the batch began shares its
-//! fsync instead of waiting a whole commit for the next one. Measured at 32 threads
-//! (`durable_claims`, alternating builds): 38.4–39.8k claims/s against 36.5–37.1k/s. The
-//! batcher's `joins` says which work may join; the rest waits for a batch of its own making.
+//! fsync instead of waiting a whole commit for the next one. The batcher's `joins` says which
+//! work may join; the rest waits for a batch of its own making.
 //!
-//! **Waking callers during the fsync.** Waking a sleeping thread costs the waker about 9 µs on a
-//! 2-vCPU VM (a futex wake and an inter-processor interrupt), so answering a batch of 30 after its
-//! fsync used to add about 270 µs to every commit cycle, while both CPUs sat idle during the fsync
-//! itself. So, once a batch takes in nothing more, the leader arms a hook that the backend runs
+//! **Waking callers during the fsync.** Waking a sleeping thread costs the waker a futex wake and
+//! an inter-processor interrupt per caller, so answering a whole batch after its fsync adds that
+//! cost to every commit cycle, while both CPUs sit idle during the fsync itself. So, once a batch takes in nothing more, the leader arms a hook that the backend runs
 //! just before the commit's fsync (`backend.rs`): it wakes the callers in a relay, each woken
 //! caller waking part of the rest (see [`wake_early`]), and each caller then waits for its answer
 //! awake, letting other threads run (`yield_now`) rather than sleeping. The answer is still given
@@ -34,13 +31,9 @@
 //! saves. Answered together, those callers queue their next work together too, so the next leader,
 //! finding nothing queued yet, yields a few times for them before it commits a small batch.
 //!
-//! Measured at 32 threads (`durable_claims`, alternating builds, 2026-12-03): 41.8k, 36.2k and
-//! 32.1k claims/s against 29.6k, 28.8k and 29.6k/s without it, p99 3.9–5.2 ms against
-//! 5.5–6.1 ms; at 8 threads 17–21k/s against 14–16k/s. The process uses about 1.35 of its two
-//! CPUs instead of 0.95. Also measured and left out: waking a whole batch with one futex call
-//! (every caller asleep on one word) costs as much as waking each caller, since the kernel's
-//! wake-up of each thread is what takes the time; and relaying the wake-ups *after* the fsync
-//! gains nothing, since both CPUs are then busy with the woken callers anyway.
+//! The waiting callers spend CPU during the fsync that was idle before; a program with other
+//! work for those CPUs gets them, since the callers yield. Waking a whole batch with one futex
+//! call would not help: the kernel's wake-up of each thread is what takes the time.
 //!
 //! Some work runs alone ("solo"): a sweep batch removes hundreds of records, and a claim that
 //! shared its commit would wait for all of them. A leader skips solo work queued behind it;

@@ -45,9 +45,8 @@ pub(crate) const MERGE_BYTES: usize = 2 << 20;
 /// finds it merges the backlog down in commits of their own.
 pub(crate) const BEHIND_FACTOR: usize = 4;
 /// The most keys one merge moves, so that it holds the writer briefly. Larger chunks write each
-/// leaf for more keys: at 32 threads (`durable_claims`, three alternating runs) 256, 512 and
-/// 1,024 gave about 37k, 41k and 43k claims/s with p99 2.8–3.0, 3.5–3.9 and 5.1–5.4 ms; the
-/// claims of the batch that carries a merge wait for it, which is what the p99 shows.
+/// leaf for more keys, but the claims of the batch that carries a merge wait for it: 512 keeps
+/// the p99 at 32 threads under 5 ms, which 1,024 did not (`BENCHMARKS.md`).
 pub(crate) const MERGE_CHUNK: usize = 512;
 /// The most bytes of records one merge moves (unless one record alone is larger).
 pub(crate) const MERGE_CHUNK_BYTES: usize = 2 << 20;
