@@ -85,32 +85,21 @@ impl Engine {
                     works.extend(joined);
                     continue;
                 };
+                let mut step = Step {
+                    token: &mut token,
+                    changed: &mut changed,
+                    records,
+                    added: &mut added,
+                    in_progress: &mut in_progress,
+                };
                 let reply = match work {
-                    Work::One(key, op) => {
-                        let mut step = Step {
-                            token: &mut token,
-                            changed: &mut changed,
-                            records,
-                            added: &mut added,
-                            in_progress: &mut in_progress,
-                        };
-                        Reply::One(self.apply_one(writer, key, op, &mut step)?)
-                    }
-                    Work::Many(ops) => {
-                        let mut step = Step {
-                            token: &mut token,
-                            changed: &mut changed,
-                            records,
-                            added: &mut added,
-                            in_progress: &mut in_progress,
-                        };
-                        Reply::Many(self.apply_many(writer, ops, &mut step)?)
-                    }
+                    Work::One(key, op) => Reply::One(self.apply_one(writer, key, op, &mut step)?),
+                    Work::Many(ops) => Reply::Many(self.apply_many(writer, ops, &mut step)?),
                     Work::Sweep { limit, thorough } => {
                         let (removed, removed_in_progress, more) =
                             writer.sweep(self.now(), *limit, *thorough)?;
                         swept += removed;
-                        in_progress -= removed_in_progress as i64;
+                        *step.in_progress -= removed_in_progress as i64;
                         Reply::Swept { removed, more }
                     }
                     Work::Flush => Reply::Flushed,
