@@ -1386,3 +1386,19 @@ fn stats_prints_the_gauges_for_the_prometheus_textfile_collector() -> TestResult
     assert_eq!(both.code, Some(2), "--json and --prometheus conflict");
     Ok(())
 }
+
+#[cfg(unix)]
+#[test]
+fn a_store_file_dedupe_creates_is_readable_by_its_owner_only() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new()?;
+    assert_eq!(scratch.run(&["mark", "x"])?.code, Some(0));
+    let mode = fs::metadata(scratch.db())?.permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "mode {mode:o}");
+    // A file that exists keeps its mode.
+    fs::set_permissions(scratch.db(), fs::Permissions::from_mode(0o640))?;
+    assert_eq!(scratch.run(&["mark", "y"])?.code, Some(0));
+    let mode = fs::metadata(scratch.db())?.permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640, "mode {mode:o}");
+    Ok(())
+}
