@@ -18,10 +18,8 @@ use crate::key::Key;
 use crate::limits;
 use crate::observe::{self, Outcome};
 use crate::redb::Engine;
-use crate::redb::scan;
 use crate::redb::schema::Location;
-use crate::redb::storage::Storage;
-use crate::rules::{Answer, Namespace, Op};
+use crate::rules::{Answer, Op};
 use crate::sweeper::Sweeper;
 
 pub(crate) mod maintenance;
@@ -105,8 +103,7 @@ impl Store {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
-        let storage = Storage::open(backend, location, config.cache_size, config.quick_repair)?;
-        let engine = Arc::new(Engine::new(storage, clock, config)?);
+        let engine = Arc::new(Engine::open(backend, location, config, clock)?);
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
             handle: Arc::new(Handle {
@@ -122,7 +119,7 @@ impl Store {
 
     /// The file this store is on; `None` in memory or on a backend of your own.
     pub fn path(&self) -> Option<&Path> {
-        self.handle.engine.storage.path()
+        self.handle.engine.path()
     }
 
     /// Claims `key` with the store's lease and TTL and no fingerprint. See [`Store::claim_with`].
@@ -181,11 +178,7 @@ impl Store {
         key: Option<&[u8]>,
         run: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        observe::operation(
-            op,
-            key.map(|key| (self.engine().storage.store_id(), key)),
-            run,
-        )
+        observe::operation(op, key.map(|key| (self.engine().store_id(), key)), run)
     }
 
     /// Like [`Store::claim_with`], without counting an in-progress answer: a look of a wait
@@ -201,8 +194,7 @@ impl Store {
     /// key of its notification shard) after this call: create it before looking at the key.
     #[cfg(feature = "http")]
     pub(crate) fn key_changed(&self, key: &Key) -> tokio::sync::futures::Notified<'_> {
-        let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
-        self.engine().events.changed_async(&stored_key)
+        self.engine().key_changed(key)
     }
 
     /// Counts the claim's answer as the caller gets it.
@@ -273,14 +265,13 @@ impl Store {
     ) -> Result<Claim> {
         let key = checked_key(key)?;
         let op = self.claim_op(options)?;
-        let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
         let deadline = Instant::now().checked_add(timeout);
-        let events = &self.engine().events;
+        let engine = self.engine();
         // A wait that meets the key in progress counts as one in-progress answer, however
         // often it looks again.
         let mut counted = false;
         loop {
-            let seen = events.generation(&stored_key);
+            let seen = engine.generation(&key);
             let claim = self.run_claim(key.clone(), op.clone())?;
             let Claim::InProgress { lease_until, .. } = claim else {
                 return Ok(claim);
@@ -304,7 +295,7 @@ impl Store {
                 if let Some(deadline) = deadline {
                     until = until.min(deadline);
                 }
-                if events.wait(&stored_key, seen, until) {
+                if engine.wait_for_change(&key, seen, until) {
                     break;
                 }
             }
@@ -322,10 +313,8 @@ impl Store {
     pub fn close(self) -> Result<()> {
         self.observed("close", None, || {
             drop(self.handle.sweeper.lock().take());
-            let closed = self.engine().storage.close();
             // Callers waiting in `claim_or_wait` on other clones look again, and get `Closed`.
-            self.engine().events.changed_all();
-            closed
+            self.engine().close()
         })
     }
 }

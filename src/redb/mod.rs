@@ -20,6 +20,7 @@ mod commit;
 pub(crate) mod file;
 pub(crate) mod guard;
 pub(crate) mod journal;
+mod reads;
 pub(crate) mod scan;
 pub(crate) mod schema;
 pub(crate) mod storage;
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use redb::StorageBackend;
 
 use crate::clock::Clock;
 use crate::config::{Config, Durability};
@@ -41,6 +43,7 @@ use crate::rules::{self, Answer, Change, Context, Op};
 use crate::stats::Counters;
 use batch::Batcher;
 use journal::Backlog;
+use schema::Location;
 use storage::Storage;
 
 /// One caller's request to the writer.
@@ -85,11 +88,11 @@ impl Work {
 }
 
 pub(crate) struct Engine {
-    pub storage: Storage,
+    storage: Storage,
     pub clock: Arc<dyn Clock>,
     pub config: Config,
     pub counters: Counters,
-    pub events: KeyEvents,
+    events: KeyEvents,
     batcher: Batcher<Work, Result<Reply>>,
     /// When the last durable commit finished, for `Durability::Periodic`.
     last_durable: Mutex<Instant>,
@@ -122,7 +125,18 @@ fn corrupt(key: &Key, reason: String) -> Error {
 }
 
 impl Engine {
-    pub(crate) fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Result<Engine> {
+    /// Opens (or initialises) the store on `backend`; `location` names it in errors.
+    pub(crate) fn open(
+        backend: Arc<dyn StorageBackend>,
+        location: Location,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine> {
+        let storage = Storage::open(backend, location, config.cache_size, config.quick_repair)?;
+        Engine::new(storage, clock, config)
+    }
+
+    fn new(storage: Storage, clock: Arc<dyn Clock>, config: Config) -> Result<Engine> {
         // At time zero nothing is due, so this reads only the records' count.
         let (records, _) = storage.read_merged(&[], |txn, pending| scan::count(txn, pending, 0))?;
         Ok(Engine {

@@ -1,16 +1,10 @@
 //! The operator's side of a [`Store`]: listing keys, counting, sweeping, verifying and
 //! compacting the file.
 
-use redb::ReadableDatabase;
-
 use super::Store;
 use crate::entry::Entry;
-use crate::error::{Error, Result};
-use crate::key::Key;
+use crate::error::Result;
 use crate::observe::Outcome;
-use crate::redb::scan;
-use crate::redb::schema;
-use crate::rules::Namespace;
 use crate::stats::Stats;
 use crate::sweeper;
 
@@ -28,71 +22,19 @@ impl Store {
     /// Live keys starting with `prefix`, in key order, at most `limit` of them.
     ///
     /// # Errors
-    /// [`Error::Corrupt`] for a damaged record in the range; [`Error::Storage`].
+    /// [`Error::Corrupt`](crate::Error::Corrupt) for a damaged record in the range; [`Error::Storage`](crate::Error::Storage).
     pub fn list(&self, prefix: impl AsRef<[u8]>, limit: usize) -> Result<Vec<Entry>> {
         self.observed("list", None, || self.list_inner(prefix.as_ref(), limit))
     }
 
     fn list_inner(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>> {
-        let start = scan::stored_key(Namespace::Idempotency.tag(), prefix);
         let now = self.engine().now();
-        self.engine().storage.read_merged(&start, |txn, pending| {
-            let records = txn.open_table(schema::RECORDS)?;
-            let mut rows = records
-                .range(start.as_slice()..)?
-                .map_while(|row| match row {
-                    Ok((key, value)) if key.value().starts_with(&start) => {
-                        Some(Ok((key.value().to_vec(), value.value().to_vec())))
-                    }
-                    Ok(_) => None,
-                    Err(err) => Some(Err(err)),
-                })
-                .peekable();
-            let mut pending = pending.iter().peekable();
-            let mut entries = Vec::new();
-            // Both in key order: walk them together, the overlay's record winning a tie.
-            while entries.len() < limit {
-                let from_table = match (rows.peek(), pending.peek()) {
-                    (None, None) => break,
-                    (Some(Err(_)), _) => true,
-                    (Some(Ok((table_key, _))), Some((pending_key, _))) => table_key < *pending_key,
-                    (Some(Ok(_)), None) => true,
-                    (None, Some(_)) => false,
-                };
-                let (stored_key, record) = if from_table {
-                    let Some(row) = rows.next() else { break };
-                    let (stored_key, value) = row?;
-                    let record =
-                        crate::redb::codec::decode(&stored_key, &value).map_err(|err| {
-                            Error::Corrupt {
-                                key: Key::new(stored_key.get(1..).unwrap_or_default()),
-                                reason: err.0,
-                            }
-                        })?;
-                    (stored_key, Some(record))
-                } else {
-                    let Some((stored_key, record)) = pending.next() else {
-                        break;
-                    };
-                    if let Some(Ok((table_key, _))) = rows.peek()
-                        && table_key == stored_key
-                    {
-                        rows.next();
-                    }
-                    (stored_key.clone(), record.clone())
-                };
-                if let Some(record) = record
-                    && record.is_live(now)
-                    && let Some(entry) = Entry::from_record(
-                        Key::new(stored_key.get(1..).unwrap_or_default()),
-                        record,
-                    )
-                {
-                    entries.push(entry);
-                }
-            }
-            Ok(entries)
-        })
+        Ok(self
+            .engine()
+            .list(prefix, limit, now)?
+            .into_iter()
+            .filter_map(|(key, record)| Entry::from_record(key, record))
+            .collect())
     }
 
     /// Removes every expired record now, in bounded batches (one short transaction each).
@@ -102,7 +44,7 @@ impl Store {
     /// waiting in the journal is due.
     ///
     /// # Errors
-    /// [`Error::Storage`]; batches committed before the failure stay removed.
+    /// [`Error::Storage`](crate::Error::Storage); batches committed before the failure stay removed.
     pub fn sweep(&self) -> Result<usize> {
         self.observed("sweep", None, || {
             sweeper::sweep_all(self.engine(), true, None, || false)
@@ -116,7 +58,7 @@ impl Store {
     /// background sweeper). Returns how many were removed and whether more are due.
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Storage`](crate::Error::Storage).
     ///
     /// ```
     /// # fn main() -> Result<(), dedupe_store::Error> {
@@ -139,7 +81,7 @@ impl Store {
     /// reads their index entries, so this costs time in proportion to that backlog.
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Storage`](crate::Error::Storage).
     pub fn stats(&self) -> Result<Stats> {
         self.observed("stats", None, || {
             let (records, due) = self.counts()?;
@@ -152,16 +94,13 @@ impl Store {
     }
 
     fn counts(&self) -> Result<(u64, u64)> {
-        let now = self.engine().now();
-        self.engine()
-            .storage
-            .read_merged(&[], |txn, pending| scan::count(txn, pending, now))
+        self.engine().counts(self.engine().now())
     }
 
     /// The number of live keys (records not yet expired).
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Storage`](crate::Error::Storage).
     pub fn len(&self) -> Result<u64> {
         let (records, due) = self.counts()?;
         Ok(records.saturating_sub(due))
@@ -170,7 +109,7 @@ impl Store {
     /// Whether no key is live.
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Storage`](crate::Error::Storage).
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
@@ -182,18 +121,11 @@ impl Store {
     /// opened. Holds off every other call while it runs.
     ///
     /// # Errors
-    /// [`Error::CorruptFile`] if redb cannot repair the file or the index disagrees with the
-    /// records; [`Error::Corrupt`] naming the first damaged record; [`Error::Storage`].
+    /// [`Error::CorruptFile`](crate::Error::CorruptFile) if redb cannot repair the file or the index disagrees with the
+    /// records; [`Error::Corrupt`](crate::Error::Corrupt) naming the first damaged record; [`Error::Storage`](crate::Error::Storage).
     pub fn verify(&self) -> Result<VerifyReport> {
         self.observed("verify", None, || {
-            let repaired = self.engine().storage.exclusive(|db, pending| {
-                let clean = db.check_integrity()?;
-                let txn = db.begin_read()?;
-                scan::check_tables(&txn, pending)?;
-                Ok(!clean)
-            })?;
-            // The journal's entries were checked when the file was opened; count them in.
-            let (records, _) = self.counts()?;
+            let (records, repaired) = self.engine().verify()?;
             Ok(VerifyReport { records, repaired })
         })
     }
@@ -202,9 +134,9 @@ impl Store {
     /// other call while it runs. Returns whether anything was compacted.
     ///
     /// # Errors
-    /// [`Error::Storage`].
+    /// [`Error::Storage`](crate::Error::Storage).
     pub fn compact(&self) -> Result<bool> {
-        self.engine().storage.exclusive(|db, _| Ok(db.compact()?))
+        self.engine().compact()
     }
 }
 

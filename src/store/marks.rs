@@ -5,27 +5,23 @@ use std::time::Duration;
 
 use super::{Store, checked_key, expect};
 use crate::entry::Entry;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::limits;
-use crate::redb::scan;
 use crate::rules::{Answer, Namespace, Op};
 
 impl Store {
     /// The key's state, without changing it; `None` if it is absent or expired.
     ///
     /// # Errors
-    /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
+    /// [`Error::EmptyKey`](crate::Error::EmptyKey), [`Error::KeyTooLarge`](crate::Error::KeyTooLarge), [`Error::Corrupt`](crate::Error::Corrupt), [`Error::Storage`](crate::Error::Storage).
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
         let key = key.as_ref();
         self.observed("get", Some(key), || {
             let key = checked_key(key)?;
-            let stored_key = scan::stored_key(Namespace::Idempotency.tag(), key.as_bytes());
             let now = self.engine().now();
-            match self.engine().load(&stored_key)? {
-                None => Ok(None),
-                Some(Err(err)) => Err(Error::Corrupt { key, reason: err.0 }),
-                Some(Ok(record)) if record.is_live(now) => Ok(Entry::from_record(key, record)),
-                Some(Ok(_)) => Ok(None),
+            match self.engine().get(Namespace::Idempotency, &key)? {
+                Some(record) if record.is_live(now) => Ok(Entry::from_record(key, record)),
+                _ => Ok(None),
             }
         })
     }
@@ -34,7 +30,7 @@ impl Store {
     /// that fails its checksum). Returns whether a live record was there.
     ///
     /// # Errors
-    /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Storage`].
+    /// [`Error::EmptyKey`](crate::Error::EmptyKey), [`Error::KeyTooLarge`](crate::Error::KeyTooLarge), [`Error::Storage`](crate::Error::Storage).
     pub fn expire(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         let key = key.as_ref();
         self.observed("expire", Some(key), || {
@@ -61,7 +57,7 @@ impl Store {
     /// ```
     ///
     /// # Errors
-    /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
+    /// [`Error::EmptyKey`](crate::Error::EmptyKey), [`Error::KeyTooLarge`](crate::Error::KeyTooLarge), [`Error::Corrupt`](crate::Error::Corrupt), [`Error::Storage`](crate::Error::Storage).
     pub fn mark_seen(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         self.mark_seen_inner(key.as_ref(), self.engine().config.ttl)
     }
@@ -70,7 +66,7 @@ impl Store {
     /// window) instead of the store's TTL.
     ///
     /// # Errors
-    /// As for [`Store::mark_seen`], and [`Error::InvalidDuration`].
+    /// As for [`Store::mark_seen`], and [`Error::InvalidDuration`](crate::Error::InvalidDuration).
     pub fn mark_seen_with_ttl(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool> {
         let ttl = limits::duration_millis("ttl", ttl)?;
         self.mark_seen_inner(key.as_ref(), ttl)
@@ -117,7 +113,7 @@ impl Store {
     /// window) instead of the store's TTL.
     ///
     /// # Errors
-    /// As for [`Store::mark_seen_many`], and [`Error::InvalidDuration`].
+    /// As for [`Store::mark_seen_many`], and [`Error::InvalidDuration`](crate::Error::InvalidDuration).
     pub fn mark_seen_many_with_ttl<I, K>(&self, keys: I, ttl: Duration) -> Result<Vec<bool>>
     where
         I: IntoIterator<Item = K>,

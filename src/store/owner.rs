@@ -11,7 +11,7 @@ use crate::rules::{Answer, Op};
 
 impl Store {
     fn check_ticket(&self, ticket: &Ticket) -> Result<()> {
-        if ticket.store_id != self.engine().storage.store_id() {
+        if ticket.store_id != self.engine().store_id() {
             return Err(Error::ForeignTicket {
                 key: ticket.key.clone(),
             });

@@ -3,7 +3,6 @@
 use super::{Store, checked_key, expect};
 use crate::error::{Error, Result};
 use crate::limits;
-use crate::redb::scan;
 use crate::rules::{Answer, Namespace, Op};
 use crate::sequence::{SeqCheck, SequenceOptions};
 
@@ -79,13 +78,11 @@ impl Store {
     /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
     pub fn sequence_mark(&self, stream: impl AsRef<[u8]>) -> Result<Option<u64>> {
         let key = checked_key(stream.as_ref())?;
-        let stored_key = scan::stored_key(Namespace::Sequence.tag(), key.as_bytes());
         let now = self.engine().now();
-        match self.engine().load(&stored_key)? {
+        match self.engine().get(Namespace::Sequence, &key)? {
             None => Ok(None),
-            Some(Err(err)) => Err(Error::Corrupt { key, reason: err.0 }),
-            Some(Ok(record)) if !record.is_live(now) => Ok(None),
-            Some(Ok(record)) => match record.state {
+            Some(record) if !record.is_live(now) => Ok(None),
+            Some(record) => match record.state {
                 crate::record::RecordState::Sequence { mark, .. } => Ok(Some(mark)),
                 _ => Err(Error::Corrupt {
                     key,

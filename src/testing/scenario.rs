@@ -157,7 +157,7 @@ impl Runner {
     }
 
     fn store_id(&self) -> Result<u64, String> {
-        Ok(self.store()?.engine().storage.store_id())
+        Ok(self.store()?.engine().store_id())
     }
 
     fn is_fault(&self, err: &Error) -> bool {
