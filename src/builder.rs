@@ -199,10 +199,13 @@ impl StoreBuilder {
     /// [`mark_seen_many`](Store::mark_seen_many) batch is all or nothing here too: refused
     /// whole if its new keys do not all fit.
     ///
-    /// The budget bounds the file: each key takes its record (the key, the stored response
-    /// up to [`max_response_bytes`](Self::max_response_bytes), and about 100 bytes of
-    /// metadata) plus its expiry index entry, and redb keeps some free pages besides (see
-    /// `BENCHMARKS.md` for bytes per key under churn).
+    /// The budget bounds the file. Each key takes its record (the key, the stored response up
+    /// to [`max_response_bytes`](Self::max_response_bytes), and about 100 bytes of metadata)
+    /// and its expiry index entry, and the file holds recent records more than once (in the
+    /// journal and in the tables, and in pages that copy-on-write has not reused yet). Size
+    /// the disk for `max_keys × 4 × (key + response)` plus 1 MiB, and half again under churn:
+    /// floods to the budget measured about 400 bytes per key with 100-byte responses, 2.8 KB
+    /// with 1 KiB and 61 KB with 16 KiB (`BENCHMARKS.md`).
     ///
     /// ```
     /// use dedupe_store::{Error, Store};

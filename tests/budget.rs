@@ -202,10 +202,10 @@ fn refused_claims_do_not_grow_the_file() -> TestResult {
     assert_eq!(fill(&f.store, BUDGET..20 * BUDGET)?, 19 * BUDGET);
     let after_flood = std::fs::metadata(&path)?.len();
     assert_eq!(after_flood, at_budget, "refused claims grew the file");
-    // What the budget bounds: the admitted keys' records, plus redb's own pages.
-    let per_key = 1024 + 200;
+    // The bound the docs give: max_keys × 4 × (key + response), plus 1 MiB.
+    let key_and_response = "key-19999".len() as u64 + response.len() as u64;
     assert!(
-        after_flood <= BUDGET * per_key * 4 + 4 * 1024 * 1024,
+        after_flood <= BUDGET * 4 * key_and_response + 1024 * 1024,
         "{after_flood} bytes for {BUDGET} keys"
     );
     Ok(())
