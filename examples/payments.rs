@@ -4,7 +4,8 @@
 //!
 //! Run with `cargo run --example payments --features http,metrics,tracing -- [FILE]` (without
 //! FILE it uses a temporary store file), then follow the README's "HTTP middleware" section with
-//! curl. It listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`. `GET /metrics` serves the store's
+//! curl. It listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`, and keeps at most a million keys,
+//! or `PAYMENTS_MAX_KEYS`. `GET /metrics` serves the store's
 //! and the layer's metrics in the Prometheus text format, and every request's and store call's
 //! span is logged to stderr (`RUST_LOG`-style filtering is left out to keep it small), so a
 //! retry storm can be watched being absorbed.
@@ -67,7 +68,14 @@ async fn main() -> Result<()> {
         Some(path) => path.into(),
         None => dir.path().join("payments.redb"),
     };
-    let store = Store::open(&path)?;
+    // A budget of keys, so that a flood of fresh keys gets 503s instead of filling the disk.
+    let max_keys = match std::env::var("PAYMENTS_MAX_KEYS") {
+        Ok(text) => text
+            .parse()
+            .map_err(|err| format!("PAYMENTS_MAX_KEYS={text}: {err}"))?,
+        Err(_) => 1_000_000,
+    };
+    let store = Store::builder().max_keys(max_keys).open(&path)?;
 
     let idempotency = IdempotencyLayer::builder(store.clone())
         .require_key(true)
