@@ -226,10 +226,7 @@ impl Store {
     }
 
     fn run_claim(&self, key: Key, op: Op) -> Result<Claim> {
-        let answer = match self.engine().peek(&key, &op)? {
-            Some(answer) => answer,
-            None => self.engine().one(key, op)?,
-        };
+        let answer = self.engine().decide(key, op)?;
         expect(answer, |answer| match answer {
             Answer::Claim(claim) => Some(claim),
             _ => None,
@@ -280,23 +277,16 @@ impl Store {
                 self.engine().counters.in_progress();
             }
             loop {
-                let now = Instant::now();
-                if deadline.is_some_and(|deadline| now >= deadline) {
+                match next_look(deadline, lease_until, engine.now(), CLOCK_RECHECK) {
                     // Answer as a claim would now: the lease may have run out, or moved on,
                     // since the last look.
-                    return self.run_claim(key, op);
-                }
-                let lease_left =
-                    Duration::from_millis(lease_until.saturating_sub(self.engine().now()));
-                if lease_left.is_zero() {
-                    break;
-                }
-                let mut until = now + lease_left.min(CLOCK_RECHECK);
-                if let Some(deadline) = deadline {
-                    until = until.min(deadline);
-                }
-                if engine.wait_for_change(&key, seen, until) {
-                    break;
+                    NextLook::Deadline => return self.run_claim(key, op),
+                    NextLook::LeaseOver => break,
+                    NextLook::WaitUntil(until) => {
+                        if engine.wait_for_change(&key, seen, until) {
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -317,6 +307,37 @@ impl Store {
             self.engine().close()
         })
     }
+}
+
+/// What a wait for a key in progress does next.
+pub(crate) enum NextLook {
+    /// The wait's deadline has come: look once more and answer as that claim does.
+    Deadline,
+    /// The owner's lease has run out by the store's clock: look again now.
+    LeaseOver,
+    /// Wait for the key to change until this instant, then decide again. It is never later
+    /// than the deadline nor than `recheck` from now, so a clock that jumps is noticed.
+    WaitUntil(Instant),
+}
+
+/// Decides a `claim_or_wait`'s next step (and the HTTP layer's wait's), for a key whose
+/// owner holds it until `lease_until` by the store's clock, which reads `clock_now`.
+pub(crate) fn next_look(
+    deadline: Option<Instant>,
+    lease_until: u64,
+    clock_now: u64,
+    recheck: Duration,
+) -> NextLook {
+    let now = Instant::now();
+    if deadline.is_some_and(|deadline| now >= deadline) {
+        return NextLook::Deadline;
+    }
+    let lease_left = Duration::from_millis(lease_until.saturating_sub(clock_now));
+    if lease_left.is_zero() {
+        return NextLook::LeaseOver;
+    }
+    let until = now + lease_left.min(recheck);
+    NextLook::WaitUntil(deadline.map_or(until, |deadline| until.min(deadline)))
 }
 
 pub(crate) fn checked_key(key: &[u8]) -> Result<Key> {

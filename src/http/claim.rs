@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::claim::{Claim, ClaimOptions, Ticket};
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::Store;
+use crate::store::{NextLook, Store, next_look};
 
 /// What a request gets when the first request with its key is still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,6 +109,7 @@ pub(crate) async fn claim(
         return claim_once(store, &key, &options, Look::First).await;
     };
     let deadline = Instant::now().checked_add(timeout);
+    let deadline_std = deadline.map(Instant::into_std);
     let mut look = Look::First;
     loop {
         // Registered before the look, so a change between the look and the wait wakes it.
@@ -119,24 +120,24 @@ pub(crate) async fn claim(
             return Ok(claim);
         };
         loop {
-            let now = Instant::now();
-            if deadline.is_some_and(|deadline| now >= deadline) {
-                return claim_once(store, &key, &options, Look::Again).await;
-            }
-            let lease_left =
-                Duration::from_millis(lease_until.saturating_sub(store.engine().now()));
-            if lease_left.is_zero() {
-                break;
-            }
-            let mut until = now + lease_left.min(CLOCK_RECHECK);
-            if let Some(deadline) = deadline {
-                until = until.min(deadline);
-            }
-            if tokio::time::timeout_at(until, changed.as_mut())
-                .await
-                .is_ok()
-            {
-                break;
+            match next_look(
+                deadline_std,
+                lease_until,
+                store.engine().now(),
+                CLOCK_RECHECK,
+            ) {
+                NextLook::Deadline => {
+                    return claim_once(store, &key, &options, Look::Again).await;
+                }
+                NextLook::LeaseOver => break,
+                NextLook::WaitUntil(until) => {
+                    if tokio::time::timeout_at(Instant::from_std(until), changed.as_mut())
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
             }
         }
     }

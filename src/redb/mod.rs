@@ -187,6 +187,18 @@ impl Engine {
         Ok(Some(transition.answer))
     }
 
+    /// Answers `op` on `key`: from a read transaction when that changes nothing ([`peek`]),
+    /// else through the next group commit ([`one`]).
+    ///
+    /// [`peek`]: Self::peek
+    /// [`one`]: Self::one
+    pub(crate) fn decide(&self, key: Key, op: Op) -> Result<Answer> {
+        match self.peek(&key, &op)? {
+            Some(answer) => Ok(answer),
+            None => self.one(key, op),
+        }
+    }
+
     /// Reads one key's record.
     pub(crate) fn load(&self, stored_key: &[u8]) -> Result<scan::Loaded> {
         self.storage.load(stored_key)

@@ -76,10 +76,7 @@ impl Store {
         self.observed("mark_seen", Some(key), || {
             let key = checked_key(key)?;
             let op = Op::MarkSeen { ttl };
-            let answer = match self.engine().peek(&key, &op)? {
-                Some(answer) => answer,
-                None => self.engine().one(key, op)?,
-            };
+            let answer = self.engine().decide(key, op)?;
             expect(answer, |answer| match answer {
                 Answer::Seen(first) => Some(first),
                 _ => None,

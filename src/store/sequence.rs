@@ -61,10 +61,7 @@ impl Store {
                 ttl,
                 contiguous: options.contiguous,
             };
-            let answer = match self.engine().peek(&key, &op)? {
-                Some(answer) => answer,
-                None => self.engine().one(key, op)?,
-            };
+            let answer = self.engine().decide(key, op)?;
             expect(answer, |answer| match answer {
                 Answer::Sequence(check) => Some(check),
                 _ => None,
