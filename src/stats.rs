@@ -4,11 +4,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::Error;
-use crate::claim::Claim;
-use crate::rules::Answer;
-use crate::sequence::SeqCheck;
-
 /// What the store did since it was opened, and what it holds now.
 ///
 /// Counters count answers given to callers; gauges are read from the file when
@@ -88,38 +83,57 @@ pub(crate) struct Counters {
     last_sweeper_error: Mutex<Option<String>>,
 }
 
+/// What one answer adds to the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tally {
+    Acquired {
+        takeover: bool,
+    },
+    Replay,
+    Mismatch,
+    Completed,
+    Released,
+    Extended,
+    Checkpointed,
+    SequenceAccepted,
+    SequenceRejected,
+    Expired,
+    Marked,
+    Duplicate,
+    LeaseLost,
+    /// Nothing counted (an in-progress answer is counted by the store, see `in_progress`).
+    Nothing,
+}
+
 fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
 impl Counters {
     /// Counts an answer given to a caller.
-    pub(crate) fn record(&self, answer: &Answer) {
-        match answer {
-            Answer::Claim(Claim::Acquired(ticket)) => {
-                bump(&self.acquired, 1);
-                if ticket.is_takeover() {
+    pub(crate) fn count(&self, tally: Tally) {
+        let counter = match tally {
+            Tally::Acquired { takeover } => {
+                if takeover {
                     bump(&self.takeovers, 1);
                 }
+                &self.acquired
             }
-            Answer::Claim(Claim::Completed(_)) => bump(&self.replays, 1),
-            // Counted by the store, once per answer a caller gets (see `in_progress`): a
-            // `claim_or_wait` claims again each time it wakes.
-            Answer::Claim(Claim::InProgress { .. }) => {}
-            Answer::Claim(Claim::Mismatch { .. }) => bump(&self.mismatches, 1),
-            Answer::Completed => bump(&self.completes, 1),
-            Answer::Released => bump(&self.releases, 1),
-            Answer::Extended { .. } => bump(&self.extends, 1),
-            Answer::Checkpointed { .. } => bump(&self.checkpoints, 1),
-            Answer::Sequence(SeqCheck::Accepted) => bump(&self.sequence_accepted, 1),
-            Answer::Sequence(_) => bump(&self.sequence_rejected, 1),
-            Answer::Expired(true) => bump(&self.expired, 1),
-            Answer::Expired(false) => {}
-            Answer::Seen(true) => bump(&self.marked, 1),
-            Answer::Seen(false) => bump(&self.duplicates, 1),
-            Answer::Refused(Error::LeaseLost { .. }) => bump(&self.lease_lost, 1),
-            Answer::Refused(_) => {}
-        }
+            Tally::Replay => &self.replays,
+            Tally::Mismatch => &self.mismatches,
+            Tally::Completed => &self.completes,
+            Tally::Released => &self.releases,
+            Tally::Extended => &self.extends,
+            Tally::Checkpointed => &self.checkpoints,
+            Tally::SequenceAccepted => &self.sequence_accepted,
+            Tally::SequenceRejected => &self.sequence_rejected,
+            Tally::Expired => &self.expired,
+            Tally::Marked => &self.marked,
+            Tally::Duplicate => &self.duplicates,
+            Tally::LeaseLost => &self.lease_lost,
+            Tally::Nothing => return,
+        };
+        bump(counter, 1);
     }
 
     /// Counts a claim answered `InProgress`.
@@ -145,7 +159,7 @@ impl Counters {
         bump(&self.commit_failures, 1);
     }
 
-    pub(crate) fn sweeper_failed(&self, err: &Error) {
+    pub(crate) fn sweeper_failed(&self, err: &crate::Error) {
         bump(&self.sweeper_errors, 1);
         *self.last_sweeper_error.lock() = Some(err.to_string());
     }

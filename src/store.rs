@@ -19,7 +19,7 @@ use crate::limits;
 use crate::observe::{self, Outcome};
 use crate::redb::Engine;
 use crate::redb::schema::Location;
-use crate::rules::{Answer, Op};
+use crate::rules::ops;
 use crate::sweeper::Sweeper;
 
 pub(crate) mod maintenance;
@@ -82,17 +82,6 @@ impl fmt::Debug for Store {
         f.debug_struct("Store")
             .field("path", &self.path())
             .finish_non_exhaustive()
-    }
-}
-
-/// Takes the answer `pick` expects, or the refusal as an error.
-pub(crate) fn expect<T>(answer: Answer, pick: impl FnOnce(Answer) -> Option<T>) -> Result<T> {
-    match answer {
-        Answer::Refused(err) => Err(err),
-        other => match pick(other) {
-            Some(value) => Ok(value),
-            None => unreachable!("the writer answered a different operation"),
-        },
     }
 }
 
@@ -205,7 +194,7 @@ impl Store {
         claim
     }
 
-    fn claim_op(&self, options: &ClaimOptions) -> Result<Op> {
+    fn claim_op(&self, options: &ClaimOptions) -> Result<ops::Claim> {
         let config = &self.engine().config;
         if let Some(fingerprint) = &options.fingerprint {
             limits::check_fingerprint(fingerprint)?;
@@ -218,19 +207,15 @@ impl Store {
             Some(ttl) => limits::duration_millis("ttl", ttl)?,
             None => config.ttl,
         };
-        Ok(Op::Claim {
+        Ok(ops::Claim {
             fingerprint: options.fingerprint.clone(),
             lease,
             ttl,
         })
     }
 
-    fn run_claim(&self, key: Key, op: Op) -> Result<Claim> {
-        let answer = self.engine().decide(key, op)?;
-        expect(answer, |answer| match answer {
-            Answer::Claim(claim) => Some(claim),
-            _ => None,
-        })
+    fn run_claim(&self, key: Key, op: ops::Claim) -> Result<Claim> {
+        self.engine().decide(key, op)
     }
 
     /// Like [`Store::claim_with`], but when another owner holds a live lease, waits (on an

@@ -5,14 +5,16 @@
 use super::batch::Running;
 use super::journal::{self, Backlog};
 use super::writer::Writer;
-use super::{Engine, Reply, Work, corrupt, stored};
+use super::{Engine, Work, corrupt, stored};
 use crate::config::Durability;
-use crate::error::{Error, Result};
-use crate::key::Key;
+use crate::error::Result;
 use crate::observe;
 use crate::record::Record;
-use crate::rules::{self, Answer, Change, Context, Op};
+use crate::rules::queued::Queued;
+use crate::rules::{Change, Context};
+use crate::stats::Tally;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -28,7 +30,7 @@ impl Engine {
         // like any other commit: skipping its fsync saves little (the next commit's fsync
         // writes its pages anyway) and let the file grow by half again in `benches/file_size`,
         // since redb reuses the pages a commit frees only after a durable commit.
-        if works.iter().all(|work| matches!(work, Work::Sweep { .. })) {
+        if works.iter().all(|work| matches!(work, Work::Sweep(_))) {
             return false;
         }
         match self.config.durability {
@@ -46,7 +48,7 @@ impl Engine {
         &self,
         mut works: Vec<Work>,
         batch: &mut dyn Running<Work>,
-    ) -> Vec<Result<Reply>> {
+    ) -> Vec<Result<()>> {
         let durable = self.durable(&works);
         // A durable batch of writes carries a merge when one is due, which then shares the
         // batch's fsync instead of paying for a commit of its own. A batch that skips its fsync
@@ -63,6 +65,9 @@ impl Engine {
         let records = self.records.load(Ordering::Acquire);
         let mut added = 0i64;
         let mut in_progress = 0i64;
+        // What the counters count for the answers given, once the commit holds.
+        let mut tallies: Vec<Tally> = Vec::new();
+        let mut sweeps = Vec::new();
         let result = self.storage.write(durable, |writer| {
             if carries_merge {
                 writer.merge(Some(journal::MERGE_CHUNK))?;
@@ -91,21 +96,27 @@ impl Engine {
                     records,
                     added: &mut added,
                     in_progress: &mut in_progress,
+                    tallies: &mut tallies,
                 };
                 let reply = match work {
-                    Work::One(key, op) => Reply::One(self.apply_one(writer, key, op, &mut step)?),
-                    Work::Many(ops) => Reply::Many(self.apply_many(writer, ops, &mut step)?),
-                    Work::Sweep { limit, thorough } => {
+                    Work::One(op) => {
+                        self.apply_one(writer, op.as_ref(), &mut step)?;
+                        Ok(())
+                    }
+                    Work::Many(ops) => self.apply_many(writer, ops, &mut step)?,
+                    Work::Sweep(sweep) => {
                         let (removed, removed_in_progress, more) =
-                            writer.sweep(self.now(), *limit, *thorough)?;
+                            writer.sweep(self.now(), sweep.limit, sweep.thorough)?;
                         swept += removed;
                         *step.in_progress -= removed_in_progress as i64;
-                        Reply::Swept { removed, more }
+                        *sweep.swept.lock() = (removed, more);
+                        sweeps.push((removed, more));
+                        Ok(())
                     }
-                    Work::Flush => Reply::Flushed,
+                    Work::Flush => Ok(()),
                     Work::Merge => {
                         writer.merge(Some(journal::MERGE_CHUNK))?;
-                        Reply::Merged
+                        Ok(())
                     }
                 };
                 replies.push(reply);
@@ -123,22 +134,11 @@ impl Engine {
                 } else {
                     self.dirty.store(true, Ordering::Release);
                 }
-                let mut ops = 0;
-                for reply in &replies {
-                    match reply {
-                        Reply::Swept { removed, more } => observe::swept(*removed, *more),
-                        Reply::One(answer) => {
-                            ops += 1;
-                            self.counters.record(answer);
-                        }
-                        Reply::Many(Ok(answers)) => {
-                            ops += answers.len();
-                            answers.iter().for_each(|a| self.counters.record(a))
-                        }
-                        Reply::Many(Err(_)) | Reply::Flushed | Reply::Merged => {}
-                    }
+                for (removed, more) in sweeps {
+                    observe::swept(removed, more);
                 }
-                self.counters.wrote(ops);
+                tallies.iter().for_each(|tally| self.counters.count(*tally));
+                self.counters.wrote(tallies.len());
                 self.counters.swept(swept);
                 let now_held = (records as i64)
                     .saturating_add(added)
@@ -166,7 +166,7 @@ impl Engine {
                 if swept > 0 {
                     self.events.changed_all();
                 }
-                replies.into_iter().map(Ok).collect()
+                replies
             }
             Err(err) => {
                 self.counters.commit_failed();
@@ -177,46 +177,43 @@ impl Engine {
         }
     }
 
-    /// Decides and writes one operation. `Err` only for storage failures, which abort the
-    /// batch; refusals are answers.
+    /// Decides and writes one operation, which keeps its answer. `Err` only for storage
+    /// failures, which abort the batch; refusals are answers.
     fn apply_one(
         &self,
         writer: &mut Writer<'_>,
-        key: &Key,
-        op: &Op,
+        op: &dyn Queued,
         step: &mut Step<'_>,
-    ) -> Result<Answer> {
-        let stored_key = stored(key, op);
-        let current = match writer.load(&stored_key)? {
-            None => None,
-            Some(Ok(record)) => Some(record),
-            Some(Err(_)) if matches!(op, Op::Expire) => {
-                // The operator's way out of a damaged record.
-                writer.delete(&stored_key);
-                step.changed.push(stored_key);
-                *step.added -= 1;
-                // A damaged record was never counted as in progress.
-                return Ok(Answer::Expired(true));
+    ) -> Result<()> {
+        let stored_key = stored(op.key(), op.namespace());
+        let loaded = writer.load(&stored_key)?;
+        let held = loaded.is_some();
+        let effect = match loaded {
+            // A damaged record was never counted as in progress.
+            Some(Err(err)) => op.damaged(&err.0),
+            loaded => {
+                let current = loaded.and_then(|loaded| loaded.ok());
+                let ctx = Context {
+                    key: op.key(),
+                    now: self.now(),
+                    next_token: step.token.saturating_add(1),
+                    store_id: self.storage.store_id(),
+                    full: self.full(step.records, *step.added),
+                };
+                let effect = op.apply(current.as_ref(), &ctx);
+                if effect.issued_token {
+                    *step.token = ctx.next_token;
+                }
+                *step.in_progress += in_progress_change(current.as_ref(), &effect.change);
+                effect
             }
-            Some(Err(err)) => return Ok(Answer::Refused(corrupt(key, err.0))),
         };
-        let ctx = Context {
-            key,
-            now: self.now(),
-            next_token: step.token.saturating_add(1),
-            store_id: self.storage.store_id(),
-            full: self.full(step.records, *step.added),
-        };
-        let transition = rules::apply(current.as_ref(), op, &ctx);
-        if transition.issued_token {
-            *step.token = ctx.next_token;
-        }
-        *step.added += held_change(current.is_some(), &transition.change);
-        *step.in_progress += in_progress_change(current.as_ref(), &transition.change);
-        if write_change(writer, &stored_key, transition.change) {
+        *step.added += held_change(held, &effect.change);
+        step.tallies.push(effect.tally);
+        if write_change(writer, &stored_key, effect.change) {
             step.changed.push(stored_key);
         }
-        Ok(transition.answer)
+        Ok(())
     }
 
     /// `Some(budget)` when `records + added` records fill the key budget.
@@ -227,13 +224,14 @@ impl Engine {
     }
 
     /// Decides every operation against an in-memory overlay first; writes only if none was
-    /// refused, so the group is all or nothing.
+    /// refused, so the group is all or nothing. The inner `Err` is the refusal that cancelled
+    /// the group.
     fn apply_many(
         &self,
         writer: &mut Writer<'_>,
-        ops: &[(Key, Op)],
+        ops: &[Arc<dyn Queued>],
         step: &mut Step<'_>,
-    ) -> Result<std::result::Result<Vec<Answer>, Error>> {
+    ) -> Result<Result<()>> {
         let now = self.now();
         let mut next_token = *step.token;
         // Records the group adds, kept apart until the whole group is accepted.
@@ -242,14 +240,15 @@ impl Engine {
         // Per key touched: its record now, and whether any operation changed it.
         let mut overlay: HashMap<Vec<u8>, (Option<Record>, bool)> = HashMap::new();
         let mut order = Vec::new();
-        let mut answers = Vec::with_capacity(ops.len());
-        for (key, op) in ops {
-            let stored_key = stored(key, op);
+        let mut tallies = Vec::with_capacity(ops.len());
+        for op in ops {
+            let stored_key = stored(op.key(), op.namespace());
             if !overlay.contains_key(&stored_key) {
                 let current = match writer.load(&stored_key)? {
                     None => None,
                     Some(Ok(record)) => Some(record),
-                    Some(Err(err)) => return Ok(Err(corrupt(key, err.0))),
+                    // A group is refused at a damaged record, whatever its operations.
+                    Some(Err(err)) => return Ok(Err(corrupt(op.key(), err.0))),
                 };
                 overlay.insert(stored_key.clone(), (current, false));
                 order.push(stored_key.clone());
@@ -258,22 +257,23 @@ impl Engine {
                 continue;
             };
             let ctx = Context {
-                key,
+                key: op.key(),
                 now,
                 next_token: next_token.saturating_add(1),
                 store_id: self.storage.store_id(),
                 full: self.full(step.records, step.added.saturating_add(added)),
             };
-            let transition = rules::apply(current.as_ref(), op, &ctx);
-            if let Answer::Refused(err) = transition.answer {
+            let effect = op.apply(current.as_ref(), &ctx);
+            if let Some(err) = effect.refused {
                 return Ok(Err(err));
             }
-            if transition.issued_token {
+            if effect.issued_token {
                 next_token = ctx.next_token;
             }
-            added += held_change(current.is_some(), &transition.change);
-            in_progress += in_progress_change(current.as_ref(), &transition.change);
-            match transition.change {
+            added += held_change(current.is_some(), &effect.change);
+            in_progress += in_progress_change(current.as_ref(), &effect.change);
+            tallies.push(effect.tally);
+            match effect.change {
                 Change::Keep => {}
                 Change::Put(record) => {
                     *current = Some(record);
@@ -284,7 +284,6 @@ impl Engine {
                     *touched = true;
                 }
             }
-            answers.push(transition.answer);
         }
         for stored_key in order {
             let Some((current, true)) = overlay.remove(&stored_key) else {
@@ -301,7 +300,8 @@ impl Engine {
         *step.token = next_token;
         *step.added += added;
         *step.in_progress += in_progress;
-        Ok(Ok(answers))
+        step.tallies.extend(tallies);
+        Ok(Ok(()))
     }
 }
 
@@ -316,6 +316,8 @@ struct Step<'a> {
     added: &'a mut i64,
     /// Claims in progress the batch has added so far, less those it ended.
     in_progress: &'a mut i64,
+    /// What the counters count for the answers given so far.
+    tallies: &'a mut Vec<Tally>,
 }
 
 /// By how much `change` moves the number of claims in progress held, for a key whose record

@@ -39,48 +39,45 @@ use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::notify::KeyEvents;
-use crate::rules::{self, Answer, Change, Context, Op};
+use crate::rules::queued::{Pending, Queued};
+use crate::rules::{self, Change, Context, Namespace, Rule};
 use crate::stats::Counters;
 use batch::Batcher;
 use journal::Backlog;
 use schema::Location;
 use storage::Storage;
 
-/// One caller's request to the writer.
+/// One caller's request to the writer. Each leaves its answer in a slot of its own (see
+/// [`Pending`]); the batcher's reply says only whether the commit holding it succeeded.
 pub(crate) enum Work {
     /// One operation on one key.
-    One(Key, Op),
-    /// Several operations applied all or nothing, in order.
-    Many(Vec<(Key, Op)>),
-    /// Remove up to this many due records; `thorough` merges everything first.
-    Sweep { limit: usize, thorough: bool },
+    One(Arc<dyn Queued>),
+    /// Several operations applied all or nothing, in order: a refusal of any is the reply.
+    Many(Vec<Arc<dyn Queued>>),
+    /// Remove due records (see [`Sweep`]).
+    Sweep(Arc<Sweep>),
     /// Move the oldest [`journal::MERGE_CHUNK`] or so keys from the journal into the tables.
     Merge,
     /// Make everything committed so far durable.
     Flush,
 }
 
-/// The writer's answer to one [`Work`].
-pub(crate) enum Reply {
-    One(Answer),
-    /// The answers of a `Many`, or the refusal that cancelled all of it.
-    Many(std::result::Result<Vec<Answer>, Error>),
-    Swept {
-        removed: usize,
-        more: bool,
-    },
-    Flushed,
-    Merged,
+/// A sweep of up to `limit` due records; `thorough` merges everything first.
+pub(crate) struct Sweep {
+    limit: usize,
+    thorough: bool,
+    /// How many records it removed, and whether more are due.
+    swept: Mutex<(usize, bool)>,
 }
 
 impl Work {
     fn weight(&self) -> usize {
         match self {
-            Work::One(_, op) => batch::weight(1, op.payload_len()),
+            Work::One(op) => batch::weight(1, op.payload_len()),
             Work::Many(ops) => {
-                batch::weight(ops.len(), ops.iter().map(|(_, op)| op.payload_len()).sum())
+                batch::weight(ops.len(), ops.iter().map(|op| op.payload_len()).sum())
             }
-            Work::Sweep { limit, .. } => batch::weight(*limit, 0),
+            Work::Sweep(sweep) => batch::weight(sweep.limit, 0),
             Work::Flush => 1,
             Work::Merge => batch::weight(journal::MERGE_CHUNK, 0),
         }
@@ -93,7 +90,7 @@ pub(crate) struct Engine {
     pub config: Config,
     pub counters: Counters,
     events: KeyEvents,
-    batcher: Batcher<Work, Result<Reply>>,
+    batcher: Batcher<Work, Result<()>>,
     /// When the last durable commit finished, for `Durability::Periodic`.
     last_durable: Mutex<Instant>,
     /// Whether a commit since then was not durable.
@@ -113,8 +110,8 @@ pub(crate) struct Engine {
     counting: Mutex<()>,
 }
 
-fn stored(key: &Key, op: &Op) -> Vec<u8> {
-    scan::stored_key(op.namespace().tag(), key.as_bytes())
+fn stored(key: &Key, namespace: Namespace) -> Vec<u8> {
+    scan::stored_key(namespace.tag(), key.as_bytes())
 }
 
 fn corrupt(key: &Key, reason: String) -> Error {
@@ -161,41 +158,42 @@ impl Engine {
         self.clock.now_millis()
     }
 
-    /// Answers `op` from a read transaction when it would change nothing (a replay, a live
-    /// claim, a mismatch, a duplicate mark, a new key at the budget). `None` means it must go
-    /// to the writer.
-    pub(crate) fn peek(&self, key: &Key, op: &Op) -> Result<Option<Answer>> {
-        let current = match self.load(&stored(key, op))? {
-            None => None,
-            Some(Ok(record)) => Some(record),
-            Some(Err(err)) => return Err(corrupt(key, err.0)),
+    /// Answers `rule` on `key` from a read transaction when it would change nothing (a
+    /// replay, a live claim, a mismatch, a duplicate mark, a new key at the budget). `None`
+    /// means it must go to the writer.
+    pub(crate) fn peek<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
+        let decision = match self.load(&stored(key, rule.namespace()))? {
+            Some(Err(err)) => rule.damaged(key, &err.0),
+            loaded => {
+                let current = loaded.and_then(|loaded| loaded.ok());
+                let ctx = Context {
+                    key,
+                    now: self.now(),
+                    next_token: 0,
+                    store_id: self.storage.store_id(),
+                    // A new key refused at the budget is answered here too, so a flood of
+                    // them costs reads, not commits.
+                    full: self.full(self.records.load(Ordering::Acquire), 0),
+                };
+                rules::apply(rule, current.as_ref(), &ctx)
+            }
         };
-        let ctx = Context {
-            key,
-            now: self.now(),
-            next_token: 0,
-            store_id: self.storage.store_id(),
-            // A new key refused at the budget is answered here too, so a flood of them costs
-            // reads, not commits.
-            full: self.full(self.records.load(Ordering::Acquire), 0),
-        };
-        let transition = rules::apply(current.as_ref(), op, &ctx);
-        if transition.change != Change::Keep {
+        if decision.change != Change::Keep {
             return Ok(None);
         }
-        self.counters.record(&transition.answer);
-        Ok(Some(transition.answer))
+        self.counters.count(rules::tally::<R>(&decision.answer));
+        Ok(Some(decision.answer))
     }
 
-    /// Answers `op` on `key`: from a read transaction when that changes nothing ([`peek`]),
+    /// Answers `rule` on `key`: from a read transaction when that changes nothing ([`peek`]),
     /// else through the next group commit ([`one`]).
     ///
     /// [`peek`]: Self::peek
     /// [`one`]: Self::one
-    pub(crate) fn decide(&self, key: Key, op: Op) -> Result<Answer> {
-        match self.peek(&key, &op)? {
-            Some(answer) => Ok(answer),
-            None => self.one(key, op),
+    pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        match self.peek(&key, &rule)? {
+            Some(answer) => answer,
+            None => self.one(key, rule),
         }
     }
 
@@ -207,7 +205,7 @@ impl Engine {
     /// Queues `work` for the next commit and waits for its answer. Then, if merging has fallen
     /// behind the writes (or, under `Periodic`, whose batches carry no merges, if a merge is
     /// due), this caller merges the backlog down (one caller at a time).
-    pub(crate) fn submit(&self, work: Work) -> Result<Reply> {
+    pub(crate) fn submit(&self, work: Work) -> Result<()> {
         let reply = self.submit_now(work);
         let threshold = match self.config.durability {
             Durability::Immediate => Backlog::Behind,
@@ -231,11 +229,11 @@ impl Engine {
         reply
     }
 
-    fn submit_now(&self, work: Work) -> Result<Reply> {
+    fn submit_now(&self, work: Work) -> Result<()> {
         let weight = work.weight();
         // A sweep or merge commits alone, so that no claim waits for its hundreds of
         // table writes.
-        let solo = matches!(work, Work::Sweep { .. } | Work::Merge);
+        let solo = matches!(work, Work::Sweep(_) | Work::Merge);
         self.batcher.submit(
             work,
             weight,
@@ -246,28 +244,39 @@ impl Engine {
     }
 
     /// Applies one operation through the writer.
-    pub(crate) fn one(&self, key: Key, op: Op) -> Result<Answer> {
-        match self.submit(Work::One(key, op))? {
-            Reply::One(answer) => Ok(answer),
-            _ => unreachable!("a One work is answered with Reply::One"),
-        }
+    pub(crate) fn one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        let pending = Arc::new(Pending::new(key, rule));
+        self.submit(Work::One(pending.clone()))?;
+        pending.take()
     }
 
-    /// Applies several operations atomically.
-    pub(crate) fn many(&self, ops: Vec<(Key, Op)>) -> Result<Vec<Answer>> {
-        match self.submit(Work::Many(ops))? {
-            Reply::Many(answers) => answers,
-            _ => unreachable!("a Many work is answered with Reply::Many"),
-        }
+    /// Applies several operations atomically: all of them, or none and the first refusal.
+    pub(crate) fn many<R: Rule>(&self, ops: Vec<(Key, R)>) -> Result<Vec<R::Answer>> {
+        let pending: Vec<Arc<Pending<R>>> = ops
+            .into_iter()
+            .map(|(key, rule)| Arc::new(Pending::new(key, rule)))
+            .collect();
+        let queued = pending
+            .iter()
+            .map(|pending| pending.clone() as Arc<dyn Queued>)
+            .collect();
+        self.submit(Work::Many(queued))?;
+        pending.iter().map(|pending| pending.take()).collect()
     }
 
     /// Removes up to `limit` due records in one transaction (see [`Writer::sweep`] for
-    /// `thorough`).
+    /// `thorough`); answers how many it removed and whether more are due.
+    ///
+    /// [`Writer::sweep`]: writer::Writer::sweep
     pub(crate) fn sweep_batch(&self, limit: usize, thorough: bool) -> Result<(usize, bool)> {
-        match self.submit(Work::Sweep { limit, thorough })? {
-            Reply::Swept { removed, more } => Ok((removed, more)),
-            _ => unreachable!("a Sweep work is answered with Reply::Swept"),
-        }
+        let sweep = Arc::new(Sweep {
+            limit,
+            thorough,
+            swept: Mutex::new((0, false)),
+        });
+        self.submit(Work::Sweep(sweep.clone()))?;
+        let swept = *sweep.swept.lock();
+        Ok(swept)
     }
 
     /// Under `Durability::Periodic`, makes the commits of the last interval durable if that is

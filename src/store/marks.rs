@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use super::{Store, checked_key, expect};
+use super::{Store, checked_key};
 use crate::entry::Entry;
 use crate::error::Result;
 use crate::limits;
-use crate::rules::{Answer, Namespace, Op};
+use crate::rules::Namespace;
+use crate::rules::ops::{Expire, MarkSeen};
 
 impl Store {
     /// The key's state, without changing it; `None` if it is absent or expired.
@@ -35,11 +36,7 @@ impl Store {
         let key = key.as_ref();
         self.observed("expire", Some(key), || {
             let key = checked_key(key)?;
-            let answer = self.engine().one(key, Op::Expire)?;
-            expect(answer, |answer| match answer {
-                Answer::Expired(was_live) => Some(was_live),
-                _ => None,
-            })
+            self.engine().one(key, Expire)
         })
     }
 
@@ -75,12 +72,7 @@ impl Store {
     fn mark_seen_inner(&self, key: &[u8], ttl: u64) -> Result<bool> {
         self.observed("mark_seen", Some(key), || {
             let key = checked_key(key)?;
-            let op = Op::MarkSeen { ttl };
-            let answer = self.engine().decide(key, op)?;
-            expect(answer, |answer| match answer {
-                Answer::Seen(first) => Some(first),
-                _ => None,
-            })
+            self.engine().decide(key, MarkSeen { ttl })
         })
     }
 
@@ -128,21 +120,12 @@ impl Store {
         self.observed("mark_seen_many", None, || {
             let ops = keys
                 .into_iter()
-                .map(|key| Ok((checked_key(key.as_ref())?, Op::MarkSeen { ttl })))
+                .map(|key| Ok((checked_key(key.as_ref())?, MarkSeen { ttl })))
                 .collect::<Result<Vec<_>>>()?;
             if ops.is_empty() {
                 return Ok(Vec::new());
             }
-            self.engine()
-                .many(ops)?
-                .into_iter()
-                .map(|answer| {
-                    expect(answer, |answer| match answer {
-                        Answer::Seen(first) => Some(first),
-                        _ => None,
-                    })
-                })
-                .collect()
+            self.engine().many(ops)
         })
     }
 }

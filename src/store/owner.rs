@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use super::{Store, expect};
+use super::Store;
 use crate::claim::Ticket;
 use crate::error::{Error, Result};
 use crate::limits;
-use crate::rules::{Answer, Op};
+use crate::rules::ops::{Checkpoint, Complete, Extend, Release};
 
 impl Store {
     fn check_ticket(&self, ticket: &Ticket) -> Result<()> {
@@ -49,15 +49,12 @@ impl Store {
         self.observed("complete", Some(ticket.key.as_bytes()), || {
             self.check_ticket(ticket)?;
             limits::check_response(response, self.engine().config.max_response_bytes)?;
-            let op = Op::Complete {
+            let op = Complete {
                 fencing_token: ticket.fencing_token,
                 response: response.to_vec(),
                 ttl,
             };
-            let answer = self.engine().one(ticket.key.clone(), op)?;
-            expect(answer, |answer| {
-                matches!(answer, Answer::Completed).then_some(())
-            })
+            self.engine().one(ticket.key.clone(), op)
         })
     }
 
@@ -70,13 +67,10 @@ impl Store {
     pub fn release(&self, ticket: &Ticket) -> Result<()> {
         self.observed("release", Some(ticket.key.as_bytes()), || {
             self.check_ticket(ticket)?;
-            let op = Op::Release {
+            let op = Release {
                 fencing_token: ticket.fencing_token,
             };
-            let answer = self.engine().one(ticket.key.clone(), op)?;
-            expect(answer, |answer| {
-                matches!(answer, Answer::Released).then_some(())
-            })
+            self.engine().one(ticket.key.clone(), op)
         })
     }
 
@@ -90,15 +84,11 @@ impl Store {
         let key = ticket.key.clone();
         ticket.lease_until = self.observed("extend", Some(key.as_bytes()), || {
             self.check_ticket(ticket)?;
-            let op = Op::Extend {
+            let op = Extend {
                 fencing_token: ticket.fencing_token,
                 lease: limits::duration_millis("lease", lease)?,
             };
-            let answer = self.engine().one(key.clone(), op)?;
-            expect(answer, |answer| match answer {
-                Answer::Extended { lease_until } => Some(lease_until),
-                _ => None,
-            })
+            self.engine().one(key.clone(), op)
         })?;
         Ok(())
     }
@@ -160,17 +150,13 @@ impl Store {
         self.observed("checkpoint", Some(ticket.key.as_bytes()), || {
             self.check_ticket(ticket)?;
             limits::check_checkpoint(step, state)?;
-            let op = Op::Checkpoint {
+            let op = Checkpoint {
                 fencing_token: ticket.fencing_token,
                 step: step.to_string(),
                 state: state.to_vec(),
                 lease,
             };
-            let answer = self.engine().one(ticket.key.clone(), op)?;
-            expect(answer, |answer| match answer {
-                Answer::Checkpointed { lease_until } => Some(lease_until),
-                _ => None,
-            })
+            self.engine().one(ticket.key.clone(), op)
         })
     }
 }

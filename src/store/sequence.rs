@@ -1,9 +1,10 @@
 //! The sequence guard's calls: `advance_sequence` and `sequence_mark` (SEMANTICS.md §8).
 
-use super::{Store, checked_key, expect};
+use super::{Store, checked_key};
 use crate::error::{Error, Result};
 use crate::limits;
-use crate::rules::{Answer, Namespace, Op};
+use crate::rules::Namespace;
+use crate::rules::ops::AdvanceSequence;
 use crate::sequence::{SeqCheck, SequenceOptions};
 
 impl Store {
@@ -56,16 +57,12 @@ impl Store {
                 Some(ttl) => limits::duration_millis("ttl", ttl)?,
                 None => self.engine().config.ttl,
             };
-            let op = Op::AdvanceSequence {
+            let op = AdvanceSequence {
                 seq,
                 ttl,
                 contiguous: options.contiguous,
             };
-            let answer = self.engine().decide(key, op)?;
-            expect(answer, |answer| match answer {
-                Answer::Sequence(check) => Some(check),
-                _ => None,
-            })
+            self.engine().decide(key, op)
         })
     }
 
