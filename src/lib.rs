@@ -91,6 +91,7 @@ mod builder;
 mod claim;
 mod clock;
 mod config;
+mod engine;
 mod entry;
 mod error;
 mod key;

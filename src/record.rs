@@ -64,3 +64,7 @@ impl Record {
         now < self.expires_at
     }
 }
+
+/// A record with its namespace tag and its caller's key.
+#[cfg(feature = "testing")]
+pub(crate) type TaggedRecord = (u8, crate::key::Key, Record);

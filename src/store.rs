@@ -13,11 +13,11 @@ use redb::StorageBackend;
 use crate::claim::{Claim, ClaimOptions};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::key::Key;
 use crate::limits;
 use crate::observe::{self, Outcome};
-use crate::redb::Engine;
 use crate::redb::schema::Location;
 use crate::rules::ops;
 use crate::sweeper::Sweeper;
@@ -92,7 +92,8 @@ impl Store {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
-        let engine = Arc::new(Engine::open(backend, location, config, clock)?);
+        let engine = crate::redb::Engine::open(backend, location, config, clock)?;
+        let engine = Arc::new(Engine::Redb(engine));
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
             handle: Arc::new(Handle {
@@ -189,13 +190,13 @@ impl Store {
     /// Counts the claim's answer as the caller gets it.
     fn answered(&self, claim: Claim) -> Claim {
         if matches!(claim, Claim::InProgress { .. }) {
-            self.engine().counters.in_progress();
+            self.engine().counters().in_progress();
         }
         claim
     }
 
     fn claim_op(&self, options: &ClaimOptions) -> Result<ops::Claim> {
-        let config = &self.engine().config;
+        let config = &self.engine().config();
         if let Some(fingerprint) = &options.fingerprint {
             limits::check_fingerprint(fingerprint)?;
         }
@@ -259,7 +260,7 @@ impl Store {
                 return Ok(claim);
             };
             if !std::mem::replace(&mut counted, true) {
-                self.engine().counters.in_progress();
+                self.engine().counters().in_progress();
             }
             loop {
                 match next_look(deadline, lease_until, engine.now(), CLOCK_RECHECK) {

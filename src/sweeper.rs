@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::Durability;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::redb::Engine;
 
 /// The thread's name, as shown by debuggers and `top -H`.
 pub(crate) const THREAD_NAME: &str = "dedupe-sweeper";
@@ -83,8 +83,8 @@ pub(crate) struct Sweeper {
 impl Sweeper {
     /// Starts the thread if the store needs one (a sweep interval, or periodic durability).
     pub(crate) fn spawn(engine: &Arc<Engine>) -> Result<Option<Sweeper>> {
-        let sweep_every = engine.config.sweep_interval;
-        let flush_every = match engine.config.durability {
+        let sweep_every = engine.config().sweep_interval;
+        let flush_every = match engine.config().durability {
             Durability::Periodic(every) => Some(every),
             Durability::Immediate => None,
         };
@@ -149,7 +149,7 @@ fn run(
             && now >= at
         {
             if let Err(err) = engine.flush_if_due() {
-                engine.counters.sweeper_failed(&err);
+                engine.counters().sweeper_failed(&err);
             }
             next_flush = Some(now + every);
         }
@@ -162,7 +162,7 @@ fn run(
                 sleep: &|pause| signal.sleep_until(Instant::now() + pause),
             };
             if let Err(err) = sweep_all(engine, false, Some(&paced), || signal.stopped()) {
-                engine.counters.sweeper_failed(&err);
+                engine.counters().sweeper_failed(&err);
             }
             next_sweep = Some(Instant::now() + every);
         }
@@ -188,20 +188,20 @@ pub(crate) fn sweep_all(
 ) -> Result<usize> {
     let mut total = 0;
     let sweep_start = Instant::now();
-    let writes_at_start = engine.counters.written();
+    let writes_at_start = engine.counters().written();
     let mut writes_seen = writes_at_start;
     // When the count of committed operations last moved.
     let mut last_write: Option<Instant> = None;
     let swept = loop {
         let started = Instant::now();
-        match engine.sweep_batch(engine.config.sweep_batch, thorough) {
+        match engine.sweep_batch(engine.config().sweep_batch, thorough) {
             Ok((removed, more)) => {
                 total += removed;
                 if !more || stop() {
                     break Ok(total);
                 }
                 if let Some(pacing) = pacing {
-                    let writes = engine.counters.written();
+                    let writes = engine.counters().written();
                     if writes != writes_seen {
                         writes_seen = writes;
                         last_write = Some(Instant::now());

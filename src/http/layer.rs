@@ -63,7 +63,7 @@ impl fmt::Debug for IdempotencyLayer {
 impl IdempotencyLayer {
     /// The layer with every default (see [`IdempotencyLayerBuilder`]).
     pub fn new(store: Store) -> IdempotencyLayer {
-        let max_stored_response = store.engine().config.max_response_bytes;
+        let max_stored_response = store.engine().config().max_response_bytes;
         // The defaults are valid by construction, so this skips `build`'s checks.
         IdempotencyLayer::builder(store).finish(max_stored_response, max_stored_response)
     }
@@ -361,7 +361,7 @@ impl IdempotencyLayerBuilder {
                 reason: "the idempotency layer needs at least one method".to_string(),
             });
         }
-        let max_stored_response = self.store.engine().config.max_response_bytes;
+        let max_stored_response = self.store.engine().config().max_response_bytes;
         let max_response_body = self.max_response_body.unwrap_or(max_stored_response);
         if max_response_body > max_stored_response {
             return Err(Error::InvalidConfig {

@@ -15,9 +15,8 @@ use crate::key::Key;
 use crate::record::Record;
 use crate::rules::Namespace;
 
-/// A record with its namespace tag and its caller's key.
 #[cfg(feature = "testing")]
-pub(crate) type TaggedRecord = (u8, Key, Record);
+use crate::record::TaggedRecord;
 
 /// The caller's key of a stored key: the stored key without its namespace tag.
 fn caller_key(stored_key: &[u8]) -> Key {

@@ -70,7 +70,7 @@ impl Store {
     /// ```
     pub fn sweep_batch(&self) -> Result<(usize, bool)> {
         let engine = self.engine();
-        let (removed, more) = engine.sweep_batch(engine.config.sweep_batch, false)?;
+        let (removed, more) = engine.sweep_batch(engine.config().sweep_batch, false)?;
         if removed > 0 {
             engine.flush_if_dirty()?;
         }
@@ -89,7 +89,7 @@ impl Store {
             // Counting claims in progress reads every record once per open: only for metrics.
             #[cfg(feature = "metrics")]
             crate::observe::key_gauges(live, due, self.engine().in_progress_keys()?);
-            Ok(self.engine().counters.snapshot(live, due))
+            Ok(self.engine().counters().snapshot(live, due))
         })
     }
 

@@ -56,7 +56,7 @@ impl Store {
     /// # Errors
     /// [`Error::EmptyKey`](crate::Error::EmptyKey), [`Error::KeyTooLarge`](crate::Error::KeyTooLarge), [`Error::Corrupt`](crate::Error::Corrupt), [`Error::Storage`](crate::Error::Storage).
     pub fn mark_seen(&self, key: impl AsRef<[u8]>) -> Result<bool> {
-        self.mark_seen_inner(key.as_ref(), self.engine().config.ttl)
+        self.mark_seen_inner(key.as_ref(), self.engine().config().ttl)
     }
 
     /// Like [`Store::mark_seen`], remembering the key for `ttl` (say, the broker's redelivery
@@ -95,7 +95,7 @@ impl Store {
         I: IntoIterator<Item = K>,
         K: AsRef<[u8]>,
     {
-        self.mark_seen_many_inner(keys, self.engine().config.ttl)
+        self.mark_seen_many_inner(keys, self.engine().config().ttl)
     }
 
     /// [`Store::mark_seen_many`] remembering the keys for `ttl` (say, the broker's redelivery

@@ -28,7 +28,7 @@ impl Store {
     /// completed, expired or swept); nothing changes. [`Error::ResponseTooLarge`],
     /// [`Error::ForeignTicket`]; [`Error::Storage`] if the commit failed (not completed).
     pub fn complete(&self, ticket: &Ticket, response: impl AsRef<[u8]>) -> Result<()> {
-        self.complete_inner(ticket, response.as_ref(), self.engine().config.ttl)
+        self.complete_inner(ticket, response.as_ref(), self.engine().config().ttl)
     }
 
     /// Like [`Store::complete`], keeping the outcome for `ttl` instead of the store's TTL.
@@ -48,7 +48,7 @@ impl Store {
     fn complete_inner(&self, ticket: &Ticket, response: &[u8], ttl: u64) -> Result<()> {
         self.observed("complete", Some(ticket.key.as_bytes()), || {
             self.check_ticket(ticket)?;
-            limits::check_response(response, self.engine().config.max_response_bytes)?;
+            limits::check_response(response, self.engine().config().max_response_bytes)?;
             let op = Complete {
                 fencing_token: ticket.fencing_token,
                 response: response.to_vec(),

@@ -55,7 +55,7 @@ impl Store {
             let key = checked_key(stream)?;
             let ttl = match options.ttl {
                 Some(ttl) => limits::duration_millis("ttl", ttl)?,
-                None => self.engine().config.ttl,
+                None => self.engine().config().ttl,
             };
             let op = AdvanceSequence {
                 seq,
