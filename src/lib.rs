@@ -87,6 +87,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod batch;
 mod builder;
 mod claim;
 mod clock;

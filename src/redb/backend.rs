@@ -109,8 +109,7 @@ impl Header {
     }
 }
 
-/// Runs just before an fsync, given how long recent fsyncs took.
-pub(crate) type BeforeSync = Box<dyn FnOnce(Duration) + Send>;
+pub(crate) use crate::batch::BeforeSync;
 
 /// A backend shared by successive redb databases. redb's `close` is ignored here; the store
 /// calls [`SharedBackend::release`] when it closes.

@@ -2,10 +2,10 @@
 //! it while it runs) through the rules, inside one write transaction, then commits with one
 //! fsync or, under `Durability::Periodic`, without one.
 
-use super::batch::Running;
 use super::journal::{self, Backlog};
 use super::writer::Writer;
 use super::{Engine, Work, corrupt, stored};
+use crate::batch::Running;
 use crate::config::Durability;
 use crate::error::Result;
 use crate::observe;

@@ -2,7 +2,6 @@
 //! the tables of one redb file, answering reads from a read transaction and queueing writes
 //! for group commit.
 //!
-//! - `batch`: group commit, the batcher that gathers concurrent writers into one commit;
 //! - `storage`: the redb handle: open, read, write, reopen after a failed commit, close;
 //! - `schema`: the tables and the meta table, opening and initialising a file;
 //! - `writer`: one write transaction's changes, merges and sweeps;
@@ -14,7 +13,6 @@
 //! - `file`: creating a store file, private and durable.
 
 pub(crate) mod backend;
-pub(crate) mod batch;
 pub(crate) mod codec;
 mod commit;
 pub(crate) mod file;
@@ -34,6 +32,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use redb::StorageBackend;
 
+use crate::batch::{self, Batcher};
 use crate::clock::Clock;
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
@@ -42,7 +41,6 @@ use crate::notify::KeyEvents;
 use crate::rules::queued::{Pending, Queued};
 use crate::rules::{self, Change, Context, Namespace, Rule};
 use crate::stats::Counters;
-use batch::Batcher;
 use journal::Backlog;
 use schema::Location;
 use storage::Storage;

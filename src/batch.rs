@@ -21,7 +21,7 @@
 //! **Waking callers during the fsync.** Waking a sleeping thread costs the waker a futex wake and
 //! an inter-processor interrupt per caller, so answering a whole batch after its fsync adds that
 //! cost to every commit cycle, while both CPUs sit idle during the fsync itself. So, once a batch takes in nothing more, the leader arms a hook that the backend runs
-//! just before the commit's fsync (`backend.rs`): it wakes the callers in a relay, each woken
+//! just before the commit's fsync (`redb/backend.rs`): it wakes the callers in a relay, each woken
 //! caller waking part of the rest (see [`wake_early`]), and each caller then waits for its answer
 //! awake, letting other threads run (`yield_now`) rather than sleeping. The answer is still given
 //! only after the fsync; it is then a store to a flag the caller watches, with no wake-up. A caller
@@ -46,7 +46,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::redb::backend::BeforeSync;
+/// Runs just before a commit's fsync, given how long recent fsyncs took: an engine whose
+/// commits it can see into runs it so that a batch's callers are woken during the fsync.
+pub(crate) type BeforeSync = Box<dyn FnOnce(Duration) + Send>;
 
 /// The most weight one batch takes (a plain operation weighs 1; see [`weight`]).
 pub(crate) const MAX_BATCH_WEIGHT: usize = 1024;
