@@ -120,7 +120,7 @@ pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Durability;
 pub use entry::{Entry, EntryState};
-pub use error::{Error, Result, StorageError};
+pub use error::{DatabaseErrorKind, Error, Result, StorageError};
 pub use key::{Key, MAX_KEY_LEN};
 pub use limits::{
     DEFAULT_MAX_RESPONSE_BYTES, MAX_CHECKPOINT_STATE, MAX_DURATION, MAX_FINGERPRINT_LEN,
