@@ -97,6 +97,8 @@ mod key;
 mod limits;
 mod notify;
 mod observe;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod record;
 mod redb;
 mod rules;
