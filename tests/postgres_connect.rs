@@ -126,10 +126,13 @@ fn a_role_without_privileges_gets_a_permission_error() -> TestResult {
     cluster.create_database("perm");
     cluster.psql(
         "perm",
-        "CREATE ROLE visitor LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+        "CREATE ROLE visitor LOGIN PASSWORD 'visitor'; REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
          REVOKE CREATE ON DATABASE perm FROM PUBLIC; CREATE SCHEMA owned;",
     );
-    let url = format!("postgres://visitor@127.0.0.1:{}/perm", cluster.port());
+    let url = format!(
+        "postgres://visitor:visitor@127.0.0.1:{}/perm",
+        cluster.port()
+    );
     let probe = Probe::new(&url, 1)?;
     assert_eq!(
         kind_of(probe.open_schema("dedupe")),
@@ -143,18 +146,40 @@ fn a_role_without_privileges_gets_a_permission_error() -> TestResult {
 }
 
 #[test]
-fn an_unknown_role_is_an_authentication_error() -> TestResult {
+fn refused_credentials_are_authentication_errors() -> TestResult {
     let Some(cluster) = TestCluster::start() else {
         return Ok(());
     };
-    let url = format!("postgres://nobody@127.0.0.1:{}/postgres", cluster.port());
-    let probe = Probe::new(&url, 1)?;
-    let err = probe.execute("SELECT 1").expect_err("no such role");
-    assert!(err.to_string().contains("nobody"), "{err}");
+    cluster.psql("postgres", "CREATE ROLE payer LOGIN PASSWORD 'right'");
+    let url = |credentials: &str| {
+        format!(
+            "postgres://{credentials}@127.0.0.1:{}/postgres",
+            cluster.port()
+        )
+    };
     assert_eq!(
-        kind_of(Err::<(), _>(err)),
-        DatabaseErrorKind::Authentication
+        Probe::new(&url("payer:right"), 1)?.query_text("current_user")?,
+        "payer"
     );
+    for (credentials, says) in [
+        ("payer:wrong", "password authentication failed"),
+        ("nobody:secret", "password authentication failed"),
+        ("payer", "password missing"),
+    ] {
+        let err = Probe::new(&url(credentials), 1)?
+            .execute("SELECT 1")
+            .expect_err("refused");
+        assert!(err.to_string().contains(says), "{credentials}: {err}");
+        assert!(
+            !err.to_string().contains("wrong"),
+            "the password stays out: {err}"
+        );
+        assert_eq!(
+            kind_of(Err::<(), _>(err)),
+            DatabaseErrorKind::Authentication,
+            "{credentials}"
+        );
+    }
     Ok(())
 }
 

@@ -14,6 +14,7 @@ use crate::error::{DatabaseErrorKind, Error};
 pub(crate) fn connect_error(err: tokio_postgres::Error) -> Error {
     let kind = match classify(&err) {
         Some(kind) => kind,
+        None if refused_by_the_client(&err) => DatabaseErrorKind::Authentication,
         None if io_cause(&err).is_some() || err.as_db_error().is_none() => {
             DatabaseErrorKind::Connect
         }
@@ -56,6 +57,17 @@ fn classify(err: &tokio_postgres::Error) -> Option<DatabaseErrorKind> {
         return None;
     };
     Some(kind)
+}
+
+/// Whether the client itself gave up on authenticating: the server asked for a password the
+/// URL does not have, or for a method the client will not use. tokio-postgres does not expose
+/// its error kinds, only their text; `tests/postgres_connect.rs` checks that the text still
+/// reads so.
+fn refused_by_the_client(err: &tokio_postgres::Error) -> bool {
+    err.to_string() == "authentication error"
+        || err
+            .source()
+            .is_some_and(|cause| cause.to_string() == "password missing")
 }
 
 /// The I/O error under `err`, if any.

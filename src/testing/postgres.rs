@@ -1,8 +1,9 @@
 //! A throwaway PostgreSQL server per test (features `testing` and `postgres`).
 //!
 //! [`TestCluster::start`] runs `initdb` into a fresh temporary directory and starts the server
-//! on a free port of 127.0.0.1 with trust authentication and fsync on, so durability tests see
-//! what a real server does. Each cluster is independent, so tests run in parallel; dropping
+//! on a free port of 127.0.0.1 with fsync on, so durability tests see what a real server does.
+//! The superuser `postgres` connects without a password; every other role authenticates with
+//! its password (SCRAM), so tests can meet a wrong password. Each cluster is independent, so tests run in parallel; dropping
 //! one stops its server at once and deletes its files.
 //!
 //! The server binaries come from `PATH` or from `/usr/lib/postgresql/*/bin` (the highest
@@ -25,6 +26,13 @@ use crate::postgres::{Pool, Runtime, open_schema};
 
 /// The role the cluster is created with and the URLs name.
 const SUPERUSER: &str = "postgres";
+
+/// Who may connect how: the superuser without a password (the harness's own commands, and
+/// tests that need no other role), every other role with its password.
+const HBA: &str = "local all postgres trust
+host all postgres 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+";
 
 /// Tells clusters started by one process apart.
 static NEXT_CLUSTER: AtomicU64 = AtomicU64::new(0);
@@ -96,6 +104,9 @@ impl TestCluster {
             .arg(cluster.data())
             .output();
         cluster.expect_success("initdb", output);
+        // Rewritten in place, so it keeps the owner initdb gave it.
+        let written = std::fs::write(cluster.data().join("pg_hba.conf"), HBA);
+        assert!(written.is_ok(), "cannot write pg_hba.conf: {written:?}");
         cluster.start_again();
         Some(cluster)
     }
