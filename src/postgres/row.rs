@@ -420,6 +420,60 @@ mod tests {
         Ok(())
     }
 
+    /// Every state written to a real `records` table and read back, through the statements'
+    /// column list and parameters the engine uses.
+    #[cfg(feature = "testing")]
+    #[test]
+    fn every_state_round_trips_through_the_table() -> crate::Result<()> {
+        use crate::postgres::{Pool, Runtime, open_schema, query_error};
+        use crate::testing::postgres::TestCluster;
+        use std::sync::Arc;
+
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let pool = Arc::new(Pool::new(&cluster.create_database("rows"), 1)?);
+        let runtime = Runtime::new()?;
+        let records = every_state();
+        let read = runtime.call(async move {
+            let mut client = pool.get().await?;
+            let schema = open_schema(client.client_mut(), "dedupe").await?.quoted;
+            let placeholders: Vec<String> = (1..=17).map(|n| format!("${n}")).collect();
+            let insert = format!(
+                "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) VALUES ({})",
+                placeholders.join(", ")
+            );
+            for (index, record) in records.iter().enumerate() {
+                let row = to_row(record)
+                    .map_err(|err| crate::Error::InvalidConfig { reason: err.reason })?;
+                let key = vec![u8::try_from(index).unwrap_or(u8::MAX)];
+                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                    vec![&1_i16, &key];
+                params.extend(row.params());
+                client
+                    .execute(&insert, &params)
+                    .await
+                    .map_err(|err| query_error("insert a record", err))?;
+            }
+            let rows = client
+                .query(
+                    &format!("SELECT {RECORD_COLUMNS} FROM {schema}.records ORDER BY key"),
+                    &[],
+                )
+                .await
+                .map_err(|err| query_error("read the records", err))?;
+            rows.iter()
+                .map(|row| RecordRow::from_pg(row).map_err(|err| query_error("read a record", err)))
+                .collect::<crate::Result<Vec<_>>>()
+        })?;
+        let expected = every_state();
+        assert_eq!(read.len(), expected.len());
+        for (row, record) in read.iter().zip(&expected) {
+            assert_eq!(from_row(row).as_ref(), Ok(record), "{row:?}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn times_past_i64_max_cannot_be_stored() {
         let mut record = every_state().remove(0);
