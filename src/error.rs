@@ -192,6 +192,75 @@ pub enum Error {
     /// failed call was acknowledged; the store reopens its file and keeps serving.
     #[error("storage error: {0}")]
     Storage(#[source] StorageError),
+
+    /// A PostgreSQL-backed store could not do what the call needed: the server could not be
+    /// reached or refused us, the connection was lost, or its schema is not one this build can
+    /// use. `kind` says which, so a caller can tell a retryable failure from a configuration
+    /// one; `message` carries the server's or the client's own words.
+    #[error("cannot {action}: {kind}: {message}")]
+    Database {
+        /// What was being done, as it reads after "cannot": `"connect to the database"`,
+        /// `"open the schema"`…
+        action: &'static str,
+        /// What went wrong, in a form a caller can match on.
+        kind: DatabaseErrorKind,
+        /// The server's or the client's description of the failure.
+        message: String,
+        /// The client library's error, when there was one.
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+/// What went wrong in an [`Error::Database`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DatabaseErrorKind {
+    /// The server could not be reached: nothing listens at the address, the host is unknown,
+    /// the connection timed out, the server is starting up, or the database does not exist.
+    /// Retrying later may succeed.
+    Connect,
+    /// The server refused the credentials: a wrong password or an unknown role.
+    Authentication,
+    /// An established connection closed under a call (the server shut down or restarted, the
+    /// network dropped). The call's outcome is unknown; the next call reconnects.
+    ConnectionLost,
+    /// The role lacks a privilege the store needs: creating its schema or tables, or using a
+    /// schema another role owns.
+    Permission,
+    /// The schema was written by a newer version of this crate. Nothing was changed.
+    SchemaTooNew {
+        /// The version found in the schema's `meta` table.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+    /// The schema's tables exist but do not have the columns this build expects (another
+    /// program's tables under the same schema name, or a damaged schema). Nothing was changed.
+    SchemaShape,
+    /// Any other failure the server or the client reported.
+    Other,
+}
+
+impl fmt::Display for DatabaseErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseErrorKind::Connect => f.write_str("the server could not be reached"),
+            DatabaseErrorKind::Authentication => f.write_str("authentication failed"),
+            DatabaseErrorKind::ConnectionLost => {
+                f.write_str("the connection to the server was lost")
+            }
+            DatabaseErrorKind::Permission => f.write_str("permission denied"),
+            DatabaseErrorKind::SchemaTooNew { found, supported } => write!(
+                f,
+                "the schema has version {found}; this build reads version {supported}"
+            ),
+            DatabaseErrorKind::SchemaShape => {
+                f.write_str("the schema's tables do not have the expected shape")
+            }
+            DatabaseErrorKind::Other => f.write_str("the database reported an error"),
+        }
+    }
 }
 
 impl Error {
@@ -204,6 +273,7 @@ impl Error {
                 | Error::Io { .. }
                 | Error::CorruptFile { .. }
                 | Error::CommitPanicked
+                | Error::Database { .. }
         )
     }
 }
@@ -348,6 +418,37 @@ mod tests {
         assert!(err.to_string().contains("commit panicked"), "{err}");
         assert!(!err.to_string().contains("I/O"), "{err}");
         assert!(err.is_storage());
+    }
+
+    #[test]
+    fn database_errors_say_what_failed_and_keep_their_source() {
+        let err = Error::Database {
+            action: "open the schema",
+            kind: DatabaseErrorKind::SchemaTooNew {
+                found: 2,
+                supported: 1,
+            },
+            message: "dedupe.meta says version 2".to_string(),
+            source: None,
+        };
+        assert_eq!(
+            err.to_string(),
+            "cannot open the schema: the schema has version 2; this build reads version 1: \
+             dedupe.meta says version 2"
+        );
+        assert!(err.source().is_none());
+        assert!(err.is_storage());
+        let err = Error::Database {
+            action: "connect to the database",
+            kind: DatabaseErrorKind::Connect,
+            message: "refused".to_string(),
+            source: Some(Arc::new(io::Error::other("refused"))),
+        };
+        assert!(err.to_string().contains("could not be reached"), "{err}");
+        assert_eq!(
+            err.source().map(ToString::to_string).as_deref(),
+            Some("refused")
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ mod key;
 mod limits;
 mod notify;
 mod observe;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod record;
 mod redb;
 mod rules;
@@ -122,7 +124,7 @@ pub use claim::{Checkpoint, Claim, ClaimOptions, Outcome, Ticket};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Durability;
 pub use entry::{Entry, EntryState};
-pub use error::{Error, Result, StorageError};
+pub use error::{DatabaseErrorKind, Error, Result, StorageError};
 pub use key::{Key, MAX_KEY_LEN};
 pub use limits::{
     DEFAULT_MAX_RESPONSE_BYTES, MAX_CHECKPOINT_STATE, MAX_DURATION, MAX_FINGERPRINT_LEN,

@@ -11,9 +11,13 @@
 //!   `rules`, and `apply`, the same rules for one key, for per-key checkers.
 //! - `run` / `run_armed`: a sequence of `Step`s against store and model side by side.
 //! - `decode_record`: the record envelope decoder, for fuzzing.
+//! - `postgres` (with feature `postgres`): a throwaway PostgreSQL server per test, and a probe
+//!   of the engine's connection layer.
 
 mod disk;
 mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod raw;
 mod rng;
 mod scenario;

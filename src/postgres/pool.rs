@@ -1,0 +1,190 @@
+//! A fixed-size pool of connections. A connection is made when the pool has none idle, and
+//! one found closed (the server restarted, the network dropped) is discarded and replaced on
+//! the next [`Pool::get`], so the engine reconnects by itself.
+//!
+//! Hand-written rather than a pool crate: the engine needs a bounded set of clients, each
+//! prepared the same way on connect, and nothing else.
+
+use std::ops::Deref;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::error::{connect_error, query_error};
+use crate::error::{Error, Result};
+
+/// How long a connection attempt may take when the URL sets no `connect_timeout`: long enough
+/// for a server across a slow network, short enough that a call to a dead host fails instead of
+/// hanging.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Statements every connection runs before its first use. `synchronous_commit = on` whatever
+/// the server's or the role's default: an acknowledged claim or complete must be on disk (and
+/// on a synchronous standby, where one is configured).
+const ON_CONNECT: &str = "SET synchronous_commit = on";
+
+/// Up to `size` connections to one database, shared by the engine's calls.
+pub(crate) struct Pool {
+    config: Config,
+    idle: Arc<Mutex<Vec<Client>>>,
+    permits: Arc<Semaphore>,
+    size: usize,
+}
+
+impl Pool {
+    /// A pool of at most `size` connections to the database `url` names (a `postgres://` URL
+    /// or a `key=value` connection string). Connects lazily: nothing is contacted here.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the URL does not parse or `size` is zero.
+    pub(crate) fn new(url: &str, size: usize) -> Result<Pool> {
+        if size == 0 {
+            return Err(Error::InvalidConfig {
+                reason: "the PostgreSQL pool needs at least one connection".to_string(),
+            });
+        }
+        // The parser's message never repeats the URL, so a password in it stays out of logs.
+        let mut config = Config::from_str(url).map_err(|err| Error::InvalidConfig {
+            reason: format!("invalid PostgreSQL URL: {err}"),
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        Ok(Pool {
+            config,
+            idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
+            permits: Arc::new(Semaphore::new(size)),
+            size,
+        })
+    }
+
+    /// The most connections the pool holds.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// A connection for one call, waiting while all `size` are in use: an idle one that is
+    /// still open, or a new one. Must run on the engine's runtime (the connection's driver is
+    /// spawned there).
+    ///
+    /// # Errors
+    /// [`Error::Database`] when a new connection cannot be made (kind `Connect`,
+    /// `Authentication`…).
+    pub(crate) async fn get(&self) -> Result<PooledClient> {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed)?;
+        loop {
+            let candidate = self.idle.lock().pop();
+            match candidate {
+                Some(client) if client.is_closed() => continue,
+                Some(client) => return Ok(self.lend(client, permit)),
+                None => break,
+            }
+        }
+        let client = self.connect().await?;
+        Ok(self.lend(client, permit))
+    }
+
+    /// Drops every idle connection, so that the next calls connect afresh.
+    pub(crate) fn clear(&self) {
+        self.idle.lock().clear();
+    }
+
+    /// Closes the pool: calls waiting in [`get`](Self::get) and later ones fail with
+    /// [`Error::Closed`], and idle connections are dropped (those lent out close when returned).
+    pub(crate) fn close(&self) {
+        self.permits.close();
+        self.clear();
+    }
+
+    async fn connect(&self) -> Result<Client> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(connect_error)?;
+        // The driver ends when the connection closes; the client then reports `is_closed`, and
+        // its error reaches the caller through the call that failed.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+            .batch_execute(ON_CONNECT)
+            .await
+            .map_err(|err| query_error("prepare a new connection", err))?;
+        Ok(client)
+    }
+
+    fn lend(&self, client: Client, permit: OwnedSemaphorePermit) -> PooledClient {
+        PooledClient {
+            client: Some(client),
+            idle: Arc::clone(&self.idle),
+            _permit: permit,
+        }
+    }
+}
+
+/// A connection lent by the [`Pool`]; it goes back to the pool when dropped, unless it closed.
+pub(crate) struct PooledClient {
+    client: Option<Client>,
+    idle: Arc<Mutex<Vec<Client>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledClient {
+    /// The client, mutably: transactions need `&mut Client`.
+    pub(crate) fn client_mut(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("a lent client is present until it is dropped")
+    }
+}
+
+impl Deref for PooledClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("a lent client is present until it is dropped")
+    }
+}
+
+impl Drop for PooledClient {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && !client.is_closed()
+        {
+            self.idle.lock().push(client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_url_is_invalid_config() {
+        for url in ["postgres://host:notaport/db", "postgres://[::1", "port=x"] {
+            match Pool::new(url, 2) {
+                Err(Error::InvalidConfig { reason }) => {
+                    assert!(reason.contains("invalid PostgreSQL URL"), "{reason}")
+                }
+                Err(other) => panic!("{url}: expected InvalidConfig, got {other:?}"),
+                Ok(_) => panic!("{url}: expected InvalidConfig, got a pool"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_pool_needs_a_connection() {
+        assert!(matches!(
+            Pool::new("postgres://localhost/db", 0),
+            Err(Error::InvalidConfig { .. })
+        ));
+        assert!(Pool::new("postgres://localhost/db", 3).is_ok_and(|pool| pool.size() == 3));
+    }
+}
