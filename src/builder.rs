@@ -5,6 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "postgres")]
+mod postgres;
+
 use redb::StorageBackend;
 use redb::backends::{FileBackend, InMemoryBackend};
 
@@ -41,12 +44,15 @@ pub struct StoreBuilder {
     sweep_interval: Option<Duration>,
     sweep_batch: usize,
     max_response_bytes: usize,
-    clock: Arc<dyn Clock>,
+    /// `None`: the system clock, or over PostgreSQL the server's.
+    clock: Option<Arc<dyn Clock>>,
     durability: Durability,
     quick_repair: bool,
     cache_size: usize,
     max_keys: Option<u64>,
     file_mode: u32,
+    #[cfg(feature = "postgres")]
+    postgres: postgres::PostgresSettings,
 }
 
 impl Default for StoreBuilder {
@@ -57,12 +63,14 @@ impl Default for StoreBuilder {
             sweep_interval: Some(Duration::from_secs(1)),
             sweep_batch: 256,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            clock: Arc::new(SystemClock),
+            clock: None,
             durability: Durability::Immediate,
             quick_repair: false,
             cache_size: 64 * 1024 * 1024,
             max_keys: None,
             file_mode: DEFAULT_FILE_MODE,
+            #[cfg(feature = "postgres")]
+            postgres: postgres::PostgresSettings::default(),
         }
     }
 }
@@ -142,7 +150,7 @@ impl StoreBuilder {
     /// The clock the store reads. Default: [`SystemClock`]; tests use
     /// [`ManualClock`](crate::ManualClock).
     pub fn clock(mut self, clock: impl Clock) -> StoreBuilder {
-        self.clock = Arc::new(clock);
+        self.clock = Some(Arc::new(clock));
         self
     }
 
@@ -276,7 +284,7 @@ impl StoreBuilder {
             Arc::new(backend),
             Location::File(path.to_path_buf()),
             config,
-            self.clock,
+            self.system_clock(),
         )
     }
 
@@ -293,7 +301,7 @@ impl StoreBuilder {
             Arc::new(InMemoryBackend::new()),
             Location::Memory,
             config,
-            self.clock,
+            self.system_clock(),
         )
     }
 
@@ -304,7 +312,17 @@ impl StoreBuilder {
     /// As for [`open`](Self::open); errors that name the file name it `<backend>`.
     pub fn open_backend(self, backend: impl StorageBackend) -> Result<Store> {
         let config = self.config()?;
-        Store::start(Arc::new(backend), Location::Backend, config, self.clock)
+        Store::start(
+            Arc::new(backend),
+            Location::Backend,
+            config,
+            self.system_clock(),
+        )
+    }
+
+    /// The builder's clock, or the system clock.
+    fn system_clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock))
     }
 
     fn config(&self) -> Result<Config> {

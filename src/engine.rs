@@ -22,9 +22,15 @@ use crate::rules::{Namespace, Rule};
 use crate::stats::Counters;
 
 /// The engine a store runs on.
+// One per store, held in an `Arc`: boxing the larger variant would only add an indirection
+// to every call.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Engine {
     /// One redb file, or memory, in this process (`src/redb/`).
     Redb(crate::redb::Engine),
+    /// Tables in a PostgreSQL database, shared by any number of processes (`src/postgres/`).
+    #[cfg(feature = "postgres")]
+    Postgres(crate::postgres::Engine),
 }
 
 /// Runs `$body` with `$engine` bound to whichever engine `$self` is.
@@ -32,6 +38,8 @@ macro_rules! each {
     ($self:expr, $engine:ident => $body:expr) => {
         match $self {
             Engine::Redb($engine) => $body,
+            #[cfg(feature = "postgres")]
+            Engine::Postgres($engine) => $body,
         }
     };
 }

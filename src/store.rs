@@ -86,6 +86,7 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
+    /// A store on a redb file, in memory or on a caller's backend.
     pub(crate) fn start(
         backend: Arc<dyn StorageBackend>,
         location: Location,
@@ -93,7 +94,12 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store> {
         let engine = crate::redb::Engine::open(backend, location, config, clock)?;
-        let engine = Arc::new(Engine::Redb(engine));
+        Store::on(Engine::Redb(engine))
+    }
+
+    /// A store on an engine that is open, with its sweeper started.
+    pub(crate) fn on(engine: Engine) -> Result<Store> {
+        let engine = Arc::new(engine);
         let sweeper = Sweeper::spawn(&engine)?;
         Ok(Store {
             handle: Arc::new(Handle {

@@ -1,23 +1,35 @@
-//! The PostgreSQL engine's foundation (feature `postgres`): the tokio runtime it owns, its
-//! connection pool, its schema, and the conversion between a [`Record`](crate::record::Record)
-//! and a row of its `records` table.
+//! The PostgreSQL engine under a [`Store`](crate::Store) (feature `postgres`):
+//!
+//! - `engine`: the engine: reads, group commit by shard of keys, sweeps, counts, waits;
+//! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
+//! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
+//! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
+//! - `schema`: the tables, created on first open, and the version check;
+//! - `row`: a [`Record`](crate::record::Record) as a row of `records`, and back;
+//! - `clock`: the server's clock in SQL; `error`: PostgreSQL's errors as the store's.
 //!
 //! Callers are synchronous; every database call runs on the engine's own runtime
 //! (`runtime.rs`) and the caller waits for its answer, so the store can be used from inside
 //! another tokio runtime. Nothing outside this folder reaches past this file.
-// Used by the engine, next step: nothing in `Store` calls into this folder yet.
-#![allow(dead_code, unused_imports)]
 
 mod clock;
+mod commit;
+mod engine;
 mod error;
+mod listen;
 mod pool;
 mod row;
 mod runtime;
 mod schema;
 
-pub(crate) use clock::NOW_MILLIS;
-pub(crate) use error::{connect_error, query_error};
-pub(crate) use pool::{Pool, PooledClient};
-pub(crate) use row::{RECORD_COLUMNS, RecordRow, RowError, from_row, to_row};
+pub(crate) use engine::{Engine, Settings};
+pub(crate) use schema::DEFAULT_SCHEMA;
+
+#[cfg(feature = "testing")]
+pub(crate) use error::query_error;
+#[cfg(feature = "testing")]
+pub(crate) use pool::Pool;
+#[cfg(feature = "testing")]
 pub(crate) use runtime::Runtime;
-pub(crate) use schema::{DEFAULT_SCHEMA, SCHEMA_VERSION, SchemaInfo, open_schema};
+#[cfg(feature = "testing")]
+pub(crate) use schema::open_schema;

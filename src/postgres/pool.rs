@@ -32,7 +32,6 @@ pub(crate) struct Pool {
     config: Config,
     idle: Arc<Mutex<Vec<Client>>>,
     permits: Arc<Semaphore>,
-    size: usize,
 }
 
 impl Pool {
@@ -58,13 +57,7 @@ impl Pool {
             config,
             idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
             permits: Arc::new(Semaphore::new(size)),
-            size,
         })
-    }
-
-    /// The most connections the pool holds.
-    pub(crate) fn size(&self) -> usize {
-        self.size
     }
 
     /// A connection for one call, waiting while all `size` are in use: an idle one that is
@@ -91,6 +84,20 @@ impl Pool {
         Ok(self.lend(client, permit))
     }
 
+    /// Passes a call's `result` on; when it failed on a lost connection, first drops every idle
+    /// connection: the server most likely restarted, and a connection whose loss its driver
+    /// has not noticed yet would fail the next call too.
+    pub(crate) fn checked<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(Error::Database {
+            kind: crate::error::DatabaseErrorKind::ConnectionLost,
+            ..
+        }) = &result
+        {
+            self.clear();
+        }
+        result
+    }
+
     /// Drops every idle connection, so that the next calls connect afresh.
     pub(crate) fn clear(&self) {
         self.idle.lock().clear();
@@ -101,6 +108,17 @@ impl Pool {
     pub(crate) fn close(&self) {
         self.permits.close();
         self.clear();
+    }
+
+    /// A connection of its own, outside the pool, and its driver, which the caller runs: for
+    /// `LISTEN`, whose notifications arrive through the driver.
+    pub(crate) async fn dedicated(
+        &self,
+    ) -> Result<(
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    )> {
+        self.config.connect(NoTls).await.map_err(connect_error)
     }
 
     async fn connect(&self) -> Result<Client> {
@@ -185,6 +203,6 @@ mod tests {
             Pool::new("postgres://localhost/db", 0),
             Err(Error::InvalidConfig { .. })
         ));
-        assert!(Pool::new("postgres://localhost/db", 3).is_ok_and(|pool| pool.size() == 3));
+        assert!(Pool::new("postgres://localhost/db", 3).is_ok());
     }
 }

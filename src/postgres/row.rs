@@ -14,11 +14,37 @@ use std::fmt;
 use crate::record::{ByteString, Record, RecordState, StoredCheckpoint};
 
 /// `state` of a claim in progress.
-const IN_PROGRESS: i16 = 1;
+pub(crate) const IN_PROGRESS: i16 = 1;
 /// `state` of a completed claim.
 const COMPLETED: i16 = 2;
 /// `state` of a stream's high-water mark.
 const SEQUENCE: i16 = 3;
+
+/// A key's row as read.
+pub(crate) enum Loaded {
+    Absent,
+    Found(Record),
+    /// The row holds no record this build can read; why.
+    Damaged(String),
+}
+
+impl Loaded {
+    /// The record in a row that has the record columns.
+    pub(crate) fn of(row: &tokio_postgres::Row) -> Loaded {
+        match RecordRow::from_pg(row) {
+            Ok(values) => match from_row(&values) {
+                Ok(record) => Loaded::Found(record),
+                Err(err) => Loaded::Damaged(err.reason),
+            },
+            Err(err) => Loaded::Damaged(format!("unreadable row: {err}")),
+        }
+    }
+}
+
+/// The `ns` column of a key in `namespace`: the byte its stored keys start with in a redb file.
+pub(crate) fn ns(namespace: crate::rules::Namespace) -> i16 {
+    i16::from(namespace.tag())
+}
 
 /// The columns of a [`RecordRow`] in the order [`RecordRow::from_pg`] and
 /// [`RecordRow::params`] use, for `SELECT` and `INSERT` statements.

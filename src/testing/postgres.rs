@@ -375,13 +375,14 @@ impl Probe {
     pub fn execute(&self, sql: &str) -> Result<()> {
         let pool = Arc::clone(&self.pool);
         let sql = sql.to_string();
-        self.runtime.call(async move {
+        let result = self.runtime.call(async move {
             let client = pool.get().await?;
             client
                 .batch_execute(&sql)
                 .await
                 .map_err(|err| crate::postgres::query_error("run a statement", err))
-        })
+        });
+        self.pool.checked(result)
     }
 
     /// The first column of the first row of `sql`, read as text.
@@ -391,7 +392,7 @@ impl Probe {
     pub fn query_text(&self, sql: &str) -> Result<String> {
         let pool = Arc::clone(&self.pool);
         let sql = format!("SELECT ({sql})::text");
-        self.runtime.call(async move {
+        let result = self.runtime.call(async move {
             let client = pool.get().await?;
             let row = client
                 .query_one(&sql, &[])
@@ -399,6 +400,7 @@ impl Probe {
                 .map_err(|err| crate::postgres::query_error("run a query", err))?;
             row.try_get(0)
                 .map_err(|err| crate::postgres::query_error("read a query's answer", err))
-        })
+        });
+        self.pool.checked(result)
     }
 }

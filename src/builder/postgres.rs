@@ -1,0 +1,98 @@
+//! Opening a store on PostgreSQL (feature `postgres`): the same [`Store`], its records in a
+//! database that several processes and hosts share.
+
+use super::StoreBuilder;
+use crate::config::Durability;
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+use crate::postgres::DEFAULT_SCHEMA;
+
+/// Connections a store opens at most unless [`StoreBuilder::postgres_connections`] says.
+const DEFAULT_CONNECTIONS: usize = 16;
+
+/// The most connections a store may be given.
+const MAX_CONNECTIONS: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub(super) struct PostgresSettings {
+    schema: String,
+    connections: usize,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            schema: DEFAULT_SCHEMA.to_string(),
+            connections: DEFAULT_CONNECTIONS,
+        }
+    }
+}
+
+impl StoreBuilder {
+    /// The PostgreSQL schema the store's tables live in (created on first open). Default:
+    /// `dedupe`. Stores in different schemas of one database share nothing.
+    pub fn postgres_schema(mut self, schema: impl Into<String>) -> StoreBuilder {
+        self.postgres.schema = schema.into();
+        self
+    }
+
+    /// How many connections the store opens at most (made as calls need them). Default: 16.
+    pub fn postgres_connections(mut self, connections: usize) -> StoreBuilder {
+        self.postgres.connections = connections;
+        self
+    }
+
+    /// Opens the store on the PostgreSQL database `url` names (`postgres://user:pass@host/db`
+    /// or a `key=value` connection string), creating its tables on first open.
+    ///
+    /// The store behaves as on a file (docs/SEMANTICS.md), with these differences: leases and
+    /// TTLs go by the database server's clock, so every host agrees (unless [`clock`] sets
+    /// one, for tests); every commit is durable (`synchronous_commit = on`), so
+    /// [`Durability::Periodic`] is refused; and a lost connection fails the calls in flight
+    /// with [`Error::Database`], none of them acknowledged, while the store connects again by
+    /// itself.
+    ///
+    /// [`clock`]: StoreBuilder::clock
+    ///
+    /// ```no_run
+    /// use dedupe_store::{Claim, Store};
+    ///
+    /// let store = Store::builder().open_postgres("postgres://app@db.internal/app")?;
+    /// if let Claim::Acquired(ticket) = store.claim("charge:order-42")? {
+    ///     store.complete(&ticket, b"charged")?;
+    /// }
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a malformed URL, schema name or setting;
+    /// [`Error::Database`] when the server cannot be reached or refuses (its
+    /// [`kind`](crate::DatabaseErrorKind) says why: connection, authentication, permission, a
+    /// schema written by a newer version or tables of another shape).
+    pub fn open_postgres(self, url: &str) -> Result<Store> {
+        let config = self.config()?;
+        if let Durability::Periodic(_) = config.durability {
+            return Err(Error::InvalidConfig {
+                reason: "Durability::Periodic is for store files; over PostgreSQL every commit \
+                         is durable"
+                    .to_string(),
+            });
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.postgres.connections) {
+            return Err(Error::InvalidConfig {
+                reason: format!(
+                    "postgres_connections is {}; it must be 1 to {MAX_CONNECTIONS}",
+                    self.postgres.connections
+                ),
+            });
+        }
+        let settings = crate::postgres::Settings {
+            url: url.to_string(),
+            schema: self.postgres.schema.clone(),
+            connections: self.postgres.connections,
+        };
+        let engine = crate::postgres::Engine::open(settings, config, self.clock.clone())?;
+        Store::on(crate::engine::Engine::Postgres(engine))
+    }
+}

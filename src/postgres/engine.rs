@@ -1,0 +1,623 @@
+//! The PostgreSQL engine under a [`Store`](crate::Store): the same rules, over a table that
+//! any number of processes and hosts share.
+//!
+//! - Reads that change nothing (a replay, a live claim, a mismatch, a duplicate mark) are one
+//!   `SELECT`, with no lock held past it.
+//! - Writes go through group commit (`batch.rs`), one batcher per shard of keys so that
+//!   several transactions run at once: a batch locks its keys' rows in key order, draws fencing
+//!   tokens from the `tokens` sequence after the locks are held, decides every operation with
+//!   the rules, writes the rows and commits (`commit.rs`).
+//! - Leases and expiry go by the database's clock, so every host agrees on them, unless the
+//!   builder was given a clock (tests).
+//! - A waiter in `claim_or_wait` wakes when any process completes or releases the key it waits
+//!   for (`listen.rs`, LISTEN/NOTIFY), and polls once a second should a notification be lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio_postgres::types::Type;
+
+use super::clock::NOW_MILLIS;
+use super::commit::{self, Shared, Work};
+use super::error::query_error;
+use super::listen::Listener;
+use super::pool::Pool;
+use super::row::{IN_PROGRESS, Loaded, RECORD_COLUMNS, ns};
+use super::runtime::Runtime;
+use super::schema::open_schema;
+use crate::batch::Batcher;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::key::Key;
+use crate::notify::KeyEvents;
+use crate::record::Record;
+use crate::rules::queued::{Pending, Queued};
+use crate::rules::{self, Change, Context, Namespace, Rule};
+use crate::stats::Counters;
+
+/// How many batchers (and so transactions at once) the engine runs; keys are spread over them
+/// by hash. One would serialise every commit of the process behind one round trip to the
+/// server; a few let the server group their WAL flushes.
+const SHARDS: usize = 4;
+
+/// Where the engine connects and how.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub url: String,
+    pub schema: String,
+    pub connections: usize,
+}
+
+pub(crate) struct Engine {
+    runtime: Runtime,
+    shared: Arc<Shared>,
+    pub config: Config,
+    pub counters: Counters,
+    batchers: Vec<Batcher<Work, Result<()>>>,
+    listener: Listener,
+    closed: AtomicBool,
+}
+
+impl Engine {
+    /// Connects, creates the schema if needed and starts listening for changes.
+    pub(crate) fn open(
+        settings: Settings,
+        config: Config,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Result<Engine> {
+        let runtime = Runtime::new()?;
+        let pool = Arc::new(Pool::new(&settings.url, settings.connections)?);
+        let schema = settings.schema.clone();
+        let info = runtime.call({
+            let pool = pool.clone();
+            async move {
+                let mut client = pool.get().await?;
+                open_schema(client.client_mut(), &schema).await
+            }
+        })?;
+        let events = Arc::new(KeyEvents::new());
+        let channel = commit::channel(&settings.schema);
+        let listener = Listener::start(&runtime, pool.clone(), channel.clone(), events.clone());
+        let shared = Arc::new(Shared {
+            pool,
+            schema: info.quoted,
+            channel,
+            store_id: info.store_id,
+            clock,
+            events,
+            max_keys: config.max_keys,
+            records: AtomicU64::new(0),
+        });
+        let engine = Engine {
+            runtime,
+            shared,
+            config,
+            counters: Counters::default(),
+            batchers: (0..SHARDS).map(|_| Batcher::new(|_| true)).collect(),
+            listener,
+            closed: AtomicBool::new(false),
+        };
+        if engine.config.max_keys.is_some() {
+            engine.refresh_records()?;
+        }
+        Ok(engine)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// Runs a database call on the engine's runtime.
+    fn call<T, F>(&self, run: impl FnOnce(Arc<Shared>) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        self.check_open()?;
+        self.shared
+            .pool
+            .checked(self.runtime.call(run(self.shared.clone())))
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        match &self.shared.clock {
+            Some(clock) => clock.now_millis(),
+            // A failed read of the server's clock falls back to this host's: `now` only
+            // serves reads here (`get`, `list`, the waits); every decision that writes reads
+            // the server's clock in its own transaction.
+            None => self
+                .database_now()
+                .unwrap_or_else(|_| crate::clock::SystemClock.now_millis()),
+        }
+    }
+
+    fn database_now(&self) -> Result<u64> {
+        self.call(move |shared| async move {
+            let client = shared.pool.get().await?;
+            let row = client
+                .query_one(&format!("SELECT {NOW_MILLIS}"), &[])
+                .await
+                .map_err(|err| query_error("read the server's clock", err))?;
+            let now: i64 = row
+                .try_get(0)
+                .map_err(|err| query_error("read the server's clock", err))?;
+            Ok(u64::try_from(now).unwrap_or(0))
+        })
+    }
+
+    /// A database has no file of the store's.
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+        None
+    }
+
+    pub(crate) fn store_id(&self) -> u64 {
+        self.shared.store_id
+    }
+
+    /// Answers `rule` on `key` from one `SELECT` when it would change nothing. `None` means it
+    /// must go to a commit.
+    fn peek<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
+        let (loaded, now) = self.load(rule.namespace(), key)?;
+        let decision = match loaded {
+            Loaded::Damaged(reason) => rule.damaged(key, &reason),
+            Loaded::Found(record) => self.decide_read(rule, key, Some(&record), now),
+            Loaded::Absent => self.decide_read(rule, key, None, now),
+        };
+        if decision.change != Change::Keep {
+            return Ok(None);
+        }
+        self.counters.count(rules::tally::<R>(&decision.answer));
+        Ok(Some(decision.answer))
+    }
+
+    fn decide_read<R: Rule>(
+        &self,
+        rule: &R,
+        key: &Key,
+        current: Option<&Record>,
+        now: u64,
+    ) -> rules::Decision<R::Answer> {
+        let ctx = Context {
+            key,
+            now,
+            next_token: 0,
+            store_id: self.shared.store_id,
+            full: self.shared.full(0),
+        };
+        rules::apply(rule, current, &ctx)
+    }
+
+    pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        match self.peek(&key, &rule)? {
+            Some(answer) => answer,
+            None => self.one(key, rule),
+        }
+    }
+
+    pub(crate) fn one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        let shard = self.shard(&key);
+        let pending = Arc::new(Pending::new(key, rule));
+        self.submit(shard, Work::One(pending.clone()))?;
+        pending.take()
+    }
+
+    pub(crate) fn many<R: Rule>(&self, ops: Vec<(Key, R)>) -> Result<Vec<R::Answer>> {
+        let Some((first, _)) = ops.first() else {
+            return Ok(Vec::new());
+        };
+        let shard = self.shard(first);
+        let pending: Vec<Arc<Pending<R>>> = ops
+            .into_iter()
+            .map(|(key, rule)| Arc::new(Pending::new(key, rule)))
+            .collect();
+        let queued = pending
+            .iter()
+            .map(|pending| pending.clone() as Arc<dyn Queued>)
+            .collect();
+        self.submit(shard, Work::Many(queued))?;
+        pending.iter().map(|pending| pending.take()).collect()
+    }
+
+    fn shard(&self, key: &Key) -> usize {
+        crc32fast::hash(key.as_bytes()) as usize % SHARDS
+    }
+
+    fn submit(&self, shard: usize, work: Work) -> Result<()> {
+        self.check_open()?;
+        let weight = work.weight();
+        self.batchers[shard].submit(
+            work,
+            weight,
+            false,
+            |works, _| {
+                let count = works.len();
+                let shared = self.shared.clone();
+                let replies = self
+                    .runtime
+                    .call(async move { Ok(commit::run(&shared, works).await) });
+                if let Ok(replies) = &replies
+                    && let Some(Err(err)) = replies.replies.first()
+                {
+                    let _ = self.shared.pool.checked::<()>(Err(err.clone()));
+                }
+                match replies {
+                    Ok(replies) => {
+                        for tally in replies.tallies {
+                            self.counters.count(tally);
+                        }
+                        self.counters.wrote(replies.ops);
+                        replies.replies
+                    }
+                    Err(err) => {
+                        self.counters.commit_failed();
+                        (0..count).map(|_| Err(err.clone())).collect()
+                    }
+                }
+            },
+            || Err(Error::CommitPanicked),
+        )
+    }
+
+    /// One key's stored record and the time to judge it by, from one `SELECT`.
+    fn load(&self, namespace: Namespace, key: &Key) -> Result<(Loaded, u64)> {
+        let key = key.as_bytes().to_vec();
+        let clock = self.shared.clock.clone();
+        self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let sql = format!(
+                "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM (SELECT 1) AS one \
+                 LEFT JOIN {}.records ON ns = $1 AND key = $2",
+                shared.schema
+            );
+            let row = client
+                .query_typed_one(&sql, &[(&ns(namespace), Type::INT2), (&key, Type::BYTEA)])
+                .await
+                .map_err(|err| query_error("read a key", err))?;
+            let now = match clock {
+                Some(clock) => clock.now_millis(),
+                None => {
+                    let now: i64 = row
+                        .try_get("now")
+                        .map_err(|err| query_error("read a key", err))?;
+                    u64::try_from(now).unwrap_or(0)
+                }
+            };
+            let state: Option<i16> = row
+                .try_get("state")
+                .map_err(|err| query_error("read a key", err))?;
+            if state.is_none() {
+                return Ok((Loaded::Absent, now));
+            }
+            Ok((Loaded::of(&row), now))
+        })
+    }
+
+    pub(crate) fn get(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
+        match self.load(namespace, key)?.0 {
+            Loaded::Absent => Ok(None),
+            Loaded::Found(record) => Ok(Some(record)),
+            Loaded::Damaged(reason) => Err(Error::Corrupt {
+                key: key.clone(),
+                reason,
+            }),
+        }
+    }
+
+    pub(crate) fn list(&self, prefix: &[u8], limit: usize, now: u64) -> Result<Vec<(Key, Record)>> {
+        let prefix = prefix.to_vec();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let idempotency = ns(Namespace::Idempotency);
+            let (sql, rows) = match successor(&prefix) {
+                Some(end) => {
+                    let sql = format!(
+                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
+                         AND key >= $2 AND key < $3 AND expires_at > $4 ORDER BY key LIMIT $5",
+                        shared.schema
+                    );
+                    let rows = client
+                        .query_typed(
+                            &sql,
+                            &[
+                                (&idempotency, Type::INT2),
+                                (&prefix, Type::BYTEA),
+                                (&end, Type::BYTEA),
+                                (&now, Type::INT8),
+                                (&limit, Type::INT8),
+                            ],
+                        )
+                        .await;
+                    (sql, rows)
+                }
+                None => {
+                    let sql = format!(
+                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
+                         AND key >= $2 AND expires_at > $3 ORDER BY key LIMIT $4",
+                        shared.schema
+                    );
+                    let rows = client
+                        .query_typed(
+                            &sql,
+                            &[
+                                (&idempotency, Type::INT2),
+                                (&prefix, Type::BYTEA),
+                                (&now, Type::INT8),
+                                (&limit, Type::INT8),
+                            ],
+                        )
+                        .await;
+                    (sql, rows)
+                }
+            };
+            drop(sql);
+            let rows = rows.map_err(|err| query_error("list keys", err))?;
+            let mut listed = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let key: Vec<u8> = row
+                    .try_get("key")
+                    .map_err(|err| query_error("list keys", err))?;
+                let key = Key::new(key);
+                match Loaded::of(row) {
+                    Loaded::Found(record) => listed.push((key, record)),
+                    Loaded::Damaged(reason) => return Err(Error::Corrupt { key, reason }),
+                    Loaded::Absent => {}
+                }
+            }
+            Ok(listed)
+        })
+    }
+
+    pub(crate) fn counts(&self, now: u64) -> Result<(u64, u64)> {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let sql = format!(
+                "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {}.records",
+                shared.schema
+            );
+            let row = client
+                .query_typed_one(&sql, &[(&now, Type::INT8)])
+                .await
+                .map_err(|err| query_error("count keys", err))?;
+            let held: i64 = row
+                .try_get(0)
+                .map_err(|err| query_error("count keys", err))?;
+            let due: i64 = row
+                .try_get(1)
+                .map_err(|err| query_error("count keys", err))?;
+            Ok((held.max(0) as u64, due.max(0) as u64))
+        })
+    }
+
+    pub(crate) fn in_progress_keys(&self) -> Result<u64> {
+        self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let sql = format!(
+                "SELECT count(*) FROM {}.records WHERE state = $1",
+                shared.schema
+            );
+            let row = client
+                .query_typed_one(&sql, &[(&IN_PROGRESS, Type::INT2)])
+                .await
+                .map_err(|err| query_error("count claims in progress", err))?;
+            let held: i64 = row
+                .try_get(0)
+                .map_err(|err| query_error("count claims in progress", err))?;
+            Ok(held.max(0) as u64)
+        })
+    }
+
+    /// Reads every row and checks that it is a record; answers how many rows there are. The
+    /// database checks its own pages; nothing is repaired here.
+    pub(crate) fn verify(&self) -> Result<(u64, bool)> {
+        let every = self.every_row()?;
+        for (_, key, loaded) in &every.0 {
+            if let Loaded::Damaged(reason) = loaded {
+                return Err(Error::Corrupt {
+                    key: key.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        Ok((every.0.len() as u64, false))
+    }
+
+    /// Every row, with its namespace tag and key, and the last fencing token issued.
+    fn every_row(&self) -> Result<(Vec<TaggedRow>, u64)> {
+        self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let sql = format!(
+                "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records ORDER BY ns, key",
+                shared.schema
+            );
+            let rows = client
+                .query(&sql, &[])
+                .await
+                .map_err(|err| query_error("read every key", err))?;
+            let mut every = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let tag: i16 = row
+                    .try_get("ns")
+                    .map_err(|err| query_error("read every key", err))?;
+                let key: Vec<u8> = row
+                    .try_get("key")
+                    .map_err(|err| query_error("read every key", err))?;
+                every.push((
+                    u8::try_from(tag).unwrap_or(0),
+                    Key::new(key),
+                    Loaded::of(row),
+                ));
+            }
+            let sql = format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}.tokens",
+                shared.schema
+            );
+            let last: i64 = client
+                .query_one(&sql, &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(|err| query_error("read the last fencing token", err))?;
+            Ok((every, last.max(0) as u64))
+        })
+    }
+
+    /// Every record with its namespace tag, and the last fencing token issued, for the tests.
+    #[cfg(feature = "testing")]
+    pub(crate) fn every_record(&self) -> Result<(Vec<crate::record::TaggedRecord>, u64)> {
+        let (every, last) = self.every_row()?;
+        let mut records = Vec::with_capacity(every.len());
+        for (tag, key, loaded) in every {
+            match loaded {
+                Loaded::Found(record) => records.push((tag, key, record)),
+                Loaded::Damaged(reason) => return Err(Error::Corrupt { key, reason }),
+                Loaded::Absent => {}
+            }
+        }
+        Ok((records, last))
+    }
+
+    /// The database gives space back by itself (autovacuum): nothing to do.
+    pub(crate) fn compact(&self) -> Result<bool> {
+        self.check_open()?;
+        Ok(false)
+    }
+
+    /// Removes up to `limit` records due by the database's clock, skipping rows another
+    /// process holds, in one statement.
+    pub(crate) fn sweep_batch(&self, limit: usize, _thorough: bool) -> Result<(usize, bool)> {
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let now = self
+            .shared
+            .clock
+            .as_ref()
+            .map(|clock| clock.now_millis() as i64);
+        let removed = self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let now_sql = match now {
+                Some(_) => "$2::bigint".to_string(),
+                None => NOW_MILLIS.to_string(),
+            };
+            let sql = format!(
+                "DELETE FROM {s}.records WHERE (ns, key) IN (SELECT ns, key FROM {s}.records \
+                 WHERE expires_at <= {now_sql} ORDER BY expires_at LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED)",
+                s = shared.schema
+            );
+            let removed = match now {
+                Some(now) => {
+                    client
+                        .execute_typed(&sql, &[(&limit_sql, Type::INT8), (&now, Type::INT8)])
+                        .await
+                }
+                None => {
+                    client
+                        .execute_typed(&sql, &[(&limit_sql, Type::INT8)])
+                        .await
+                }
+            }
+            .map_err(|err| query_error("sweep due keys", err))?;
+            Ok(removed as usize)
+        })?;
+        self.counters.swept(removed);
+        crate::observe::swept(removed, removed >= limit);
+        if removed > 0 {
+            self.shared.events.changed_all();
+            self.shared
+                .records
+                .fetch_sub(removed as u64, Ordering::AcqRel);
+            if self.config.max_keys.is_some() {
+                self.refresh_records()?;
+            }
+        }
+        Ok((removed, removed >= limit))
+    }
+
+    /// Counts the rows the key budget weighs, from the table: other processes add keys too.
+    fn refresh_records(&self) -> Result<()> {
+        let (held, _) = self.counts(0)?;
+        self.shared.records.store(held, Ordering::Release);
+        Ok(())
+    }
+
+    /// Every commit is durable: nothing to flush.
+    pub(crate) fn flush_if_due(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every commit is durable: nothing to flush.
+    pub(crate) fn flush_if_dirty(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Closes the connections; later calls get [`Error::Closed`], and waiters wake to see it.
+    pub(crate) fn close(&self) -> Result<()> {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.listener.stop();
+            self.shared.pool.close();
+        }
+        self.shared.events.changed_all();
+        Ok(())
+    }
+
+    pub(crate) fn generation(&self, key: &Key) -> u64 {
+        self.shared
+            .events
+            .generation(&commit::event_key(Namespace::Idempotency, key))
+    }
+
+    pub(crate) fn wait_for_change(&self, key: &Key, seen: u64, until: Instant) -> bool {
+        self.shared
+            .events
+            .wait(&commit::event_key(Namespace::Idempotency, key), seen, until)
+    }
+
+    #[cfg(feature = "http")]
+    pub(crate) fn key_changed(&self, key: &Key) -> tokio::sync::futures::Notified<'_> {
+        self.shared
+            .events
+            .changed_async(&commit::event_key(Namespace::Idempotency, key))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// The smallest byte string above every string that starts with `prefix`; `None` when there is
+/// none (an empty prefix, or one of all 0xFF bytes).
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A row with its namespace tag and key.
+type TaggedRow = (u8, Key, Loaded);
+
+#[cfg(test)]
+mod tests {
+    use super::successor;
+
+    #[test]
+    fn the_successor_of_a_prefix_bounds_its_range() {
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(successor(b"\xff\xff"), None);
+        assert_eq!(successor(b""), None);
+    }
+}
