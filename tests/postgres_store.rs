@@ -95,3 +95,60 @@ fn claim_complete_replay_release_and_takeover() -> TestResult {
     store.close()?;
     Ok(())
 }
+
+#[test]
+fn two_stores_on_one_database_give_each_key_exactly_one_owner() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("race");
+    let open = || {
+        Store::builder()
+            .lease(Duration::from_secs(60))
+            .without_sweeper()
+            .open_postgres(&url)
+    };
+    let stores = [open()?, open()?];
+    let keys: Vec<String> = (0..40).map(|n| format!("race-{n}")).collect();
+    let acquired = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for thread in 0..8 {
+            let store = stores[thread % 2].clone();
+            let (keys, acquired) = (&keys, &acquired);
+            scope.spawn(move || -> Result<(), Error> {
+                for key in keys {
+                    if let Claim::Acquired(ticket) = store.claim(key)? {
+                        store.complete(&ticket, format!("thread {thread}"))?;
+                        acquired.lock().map_err(|_| Error::CommitPanicked)?.push((
+                            key.clone(),
+                            thread,
+                            ticket.fencing_token(),
+                        ));
+                    }
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut acquired = acquired.into_inner().map_err(|_| "poisoned")?;
+    acquired.sort();
+    let owners: Vec<&String> = acquired.iter().map(|(key, _, _)| key).collect();
+    let mut expected: Vec<&String> = keys.iter().collect();
+    expected.sort();
+    assert_eq!(owners, expected, "exactly one owner per key");
+    let mut tokens: Vec<u64> = acquired.iter().map(|(_, _, token)| *token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), keys.len(), "no token is issued twice");
+    for (key, thread, _) in &acquired {
+        for store in &stores {
+            match store.claim(key)? {
+                Claim::Completed(outcome) => {
+                    assert_eq!(outcome.response, format!("thread {thread}").as_bytes());
+                }
+                other => panic!("{key}: expected the winner's replay, got {other:?}"),
+            }
+        }
+    }
+    Ok(())
+}

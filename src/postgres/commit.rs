@@ -17,14 +17,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::clock::NOW_MILLIS;
 use super::error::query_error;
+use super::listen::encode;
 use super::pool::Pool;
-use super::row::{Loaded, RECORD_COLUMNS, to_row};
+use super::row::{Loaded, RECORD_COLUMNS, RecordRow, to_row};
 use crate::batch;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -34,25 +35,6 @@ use crate::record::Record;
 use crate::rules::queued::Queued;
 use crate::rules::{Change, Context, Namespace};
 use crate::stats::Tally;
-
-/// The types of [`RecordRow::params`](super::row::RecordRow::params), in its order.
-const ROW_TYPES: [Type; 15] = [
-    Type::INT2,
-    Type::INT8,
-    Type::INT8,
-    Type::BYTEA,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::BYTEA,
-    Type::INT8,
-    Type::INT8,
-    Type::BYTEA,
-    Type::INT8,
-    Type::INT8,
-];
 
 /// How many times a batch runs again after a conflict or deadlock before its callers get the
 /// error.
@@ -187,12 +169,7 @@ struct Slot {
 type RowKey = (i16, Vec<u8>);
 
 async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies, Retry> {
-    let mut client = shared.pool.get().await.map_err(Retry::Fail)?;
-    let tx = client
-        .client_mut()
-        .transaction()
-        .await
-        .map_err(retry_or_fail("begin a transaction"))?;
+    let client = shared.pool.get().await.map_err(Retry::Fail)?;
     let ops: Vec<&Arc<dyn Queued>> = works
         .iter()
         .flat_map(|work| match work {
@@ -200,8 +177,15 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             Work::Many(ops) => ops.as_slice(),
         })
         .collect();
-    let mut slots = lock(shared, &tx, &ops).await?;
-    let (now, tokens) = clock_and_tokens(shared, &tx, ops.len()).await?;
+    let begun = begin(shared, &client, &ops).await;
+    let (mut slots, now, tokens) = match begun {
+        Ok(begun) => begun,
+        Err(retry) => {
+            // Leave no transaction open on a connection that goes back to the pool.
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(retry);
+        }
+    };
     let mut tokens = tokens.into_iter();
     let mut next_token = tokens.next().unwrap_or(0);
     let mut replies = Vec::with_capacity(works.len());
@@ -300,10 +284,7 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             None => replies.push(Ok(())),
         }
     }
-    let ended = write(shared, &tx, &slots).await?;
-    tx.commit()
-        .await
-        .map_err(|err| Retry::Fail(query_error("commit", err)))?;
+    let ended = finish(shared, &client, &slots).await?;
     shared
         .records
         .fetch_add(added.max(0) as u64, Ordering::AcqRel);
@@ -327,12 +308,14 @@ fn row_key(op: &dyn Queued) -> RowKey {
     (super::row::ns(op.namespace()), op.key().as_bytes().to_vec())
 }
 
-/// Locks the rows of every key the operations touch, in key order, and reads them.
-async fn lock(
+/// Begins the batch's transaction, locks the rows of every key the operations touch (in key
+/// order) and reads them, then reads the clock and draws `ops.len()` fencing tokens: three
+/// statements sent at once, run by the server in that order.
+async fn begin(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    client: &Client,
     ops: &[&Arc<dyn Queued>],
-) -> std::result::Result<BTreeMap<RowKey, Slot>, Retry> {
+) -> std::result::Result<(BTreeMap<RowKey, Slot>, u64, Vec<u64>), Retry> {
     let mut slots: BTreeMap<RowKey, Slot> = BTreeMap::new();
     for op in ops {
         slots.entry(row_key(op.as_ref())).or_insert(Slot {
@@ -345,19 +328,28 @@ async fn lock(
     }
     let namespaces: Vec<i16> = slots.keys().map(|(ns, _)| *ns).collect();
     let keys: Vec<&[u8]> = slots.keys().map(|(_, key)| key.as_slice()).collect();
-    let sql = format!(
+    let lock_sql = format!(
         "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records \
          WHERE (ns, key) IN (SELECT * FROM unnest($1::smallint[], $2::bytea[])) \
          ORDER BY ns, key FOR UPDATE",
         shared.schema
     );
-    let rows = tx
-        .query_typed(
-            &sql,
-            &[(&namespaces, Type::INT2_ARRAY), (&keys, Type::BYTEA_ARRAY)],
-        )
-        .await
-        .map_err(retry_or_fail("lock keys"))?;
+    let count = i64::try_from(ops.len()).unwrap_or(i64::MAX);
+    let tokens_sql = format!(
+        "SELECT {NOW_MILLIS}, array(SELECT nextval('{}.tokens') FROM generate_series(1, $1))",
+        shared.schema
+    );
+    let lock_params: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&namespaces, Type::INT2_ARRAY), (&keys, Type::BYTEA_ARRAY)];
+    let token_params: [(&(dyn ToSql + Sync), Type); 1] = [(&count, Type::INT8)];
+    let (begun, rows, clock) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        client.query_typed(&lock_sql, &lock_params),
+        client.query_typed_one(&tokens_sql, &token_params),
+    );
+    begun.map_err(retry_or_fail("begin a transaction"))?;
+    let rows = rows.map_err(retry_or_fail("lock keys"))?;
+    let clock = clock.map_err(retry_or_fail("draw fencing tokens"))?;
     for row in &rows {
         let ns: i16 = row
             .try_get("ns")
@@ -373,94 +365,53 @@ async fn lock(
             }
         }
     }
-    Ok(slots)
-}
-
-/// The time to decide by, and `count` fresh fencing tokens in increasing order.
-async fn clock_and_tokens(
-    shared: &Shared,
-    tx: &Transaction<'_>,
-    count: usize,
-) -> std::result::Result<(u64, Vec<u64>), Retry> {
-    let count = i64::try_from(count).unwrap_or(i64::MAX);
-    let sql = format!(
-        "SELECT {NOW_MILLIS}, array(SELECT nextval('{}.tokens') FROM generate_series(1, $1))",
-        shared.schema
-    );
-    let row = tx
-        .query_typed_one(&sql, &[(&count, Type::INT8)])
-        .await
-        .map_err(retry_or_fail("draw fencing tokens"))?;
     let fail = |err| Retry::Fail(query_error("draw fencing tokens", err));
-    let server_now: i64 = row.try_get(0).map_err(fail)?;
-    let tokens: Vec<i64> = row.try_get(1).map_err(fail)?;
+    let server_now: i64 = clock.try_get(0).map_err(fail)?;
+    let tokens: Vec<i64> = clock.try_get(1).map_err(fail)?;
     let now = match &shared.clock {
         Some(clock) => clock.now_millis(),
         None => u64::try_from(server_now).unwrap_or(0),
     };
-    Ok((now, tokens.into_iter().map(|t| t.max(0) as u64).collect()))
+    Ok((
+        slots,
+        now,
+        tokens.into_iter().map(|t| t.max(0) as u64).collect(),
+    ))
 }
 
-/// Writes the rows the batch changed, in key order; answers the event keys of claims that
-/// ended, whose waiters are told.
-async fn write(
+/// Writes the rows the batch changed and commits: new rows, changed rows, removed rows and the
+/// notifications of claims that ended, each one statement for the whole batch, then `COMMIT`,
+/// all sent at once. New rows are inserted without `ON CONFLICT`: a key another process
+/// inserted since the batch looked fails the insert, the server then rolls the transaction
+/// back at `COMMIT`, and the batch runs again. Answers the event keys of claims that ended.
+async fn finish(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    client: &Client,
     slots: &BTreeMap<RowKey, Slot>,
 ) -> std::result::Result<Vec<Vec<u8>>, Retry> {
-    let insert = format!(
-        "INSERT INTO {}.records (ns, key, {RECORD_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         ON CONFLICT DO NOTHING",
-        shared.schema
-    );
-    let update = format!(
-        "UPDATE {}.records SET ({RECORD_COLUMNS}) = \
-         ($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         WHERE ns = $1 AND key = $2",
-        shared.schema
-    );
-    let delete = format!(
-        "DELETE FROM {}.records WHERE ns = $1 AND key = $2",
-        shared.schema
-    );
+    let mut inserts = Columns::default();
+    let mut updates = Columns::default();
+    let mut deletes: (Vec<i16>, Vec<&[u8]>) = (Vec::new(), Vec::new());
     let mut ended = Vec::new();
     for ((ns, key), slot) in slots {
         if !slot.touched || slot.damaged.is_some() {
             continue;
         }
         let existed = !matches!(slot.held, Loaded::Absent);
-        let fail = |reason: String| {
-            Retry::Fail(Error::Corrupt {
-                key: Key::new(key.clone()),
-                reason,
-            })
-        };
         match &slot.current {
             Some(record) => {
-                let values = to_row(record).map_err(|err| fail(err.reason))?;
-                let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
-                    vec![(ns, Type::INT2), (key, Type::BYTEA)];
-                params.extend(values.params().into_iter().zip(ROW_TYPES));
-                let sql = if existed { &update } else { &insert };
-                let written = tx
-                    .execute_typed(sql.as_str(), &params)
-                    .await
-                    .map_err(retry_or_fail("write a key"))?;
-                if written == 0 {
-                    // Another process inserted the key since the batch looked: run it again.
-                    return Err(Retry::Again(Error::Database {
-                        action: "write a key",
-                        kind: crate::error::DatabaseErrorKind::Other,
-                        message: "another process wrote the key at the same time".to_string(),
-                        source: None,
-                    }));
-                }
+                let row = to_row(record).map_err(|err| {
+                    Retry::Fail(Error::Corrupt {
+                        key: Key::new(key.clone()),
+                        reason: err.reason,
+                    })
+                })?;
+                let columns = if existed { &mut updates } else { &mut inserts };
+                columns.push(*ns, key, row);
             }
             None if existed => {
-                tx.execute_typed(delete.as_str(), &[(ns, Type::INT2), (key, Type::BYTEA)])
-                    .await
-                    .map_err(retry_or_fail("remove a key"))?;
+                deletes.0.push(*ns);
+                deletes.1.push(key);
             }
             None => {}
         }
@@ -469,17 +420,140 @@ async fn write(
             let mut event = Vec::with_capacity(key.len() + 1);
             event.push(u8::try_from(*ns).unwrap_or(0));
             event.extend_from_slice(key);
-            tx.execute_typed(
-                "SELECT pg_notify($1, $2)",
-                &[
-                    (&shared.channel, Type::TEXT),
-                    (&super::listen::encode(&event), Type::TEXT),
-                ],
-            )
-            .await
-            .map_err(retry_or_fail("notify waiters"))?;
             ended.push(event);
         }
     }
+    let schema = &shared.schema;
+    let unnest = "unnest($1::smallint[], $2::bytea[], $3::smallint[], $4::bigint[], \
+         $5::bigint[], $6::bytea[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], \
+         $11::text[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bytea[], $16::bigint[], \
+         $17::bigint[])";
+    let insert_sql =
+        format!("INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) SELECT * FROM {unnest}");
+    let update_sql = format!(
+        "UPDATE {schema}.records AS r SET ({RECORD_COLUMNS}) = \
+         (u.state, u.fencing_token, u.attempt, u.fingerprint, u.expires_at, u.claimed_at, \
+         u.lease_until, u.claim_ttl, u.checkpoint_step, u.checkpoint_state, u.checkpoint_at, \
+         u.completed_at, u.response, u.seq_mark, u.seq_updated_at) \
+         FROM {unnest} AS u(ns, key, {RECORD_COLUMNS}) WHERE r.ns = u.ns AND r.key = u.key"
+    );
+    let delete_sql = format!(
+        "DELETE FROM {schema}.records \
+         WHERE (ns, key) IN (SELECT * FROM unnest($1::smallint[], $2::bytea[]))"
+    );
+    let notify_sql = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload";
+    let payloads: Vec<String> = ended.iter().map(|key| encode(key)).collect();
+    let delete_params: [(&(dyn ToSql + Sync), Type); 2] = [
+        (&deletes.0, Type::INT2_ARRAY),
+        (&deletes.1, Type::BYTEA_ARRAY),
+    ];
+    let notify_params: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&shared.channel, Type::TEXT), (&payloads, Type::TEXT_ARRAY)];
+    let (inserted, updated, deleted, notified, committed) = tokio::join!(
+        async {
+            if inserts.is_empty() {
+                return Ok(0);
+            }
+            client.execute_typed(&insert_sql, &inserts.params()).await
+        },
+        async {
+            if updates.is_empty() {
+                return Ok(0);
+            }
+            client.execute_typed(&update_sql, &updates.params()).await
+        },
+        async {
+            if deletes.0.is_empty() {
+                return Ok(0);
+            }
+            client.execute_typed(&delete_sql, &delete_params).await
+        },
+        async {
+            if payloads.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.query_typed(notify_sql, &notify_params).await
+        },
+        client.batch_execute("COMMIT"),
+    );
+    // A failed statement aborts the transaction, and the server answers its `COMMIT` with a
+    // rollback: nothing of the batch is stored.
+    inserted.map_err(retry_or_fail("insert keys"))?;
+    updated.map_err(retry_or_fail("update keys"))?;
+    deleted.map_err(retry_or_fail("remove keys"))?;
+    notified.map_err(retry_or_fail("notify waiters"))?;
+    committed.map_err(|err| Retry::Fail(query_error("commit", err)))?;
     Ok(ended)
+}
+
+/// Rows of `records`, column by column, for one statement over `unnest` of every column.
+#[derive(Default)]
+struct Columns<'k> {
+    ns: Vec<i16>,
+    key: Vec<&'k [u8]>,
+    state: Vec<i16>,
+    fencing_token: Vec<i64>,
+    attempt: Vec<i64>,
+    fingerprint: Vec<Option<Vec<u8>>>,
+    expires_at: Vec<i64>,
+    claimed_at: Vec<Option<i64>>,
+    lease_until: Vec<Option<i64>>,
+    claim_ttl: Vec<Option<i64>>,
+    checkpoint_step: Vec<Option<String>>,
+    checkpoint_state: Vec<Option<Vec<u8>>>,
+    checkpoint_at: Vec<Option<i64>>,
+    completed_at: Vec<Option<i64>>,
+    response: Vec<Option<Vec<u8>>>,
+    seq_mark: Vec<Option<i64>>,
+    seq_updated_at: Vec<Option<i64>>,
+}
+
+impl<'k> Columns<'k> {
+    fn is_empty(&self) -> bool {
+        self.ns.is_empty()
+    }
+
+    fn push(&mut self, ns: i16, key: &'k [u8], row: RecordRow) {
+        self.ns.push(ns);
+        self.key.push(key);
+        self.state.push(row.state);
+        self.fencing_token.push(row.fencing_token);
+        self.attempt.push(row.attempt);
+        self.fingerprint.push(row.fingerprint);
+        self.expires_at.push(row.expires_at);
+        self.claimed_at.push(row.claimed_at);
+        self.lease_until.push(row.lease_until);
+        self.claim_ttl.push(row.claim_ttl);
+        self.checkpoint_step.push(row.checkpoint_step);
+        self.checkpoint_state.push(row.checkpoint_state);
+        self.checkpoint_at.push(row.checkpoint_at);
+        self.completed_at.push(row.completed_at);
+        self.response.push(row.response);
+        self.seq_mark.push(row.seq_mark);
+        self.seq_updated_at.push(row.seq_updated_at);
+    }
+
+    /// The columns as the parameters `$1` to `$17` of an `unnest`, in `RECORD_COLUMNS`' order
+    /// after `ns` and `key`.
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 17] {
+        [
+            (&self.ns, Type::INT2_ARRAY),
+            (&self.key, Type::BYTEA_ARRAY),
+            (&self.state, Type::INT2_ARRAY),
+            (&self.fencing_token, Type::INT8_ARRAY),
+            (&self.attempt, Type::INT8_ARRAY),
+            (&self.fingerprint, Type::BYTEA_ARRAY),
+            (&self.expires_at, Type::INT8_ARRAY),
+            (&self.claimed_at, Type::INT8_ARRAY),
+            (&self.lease_until, Type::INT8_ARRAY),
+            (&self.claim_ttl, Type::INT8_ARRAY),
+            (&self.checkpoint_step, Type::TEXT_ARRAY),
+            (&self.checkpoint_state, Type::BYTEA_ARRAY),
+            (&self.checkpoint_at, Type::INT8_ARRAY),
+            (&self.completed_at, Type::INT8_ARRAY),
+            (&self.response, Type::BYTEA_ARRAY),
+            (&self.seq_mark, Type::INT8_ARRAY),
+            (&self.seq_updated_at, Type::INT8_ARRAY),
+        ]
+    }
 }

@@ -264,6 +264,7 @@ impl RecordRow {
     }
 
     /// The values of [`RECORD_COLUMNS`], in order, as statement parameters.
+    #[cfg(test)]
     pub(crate) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 15] {
         [
             &self.state,
