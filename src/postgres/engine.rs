@@ -24,7 +24,7 @@ use super::commit::{self, Shared, Work};
 use super::error::query_error;
 use super::listen::Listener;
 use super::pool::Pool;
-use super::row::{IN_PROGRESS, Loaded, RECORD_COLUMNS, ns};
+use super::row::{Loaded, RECORD_COLUMNS, ns};
 use super::runtime::Runtime;
 use super::schema::open_schema;
 use crate::batch::Batcher;
@@ -114,7 +114,7 @@ impl Engine {
     }
 
     /// Runs a database call on the engine's runtime.
-    fn call<T, F>(&self, run: impl FnOnce(Arc<Shared>) -> F) -> Result<T>
+    pub(super) fn call<T, F>(&self, run: impl FnOnce(Arc<Shared>) -> F) -> Result<T>
     where
         T: Send + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
@@ -309,181 +309,6 @@ impl Engine {
         }
     }
 
-    pub(crate) fn list(&self, prefix: &[u8], limit: usize, now: u64) -> Result<Vec<(Key, Record)>> {
-        let prefix = prefix.to_vec();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
-            let idempotency = ns(Namespace::Idempotency);
-            let (sql, rows) = match successor(&prefix) {
-                Some(end) => {
-                    let sql = format!(
-                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
-                         AND key >= $2 AND key < $3 AND expires_at > $4 ORDER BY key LIMIT $5",
-                        shared.schema
-                    );
-                    let rows = client
-                        .query_typed(
-                            &sql,
-                            &[
-                                (&idempotency, Type::INT2),
-                                (&prefix, Type::BYTEA),
-                                (&end, Type::BYTEA),
-                                (&now, Type::INT8),
-                                (&limit, Type::INT8),
-                            ],
-                        )
-                        .await;
-                    (sql, rows)
-                }
-                None => {
-                    let sql = format!(
-                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
-                         AND key >= $2 AND expires_at > $3 ORDER BY key LIMIT $4",
-                        shared.schema
-                    );
-                    let rows = client
-                        .query_typed(
-                            &sql,
-                            &[
-                                (&idempotency, Type::INT2),
-                                (&prefix, Type::BYTEA),
-                                (&now, Type::INT8),
-                                (&limit, Type::INT8),
-                            ],
-                        )
-                        .await;
-                    (sql, rows)
-                }
-            };
-            drop(sql);
-            let rows = rows.map_err(|err| query_error("list keys", err))?;
-            let mut listed = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let key: Vec<u8> = row
-                    .try_get("key")
-                    .map_err(|err| query_error("list keys", err))?;
-                let key = Key::new(key);
-                match Loaded::of(row) {
-                    Loaded::Found(record) => listed.push((key, record)),
-                    Loaded::Damaged(reason) => return Err(Error::Corrupt { key, reason }),
-                    Loaded::Absent => {}
-                }
-            }
-            Ok(listed)
-        })
-    }
-
-    pub(crate) fn counts(&self, now: u64) -> Result<(u64, u64)> {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
-            let sql = format!(
-                "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {}.records",
-                shared.schema
-            );
-            let row = client
-                .query_typed_one(&sql, &[(&now, Type::INT8)])
-                .await
-                .map_err(|err| query_error("count keys", err))?;
-            let held: i64 = row
-                .try_get(0)
-                .map_err(|err| query_error("count keys", err))?;
-            let due: i64 = row
-                .try_get(1)
-                .map_err(|err| query_error("count keys", err))?;
-            Ok((held.max(0) as u64, due.max(0) as u64))
-        })
-    }
-
-    pub(crate) fn in_progress_keys(&self) -> Result<u64> {
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
-            let sql = format!(
-                "SELECT count(*) FROM {}.records WHERE state = $1",
-                shared.schema
-            );
-            let row = client
-                .query_typed_one(&sql, &[(&IN_PROGRESS, Type::INT2)])
-                .await
-                .map_err(|err| query_error("count claims in progress", err))?;
-            let held: i64 = row
-                .try_get(0)
-                .map_err(|err| query_error("count claims in progress", err))?;
-            Ok(held.max(0) as u64)
-        })
-    }
-
-    /// Reads every row and checks that it is a record; answers how many rows there are. The
-    /// database checks its own pages; nothing is repaired here.
-    pub(crate) fn verify(&self) -> Result<(u64, bool)> {
-        let every = self.every_row()?;
-        for (_, key, loaded) in &every.0 {
-            if let Loaded::Damaged(reason) = loaded {
-                return Err(Error::Corrupt {
-                    key: key.clone(),
-                    reason: reason.clone(),
-                });
-            }
-        }
-        Ok((every.0.len() as u64, false))
-    }
-
-    /// Every row, with its namespace tag and key, and the last fencing token issued.
-    fn every_row(&self) -> Result<(Vec<TaggedRow>, u64)> {
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
-            let sql = format!(
-                "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records ORDER BY ns, key",
-                shared.schema
-            );
-            let rows = client
-                .query(&sql, &[])
-                .await
-                .map_err(|err| query_error("read every key", err))?;
-            let mut every = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let tag: i16 = row
-                    .try_get("ns")
-                    .map_err(|err| query_error("read every key", err))?;
-                let key: Vec<u8> = row
-                    .try_get("key")
-                    .map_err(|err| query_error("read every key", err))?;
-                every.push((
-                    u8::try_from(tag).unwrap_or(0),
-                    Key::new(key),
-                    Loaded::of(row),
-                ));
-            }
-            let sql = format!(
-                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}.tokens",
-                shared.schema
-            );
-            let last: i64 = client
-                .query_one(&sql, &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|err| query_error("read the last fencing token", err))?;
-            Ok((every, last.max(0) as u64))
-        })
-    }
-
-    /// Every record with its namespace tag, and the last fencing token issued, for the tests.
-    #[cfg(feature = "testing")]
-    pub(crate) fn every_record(&self) -> Result<(Vec<crate::record::TaggedRecord>, u64)> {
-        let (every, last) = self.every_row()?;
-        let mut records = Vec::with_capacity(every.len());
-        for (tag, key, loaded) in every {
-            match loaded {
-                Loaded::Found(record) => records.push((tag, key, record)),
-                Loaded::Damaged(reason) => return Err(Error::Corrupt { key, reason }),
-                Loaded::Absent => {}
-            }
-        }
-        Ok((records, last))
-    }
-
     /// The database gives space back by itself (autovacuum): nothing to do.
     pub(crate) fn compact(&self) -> Result<bool> {
         self.check_open()?;
@@ -590,34 +415,5 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.close();
-    }
-}
-
-/// The smallest byte string above every string that starts with `prefix`; `None` when there is
-/// none (an empty prefix, or one of all 0xFF bytes).
-fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
-/// A row with its namespace tag and key.
-type TaggedRow = (u8, Key, Loaded);
-
-#[cfg(test)]
-mod tests {
-    use super::successor;
-
-    #[test]
-    fn the_successor_of_a_prefix_bounds_its_range() {
-        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
-        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
-        assert_eq!(successor(b"\xff\xff"), None);
-        assert_eq!(successor(b""), None);
     }
 }

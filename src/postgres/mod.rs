@@ -1,6 +1,7 @@
 //! The PostgreSQL engine under a [`Store`](crate::Store) (feature `postgres`):
 //!
-//! - `engine`: the engine: reads, group commit by shard of keys, sweeps, counts, waits;
+//! - `engine`: the engine: one key's read, group commit by shard of keys, sweeps, waits;
+//! - `reads`: a prefix's live keys, counts, every row;
 //! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
 //! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
 //! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
@@ -18,6 +19,7 @@ mod engine;
 mod error;
 mod listen;
 mod pool;
+mod reads;
 mod row;
 mod runtime;
 mod schema;
