@@ -1,5 +1,5 @@
 //! The PostgreSQL engine shared by several OS processes, not only threads: claims raced from
-//! three processes, an owner killed with SIGKILL and taken over from another process,
+//! three processes, an owner killed with SIGKILL and taken over by one of two racing processes,
 //! `claim_or_wait` woken by a completion in another process, and two processes sweeping the
 //! same expired records at once.
 //!
@@ -155,6 +155,7 @@ fn child_process() -> TestResult {
         "race" => race_child(&url, &name)?,
         "hold_and_die" => hold_and_die_child(&url)?,
         "complete_later" => complete_later_child(&url)?,
+        "take_over" => take_over_child(&url)?,
         "sweep" => {
             let store = open(&url)?;
             wait_for_start();
@@ -226,6 +227,34 @@ fn hold_and_die_child(url: &str) -> TestResult {
     // Never completes: the parent kills this process.
     thread::sleep(Duration::from_secs(120));
     Err("not killed".into())
+}
+
+/// Waits out the killed owner's leases and claims each of its keys; when this process wins
+/// one, it reports `took <key> <token> <attempt> <is_takeover>` and completes it with
+/// `recovered`. Keys the other taker won answer `Completed`.
+fn take_over_child(url: &str) -> TestResult {
+    let store = open(url)?;
+    wait_for_start();
+    for i in 0..KILLED_KEYS {
+        let key = killed_key(i);
+        match store.claim_or_wait(&key, &ClaimOptions::new(), Duration::from_secs(20))? {
+            Claim::Acquired(ticket) => {
+                report(
+                    "took",
+                    &[
+                        &key,
+                        &ticket.fencing_token(),
+                        &ticket.attempt(),
+                        &ticket.is_takeover(),
+                    ],
+                );
+                store.complete(&ticket, b"recovered")?;
+            }
+            Claim::Completed(_) => {}
+            other => return Err(format!("{key}: {other:?}").into()),
+        }
+    }
+    Ok(())
 }
 
 /// Claims `waited` with a 60 s lease, reports `claimed`, and completes it a second later
@@ -312,7 +341,7 @@ fn claims_raced_from_three_processes_have_one_winner_per_key() -> TestResult {
 }
 
 #[test]
-fn claims_of_a_killed_process_are_taken_over_with_larger_tokens() -> TestResult {
+fn claims_of_a_killed_process_are_taken_over_once_with_larger_tokens() -> TestResult {
     let Some((_cluster, url)) = database("killed") else {
         return Ok(());
     };
@@ -330,23 +359,50 @@ fn claims_of_a_killed_process_are_taken_over_with_larger_tokens() -> TestResult 
     }
     assert_eq!(dead_tokens.len(), KILLED_KEYS);
 
+    // Two processes race to take the dead owner's keys over once its lease has passed.
+    let start = (unix_millis() + 500).to_string();
+    let takers = (0..2)
+        .map(|p| {
+            spawn(
+                "take_over",
+                &url,
+                &format!("taker-{p}"),
+                &[(START_AT, start.clone())],
+            )
+        })
+        .collect::<TestResult<Vec<_>>>()?;
+    let mut taken: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for taker in takers {
+        for fact in taker.finish()? {
+            if let [word, key, rest @ ..] = fact.as_slice()
+                && word == "REPORT:took"
+            {
+                let previous = taken.insert(key.clone(), rest.to_vec());
+                assert!(previous.is_none(), "{key} taken over twice");
+            }
+        }
+    }
+    assert_eq!(taken.len(), KILLED_KEYS, "every key is taken over once");
+    for (key, took) in &taken {
+        let [token, attempt, takeover] = took.as_slice() else {
+            return Err(format!("malformed report for {key}: {took:?}").into());
+        };
+        assert_eq!(takeover, "true", "{key} is a takeover");
+        assert_eq!(attempt, "2", "{key}'s attempt");
+        let token: u64 = token.parse()?;
+        assert!(
+            token > dead_tokens[key],
+            "{key}: token {token} after the dead owner's {}",
+            dead_tokens[key]
+        );
+    }
     let store = open(&url)?;
     for i in 0..KILLED_KEYS {
         let key = killed_key(i);
-        // Waits out the dead owner's 2 s lease (by the server's clock), then takes over.
-        let claim = store.claim_or_wait(&key, &ClaimOptions::new(), Duration::from_secs(20))?;
-        let Claim::Acquired(ticket) = claim else {
-            panic!("{key} is not taken over: {claim:?}");
-        };
-        assert!(ticket.is_takeover(), "{key}");
-        assert_eq!(ticket.attempt(), 2, "{key}");
-        assert!(
-            ticket.fencing_token() > dead_tokens[&key],
-            "{key}: token {} after the dead owner's {}",
-            ticket.fencing_token(),
-            dead_tokens[&key]
-        );
-        store.complete(&ticket, b"recovered")?;
+        match store.claim(&key)? {
+            Claim::Completed(outcome) => assert_eq!(outcome.response, b"recovered", "{key}"),
+            other => panic!("{key} after the takeover: {other:?}"),
+        }
     }
     Ok(())
 }
