@@ -2,7 +2,8 @@
 //! immediate`, as a crash would) and started again, the same `Store` carries on by itself and
 //! every call it acknowledged is still there (SEMANTICS.md §10); calls while the server is
 //! down fail with `Error::Database` and acknowledge nothing. Fencing tokens stay above every
-//! earlier one across a sweep and a server restart (§5). A server that is not there at all is
+//! earlier one across a sweep and a server restart (§5), and a `mark_seen_many` batch cut by a
+//! crash is stored whole or not at all (§10). A server that is not there at all is
 //! `DatabaseErrorKind::Connect`.
 
 use std::net::TcpListener;
@@ -76,6 +77,9 @@ impl Ledger {
 /// acknowledgement in `ledger`.
 fn load(store: &Store, worker: usize, ledger: &Ledger) {
     let mut n = 0;
+    // Each claim here starts after the previous one answered, so its token is larger
+    // (SEMANTICS.md §5), across the restart too.
+    let mut last_token = 0;
     while !ledger.stop.load(Ordering::SeqCst) {
         // A fresh key every time: a failed call's outcome is unknown, so its key is never
         // claimed again.
@@ -85,6 +89,13 @@ fn load(store: &Store, worker: usize, ledger: &Ledger) {
         let ticket = match store.claim(&key) {
             Ok(Claim::Acquired(ticket)) => {
                 ledger.answered("claim", &key, down);
+                if ticket.fencing_token() <= last_token {
+                    ledger.violation(format!(
+                        "{key} got token {} after this thread's {last_token}",
+                        ticket.fencing_token()
+                    ));
+                }
+                last_token = ticket.fencing_token();
                 ledger
                     .claimed
                     .lock()
@@ -220,6 +231,93 @@ fn a_server_crash_mid_load_loses_no_acknowledged_write_and_the_store_reconnects(
         }
     }
     store.close()?;
+    Ok(())
+}
+
+#[test]
+fn a_mark_seen_many_batch_is_all_or_nothing_across_a_server_crash() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("batches");
+    let store = Store::builder()
+        .without_sweeper()
+        .postgres_connections(4)
+        .open_postgres(&url)?;
+    const BATCH: usize = 10;
+    let acked = Mutex::new(Vec::new());
+    let failed = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let batches = AtomicUsize::new(0);
+    thread::scope(|scope| -> TestResult {
+        let workers: Vec<_> = (0..2)
+            .map(|worker| {
+                let (store, acked, failed, stop, batches) =
+                    (&store, &acked, &failed, &stop, &batches);
+                scope.spawn(move || -> Result<(), String> {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let keys: Vec<String> =
+                            (0..BATCH).map(|i| format!("w{worker}-b{n}-{i}")).collect();
+                        n += 1;
+                        match store.mark_seen_many(&keys) {
+                            Ok(stored) if stored.iter().all(|s| *s) => {
+                                acked.lock().map_err(|e| e.to_string())?.push(keys);
+                                batches.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(stored) => return Err(format!("fresh keys answered {stored:?}")),
+                            Err(Error::Database { .. }) => {
+                                failed.lock().map_err(|e| e.to_string())?.push(keys);
+                                thread::sleep(Duration::from_millis(20));
+                            }
+                            Err(err) => return Err(format!("mark_seen_many: {err:?}")),
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let result = (|| -> TestResult {
+            wait_until(Duration::from_secs(20), "20 batches", || {
+                batches.load(Ordering::SeqCst) >= 20
+            })?;
+            cluster.stop_immediate();
+            thread::sleep(Duration::from_millis(500));
+            cluster.start_again();
+            let before = batches.load(Ordering::SeqCst);
+            wait_until(RECONNECT, "batches after the restart", || {
+                batches.load(Ordering::SeqCst) >= before + 10
+            })
+        })();
+        stop.store(true, Ordering::SeqCst);
+        for worker in workers {
+            worker.join().map_err(|_| "a batch thread panicked")??;
+        }
+        result
+    })?;
+    let acked = acked.into_inner().map_err(|e| e.to_string())?;
+    let failed = failed.into_inner().map_err(|e| e.to_string())?;
+    eprintln!(
+        "{} batches acknowledged, {} failed",
+        acked.len(),
+        failed.len()
+    );
+    for keys in &acked {
+        for key in keys {
+            assert!(store.get(key)?.is_some(), "acknowledged mark {key} is gone");
+        }
+    }
+    // A failed batch's outcome is unknown, but it is one outcome for the whole batch.
+    for keys in &failed {
+        let mut present = Vec::new();
+        for key in keys {
+            present.push(store.get(key)?.is_some());
+        }
+        assert!(
+            present.iter().all(|p| *p) || present.iter().all(|p| !*p),
+            "a failed batch was stored in part: {keys:?} {present:?}"
+        );
+    }
     Ok(())
 }
 
