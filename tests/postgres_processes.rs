@@ -1,5 +1,5 @@
 //! The PostgreSQL engine shared by several OS processes, not only threads: claims raced from
-//! three processes, an owner killed with SIGKILL and taken over by one of two racing processes,
+//! three processes (and sequence numbers with them), an owner killed with SIGKILL and taken over by one of two racing processes,
 //! `claim_or_wait` woken by a completion in another process, and two processes sweeping the
 //! same expired records at once.
 //!
@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dedupe_store::testing::postgres::{Probe, TestCluster};
-use dedupe_store::{Claim, ClaimOptions, Store};
+use dedupe_store::{Claim, ClaimOptions, SeqCheck, Store};
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -189,6 +189,12 @@ fn race_child(url: &str, name: &str) -> TestResult {
                             store.complete(&ticket, &response)?;
                             report("won", &[&key, &ticket.fencing_token(), &response]);
                         }
+                        // The same walk over one sequence stream: a number is accepted at
+                        // most once, whoever offers it.
+                        let seq = i as u64 + 1;
+                        if store.advance_sequence("stream", seq)? == SeqCheck::Accepted {
+                            report("accepted", &[&seq]);
+                        }
                     }
                     Ok(())
                 })
@@ -280,7 +286,7 @@ fn database(name: &str) -> Option<(TestCluster, String)> {
 }
 
 #[test]
-fn claims_raced_from_three_processes_have_one_winner_per_key() -> TestResult {
+fn claims_and_sequence_numbers_raced_from_three_processes_have_one_winner_each() -> TestResult {
     let Some((_cluster, url)) = database("race") else {
         return Ok(());
     };
@@ -299,6 +305,7 @@ fn claims_raced_from_three_processes_have_one_winner_per_key() -> TestResult {
         .collect::<TestResult<Vec<_>>>()?;
     let mut winners: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut replays: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut accepted = BTreeSet::new();
     for child in children {
         for fact in child.finish()? {
             match fact.first().map(String::as_str) {
@@ -311,6 +318,13 @@ fn claims_raced_from_three_processes_have_one_winner_per_key() -> TestResult {
                         previous.is_none(),
                         "{key} acquired twice: {previous:?} and {response}"
                     );
+                }
+                Some("REPORT:accepted") => {
+                    let [_, seq] = fact.as_slice() else {
+                        return Err(format!("malformed {fact:?}").into());
+                    };
+                    let seq: u64 = seq.parse()?;
+                    assert!(accepted.insert(seq), "sequence number {seq} accepted twice");
                 }
                 Some("REPORT:replay") => {
                     let [_, key, response] = fact.as_slice() else {
@@ -329,6 +343,11 @@ fn claims_raced_from_three_processes_have_one_winner_per_key() -> TestResult {
     let tokens: BTreeSet<u64> = winners.values().map(|(token, _)| *token).collect();
     assert_eq!(tokens.len(), RACE_KEYS, "no two winners share a token");
     assert_eq!(replays.len(), RACE_KEYS);
+    // Whoever offered the highest number first found the mark below it.
+    assert!(
+        accepted.contains(&(RACE_KEYS as u64)),
+        "the highest number is accepted: {accepted:?}"
+    );
     for (key, (_, response)) in &winners {
         // Each of the three processes replayed the winner's response, and nothing else.
         assert_eq!(

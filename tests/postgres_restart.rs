@@ -3,7 +3,7 @@
 //! every call it acknowledged is still there (SEMANTICS.md §10); calls while the server is
 //! down fail with `Error::Database` and acknowledge nothing. Fencing tokens stay above every
 //! earlier one across a sweep and a server restart (§5), and a `mark_seen_many` batch cut by a
-//! crash is stored whole or not at all (§10). A server that is not there at all is
+//! crash is stored whole or not at all (§10), as are checkpoints and extensions. A server that is not there at all is
 //! `DatabaseErrorKind::Connect`.
 
 use std::net::TcpListener;
@@ -396,6 +396,61 @@ fn fencing_tokens_grow_across_a_sweep_and_a_server_restart() -> TestResult {
     assert!(fifth.fencing_token() > fourth.fencing_token());
     // The completed record from before the crash still replays.
     assert!(matches!(reopened.claim("order")?, Claim::Completed(_)));
+    Ok(())
+}
+
+#[test]
+fn checkpoints_and_extensions_acknowledged_before_a_crash_are_kept() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("owners");
+    let clock = ManualClock::new(1_795_305_600_000);
+    let store = Store::builder()
+        .clock(clock.clone())
+        .lease(Duration::from_secs(5))
+        .ttl(Duration::from_secs(600))
+        .without_sweeper()
+        .open_postgres(&url)?;
+    let Claim::Acquired(checkpointed) = store.claim("checkpointed")? else {
+        panic!("a fresh key is acquired");
+    };
+    store.checkpoint(&checkpointed, "charged", b"receipt-7")?;
+    let Claim::Acquired(mut extended) = store.claim("extended")? else {
+        panic!("a fresh key is acquired");
+    };
+    store.extend(&mut extended, Duration::from_secs(20))?;
+
+    cluster.stop_immediate();
+    cluster.start_again();
+    // Past the 5 s lease, inside the 20 s extension.
+    clock.advance(Duration::from_secs(6));
+    let deadline = Instant::now() + RECONNECT;
+    let taken = loop {
+        match store.claim("checkpointed") {
+            Ok(claim) => break claim,
+            Err(Error::Database { .. }) if Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let Claim::Acquired(taken) = taken else {
+        panic!("the checkpointed claim is taken over after its lease, got {taken:?}");
+    };
+    assert!(taken.is_takeover());
+    let checkpoint = taken
+        .checkpoint()
+        .ok_or("the takeover carries no checkpoint")?;
+    assert_eq!(
+        (checkpoint.step.as_str(), checkpoint.state.as_slice()),
+        ("charged", b"receipt-7".as_slice())
+    );
+    assert!(
+        matches!(store.claim("extended")?, Claim::InProgress { .. }),
+        "the extension survived the crash"
+    );
+    store.complete(&extended, b"done")?;
     Ok(())
 }
 
