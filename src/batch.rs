@@ -221,6 +221,11 @@ impl<W, R: Send + 'static> Batcher<W, R> {
         }
     }
 
+    /// Whether no batch is running nor queued: a caller now would lead at once.
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.queue.lock().leader
+    }
+
     /// Submits `work` and returns its answer.
     ///
     /// If this caller becomes the leader it calls `run` once with a batch that starts with its

@@ -128,6 +128,12 @@ pub(crate) trait Rule: Send + Sync + 'static {
 
     /// What the store's counters count for `answer`.
     fn tally(answer: &Self::Answer) -> Tally;
+
+    /// `answer` as it reads when the record it stored got fencing token `token` from the
+    /// engine rather than `Context::next_token` (an engine that draws tokens as it writes).
+    fn with_token(answer: Self::Answer, _token: u64) -> Self::Answer {
+        answer
+    }
 }
 
 /// Decides `rule` on a key whose stored record is `current`.

@@ -24,7 +24,7 @@ use super::commit::{self, Shared, Work};
 use super::error::query_error;
 use super::listen::Listener;
 use super::pool::Pool;
-use super::row::{Loaded, RECORD_COLUMNS, ns};
+use super::row::{Loaded, RECORD_COLUMNS, ns, to_row};
 use super::runtime::Runtime;
 use super::schema::open_schema;
 use crate::batch::Batcher;
@@ -160,20 +160,94 @@ impl Engine {
         self.shared.store_id
     }
 
-    /// Answers `rule` on `key` from one `SELECT` when it would change nothing. `None` means it
-    /// must go to a commit.
+    /// Answers `rule` on `key` from one `SELECT` when it would change nothing, and a new key
+    /// on a shard with no commit running from one `INSERT` more (see [`insert_new`]). `None`
+    /// means it must go to a commit.
+    ///
+    /// [`insert_new`]: Self::insert_new
     fn peek<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
         let (loaded, now) = self.load(rule.namespace(), key)?;
+        let absent = matches!(loaded, Loaded::Absent);
         let decision = match loaded {
             Loaded::Damaged(reason) => rule.damaged(key, &reason),
             Loaded::Found(record) => self.decide_read(rule, key, Some(&record), now),
             Loaded::Absent => self.decide_read(rule, key, None, now),
         };
-        if decision.change != Change::Keep {
-            return Ok(None);
+        let answer = match decision.change {
+            Change::Keep => decision.answer,
+            Change::Put(record)
+                if absent && decision.issued_token && self.batchers[self.shard(key)].is_idle() =>
+            {
+                let (Some(token), Ok(answer)) = (
+                    self.insert_new(rule.namespace(), key, &record)?,
+                    decision.answer,
+                ) else {
+                    // Another process stored the key meanwhile: decide again in a commit.
+                    return Ok(None);
+                };
+                self.counters.wrote(1);
+                Ok(R::with_token(answer, token))
+            }
+            _ => return Ok(None),
+        };
+        self.counters.count(rules::tally::<R>(&answer));
+        Ok(Some(answer))
+    }
+
+    /// Stores the record of a key that had none, in one statement in autocommit, its fencing
+    /// token drawn by that statement; the token, or `None` if the key has a row by then.
+    ///
+    /// Drawing the token in the `INSERT` keeps it above every earlier owner's: a row inserted
+    /// and removed before the statement ran drew its token before, and one inserted by a
+    /// transaction still running makes this insert wait for it and then do nothing. For a
+    /// lone writer this costs one round trip where a commit costs two; under load the shard's
+    /// batch groups the writes instead.
+    fn insert_new(&self, namespace: Namespace, key: &Key, record: &Record) -> Result<Option<u64>> {
+        let row = to_row(record).map_err(|err| Error::Corrupt {
+            key: key.clone(),
+            reason: err.reason,
+        })?;
+        let key_bytes = key.as_bytes().to_vec();
+        let inserted = self.call(move |shared: Arc<Shared>| async move {
+            let client = shared.pool.get().await?;
+            let sql = format!(
+                "INSERT INTO {s}.records (ns, key, {RECORD_COLUMNS}) VALUES ($1, $2, $3, \
+                 nextval('{s}.tokens'), $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                 $16) ON CONFLICT DO NOTHING RETURNING fencing_token",
+                s = shared.schema
+            );
+            let row = client
+                .query_typed_opt(
+                    &sql,
+                    &[
+                        (&ns(namespace), Type::INT2),
+                        (&key_bytes, Type::BYTEA),
+                        (&row.state, Type::INT2),
+                        (&row.attempt, Type::INT8),
+                        (&row.fingerprint, Type::BYTEA),
+                        (&row.expires_at, Type::INT8),
+                        (&row.claimed_at, Type::INT8),
+                        (&row.lease_until, Type::INT8),
+                        (&row.claim_ttl, Type::INT8),
+                        (&row.checkpoint_step, Type::TEXT),
+                        (&row.checkpoint_state, Type::BYTEA),
+                        (&row.checkpoint_at, Type::INT8),
+                        (&row.completed_at, Type::INT8),
+                        (&row.response, Type::BYTEA),
+                        (&row.seq_mark, Type::INT8),
+                        (&row.seq_updated_at, Type::INT8),
+                    ],
+                )
+                .await
+                .map_err(|err| query_error("insert a key", err))?;
+            row.map(|row| row.try_get::<_, i64>(0))
+                .transpose()
+                .map_err(|err| query_error("insert a key", err))
+        })?;
+        if inserted.is_some() {
+            self.shared.records.fetch_add(1, Ordering::AcqRel);
         }
-        self.counters.count(rules::tally::<R>(&decision.answer));
-        Ok(Some(decision.answer))
+        Ok(inserted.map(|token| token.max(0) as u64))
     }
 
     fn decide_read<R: Rule>(

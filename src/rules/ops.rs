@@ -126,6 +126,16 @@ impl Rule for Claim {
             claim::Claim::Mismatch { .. } => Tally::Mismatch,
         }
     }
+
+    fn with_token(answer: claim::Claim, token: u64) -> claim::Claim {
+        match answer {
+            claim::Claim::Acquired(ticket) => claim::Claim::Acquired(Ticket {
+                fencing_token: token,
+                ..ticket
+            }),
+            other => other,
+        }
+    }
 }
 
 /// A fresh claim (`previous` is `None`) or a takeover of a claim whose lease ran out.
