@@ -108,8 +108,12 @@ pub fn list(file: &StoreFile, args: &ListArgs) -> Result<u8, Failure> {
 /// `dedupe stats`.
 pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
     let stats = file.with("cannot read the store's statistics", |store| store.stats())?;
-    let file_bytes = std::fs::metadata(file.path()).map_or(0, |meta| meta.len());
-    let db = file.path().display().to_string();
+    // A store on PostgreSQL has no file: its size reads 0.
+    let file_bytes = file
+        .path()
+        .and_then(|path| std::fs::metadata(path).ok())
+        .map_or(0, |meta| meta.len());
+    let db = file.name();
     if args.json {
         print_json(&json!({
             "db": db,
@@ -136,7 +140,7 @@ pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
 
 /// `dedupe verify`: exits 0 when the file is sound, 1 when it is not.
 pub fn verify(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
-    let db = file.path().display().to_string();
+    let db = file.name();
     let checked = file.with("cannot verify the store", |store| store.verify());
     let report = match checked {
         Ok(report) => report,
