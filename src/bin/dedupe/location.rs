@@ -153,6 +153,27 @@ mod tests {
     }
 
     #[test]
+    fn a_url_is_a_database_only_with_the_feature() {
+        let pg = || PgArgs {
+            pg_schema: "dedupe".to_string(),
+        };
+        let file = Location::new("postgres.redb".into(), pg());
+        assert!(matches!(file, Ok(Location::File(_))));
+        let url = Location::new("postgres://app:s3cret@db/jobs".into(), pg());
+        #[cfg(feature = "postgres")]
+        assert!(matches!(url, Ok(Location::Postgres { .. })));
+        #[cfg(not(feature = "postgres"))]
+        match url {
+            Err(failure) => {
+                assert_eq!(failure.code, crate::failure::USAGE);
+                assert!(failure.message.contains("--features cli,postgres"));
+                assert!(!failure.message.contains("s3cret"));
+            }
+            Ok(location) => panic!("a URL without the feature gave {location:?}"),
+        }
+    }
+
+    #[test]
     fn passwords_never_reach_a_message() {
         let cases = [
             (

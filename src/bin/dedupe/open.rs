@@ -148,6 +148,11 @@ impl StoreFile {
     }
 
     fn open(&self, timeout: Duration, doing: &str) -> Result<Store, Failure> {
+        // Without feature `postgres` a file is the only location.
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(clippy::infallible_destructuring_match)
+        )]
         let path = match &self.location {
             Location::File(path) => path,
             #[cfg(feature = "postgres")]
