@@ -100,6 +100,82 @@ fn two_concurrent_runs_of_a_key_run_cmd_once() -> TestResult {
 }
 
 #[test]
+fn the_heartbeat_keeps_the_key_and_a_killed_run_is_taken_over() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("cli_lease");
+    let dir = tempfile::tempdir()?;
+    let long = "touch started; while [ ! -f go ]; do sleep 0.02; done; echo done";
+    let owner = dedupe(
+        dir.path(),
+        &url,
+        &[
+            "run", "--key", "long", "--lease", "2s", "--", "sh", "-c", long,
+        ],
+    )
+    .spawn()?;
+    cli_support::wait_for(&dir.path().join("started"))?;
+    // Well past the first lease: only the heartbeat, renewing over the database, keeps it.
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    let other = run(
+        dir.path(),
+        &url,
+        &["run", "--key", "long", "--", "echo", "second"],
+    )?;
+    assert_eq!(other.code, Some(75), "{other:?}");
+    std::fs::write(dir.path().join("go"), "")?;
+    let owner = finish(owner)?;
+    assert_eq!((owner.code, owner.stdout.as_str()), (Some(0), "done\n"));
+    let first = json(&run(dir.path(), &url, &["get", "long", "--json"])?)?;
+    assert_eq!(first["attempt"], 1, "no takeover happened: {first}");
+
+    // A dedupe killed with its CMD: the next run takes the key over after the lease.
+    let mut victim = dedupe(
+        dir.path(),
+        &url,
+        &[
+            "run",
+            "--key",
+            "crash",
+            "--lease",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > cmd.pid; exec sleep 30",
+        ],
+    )
+    .spawn()?;
+    cli_support::wait_for(&dir.path().join("cmd.pid"))?;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    victim.kill()?;
+    victim.wait()?;
+    let cmd_pid = std::fs::read_to_string(dir.path().join("cmd.pid"))?;
+    Command::new("kill")
+        .args(["-KILL", cmd_pid.trim()])
+        .status()?;
+    let next = run(
+        dir.path(),
+        &url,
+        &[
+            "run", "--key", "crash", "--lease", "1s", "--wait", "30s", "--", "echo", "again",
+        ],
+    )?;
+    assert_eq!(next.code, Some(0), "{next:?}");
+    assert_eq!(next.stdout, "again\n");
+    assert!(
+        next.stderr.contains("took over key \"crash\""),
+        "{}",
+        next.stderr
+    );
+    let entry = json(&run(dir.path(), &url, &["get", "crash", "--json"])?)?;
+    assert_eq!(entry["state"], "completed", "{entry}");
+    assert_eq!(entry["attempt"], 2, "{entry}");
+    Ok(())
+}
+
+#[test]
 fn readers_and_maintenance_work_over_the_url() -> TestResult {
     let Some(cluster) = TestCluster::start() else {
         return Ok(());
