@@ -212,6 +212,7 @@ fn readers_and_maintenance_work_over_the_url() -> TestResult {
         "{}",
         text.stdout
     );
+    assert!(!text.stdout.contains("file bytes"), "{}", text.stdout);
     let verified = json(&run(dir.path(), &url, &["verify", "--json"])?)?;
     assert_eq!(verified["ok"], true, "{verified}");
 
