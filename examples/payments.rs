@@ -3,12 +3,16 @@
 //! payment back instead of a second charge.
 //!
 //! Run with `cargo run --example payments --features http,metrics,tracing -- [FILE]` (without
-//! FILE it uses a temporary store file), then follow the README's "HTTP middleware" section with
+//! FILE it uses a temporary store file, or `PAYMENTS_DB`), then follow the README's "HTTP middleware" section with
 //! curl. It listens on 127.0.0.1:3000, or on `PAYMENTS_ADDR`, and keeps at most a million keys,
 //! or `PAYMENTS_MAX_KEYS`. `GET /metrics` serves the store's
 //! and the layer's metrics in the Prometheus text format, and every request's and store call's
 //! span is logged to stderr (`RUST_LOG`-style filtering is left out to keep it small), so a
 //! retry storm can be watched being absorbed.
+//!
+//! Built with `--features http,metrics,tracing,postgres`, FILE (or `PAYMENTS_DB`) may be a
+//! `postgres://` URL instead: several copies of the server on other ports then share every key
+//! (see docs/POSTGRES.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,10 +68,9 @@ async fn main() -> Result<()> {
         .install_recorder()?;
 
     let dir = tempfile::tempdir()?;
-    let path = match std::env::args_os().nth(1) {
-        Some(path) => path.into(),
-        None => dir.path().join("payments.redb"),
-    };
+    let db = std::env::args_os()
+        .nth(1)
+        .or_else(|| std::env::var_os("PAYMENTS_DB"));
     // A budget of keys, so that a flood of fresh keys gets 503s instead of filling the disk.
     let max_keys = match std::env::var("PAYMENTS_MAX_KEYS") {
         Ok(text) => text
@@ -75,7 +78,23 @@ async fn main() -> Result<()> {
             .map_err(|err| format!("PAYMENTS_MAX_KEYS={text}: {err}"))?,
         Err(_) => 1_000_000,
     };
-    let store = Store::builder().max_keys(max_keys).open(&path)?;
+    let builder = Store::builder().max_keys(max_keys);
+    let url = db
+        .as_ref()
+        .and_then(|db| db.to_str())
+        .filter(|db| db.starts_with("postgres://") || db.starts_with("postgresql://"));
+    let store = match (url, &db) {
+        #[cfg(feature = "postgres")]
+        (Some(url), _) => builder.open_postgres(url)?,
+        #[cfg(not(feature = "postgres"))]
+        (Some(_), _) => return Err("a postgres:// store needs --features postgres".into()),
+        (None, Some(path)) => builder.open(std::path::PathBuf::from(path))?,
+        (None, None) => builder.open(dir.path().join("payments.redb"))?,
+    };
+    let location = match store.path() {
+        Some(path) => path.display().to_string(),
+        None => "on PostgreSQL".to_string(),
+    };
 
     let idempotency = IdempotencyLayer::builder(store.clone())
         .require_key(true)
@@ -107,7 +126,7 @@ async fn main() -> Result<()> {
 
     let addr = std::env::var("PAYMENTS_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_string());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("payments API on http://{addr}, store {}", path.display());
+    println!("payments API on http://{addr}, store {location}");
     println!("Ctrl-C stops it.");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {

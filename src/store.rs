@@ -113,7 +113,8 @@ impl Store {
         &self.handle.engine
     }
 
-    /// The file this store is on; `None` in memory or on a backend of your own.
+    /// The file this store is on; `None` in memory, on a backend of your own or on
+    /// PostgreSQL.
     pub fn path(&self) -> Option<&Path> {
         self.handle.engine.path()
     }

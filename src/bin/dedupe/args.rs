@@ -102,16 +102,20 @@ A dedupe that finds a version it does not know refuses to replay it rather than 
     propagate_version = true
 )]
 pub struct Cli {
-    /// The store file; created by `run`, `mark` and `filter` if it does not
-    /// exist.
+    /// The store file, created by `run`, `mark` and `filter` if it does not exist; or a
+    /// postgres:// URL (in a dedupe built with feature `postgres`): see docs/POSTGRES.md.
     #[arg(
         long,
         global = true,
         env = "DEDUPE_DB",
         default_value = "dedupe.redb",
-        value_name = "FILE"
+        value_name = "FILE|URL"
     )]
     pub db: PathBuf,
+
+    /// `--pg-schema`, for a store on PostgreSQL.
+    #[command(flatten)]
+    pub postgres: crate::location::PgArgs,
 
     /// How long to wait for another process that holds the store file before giving up with
     /// a store error. Each dedupe holds it only for a few milliseconds at a time.

@@ -1,8 +1,6 @@
 //! Why a dedupe command stops: an exit code and one line for stderr saying what failed, on
 //! which file, and what to do about it.
 
-use std::path::Path;
-
 use dedupe_store::Error;
 
 /// Exit status of the readers and maintenance commands for a store error.
@@ -60,9 +58,9 @@ impl Failure {
         }
     }
 
-    /// A store error met while `doing` something on `db`, with advice that fits the error.
-    pub fn store(err: &Error, db: &Path, doing: &str) -> Failure {
-        let db = db.display();
+    /// A store error met while `doing` something on `db` (a file's path or a database's URL,
+    /// password hidden), with advice that fits the error.
+    pub fn store(err: &Error, db: &str, doing: &str) -> Failure {
         let message = match err {
             Error::AlreadyOpen { .. } => format!(
                 "{doing}: {db} is held by another process; retry later or raise --lock-timeout \
@@ -96,6 +94,12 @@ impl Failure {
             Error::Corrupt { key, .. } => format!(
                 "{doing}: {db}: {err}; `dedupe --db {db} expire {key}` removes the damaged record"
             ),
+            // Before the storage arm: a database is not a disk, and a lost connection may
+            // have cut a commit short (such a call was not acknowledged).
+            Error::Database { .. } => format!(
+                "{doing}: {db}: {err}; check that the server is up and reachable and the URL's \
+                 database, user and password, and the role's privileges, then retry"
+            ),
             err if err.is_storage() => format!(
                 "{doing}: {db}: {err}; check free disk space and the file's permissions, then \
                  retry (nothing was recorded)"
@@ -109,14 +113,13 @@ impl Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     #[test]
     fn store_errors_are_one_line_naming_the_file_and_a_remedy() {
-        let db = PathBuf::from("/var/lib/jobs.redb");
+        let db = "/var/lib/jobs.redb";
         let errors = [
-            Error::AlreadyOpen { path: db.clone() },
-            Error::NotAStore { path: db.clone() },
+            Error::AlreadyOpen { path: db.into() },
+            Error::NotAStore { path: db.into() },
             Error::UnsupportedFormat {
                 found: 9,
                 supported: 1,
@@ -126,7 +129,7 @@ mod tests {
             },
         ];
         for err in errors {
-            let failure = Failure::store(&err, &db, "cannot claim key \"k\"");
+            let failure = Failure::store(&err, db, "cannot claim key \"k\"");
             assert_eq!(failure.code, STORE_ERROR);
             assert!(!failure.message.contains('\n'), "{}", failure.message);
             assert!(failure.message.contains("/var/lib/jobs.redb"));

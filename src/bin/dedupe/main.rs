@@ -3,7 +3,7 @@
 //!
 //! One module per concept: `args` (the command line), `open` (opening the file for one step at
 //! a time, and why), `run` with `capture`, `heartbeat`, `signals` and `supervise` (the `run` command),
-//! `outcome` (the stored outcome's layout), `mark`, `filter` (the pipeline filter), `read_only` (reading a file without writing to it), `report` (the readers and their table and
+//! `outcome` (the stored outcome's layout), `mark`, `filter` (the pipeline filter), `location` (a store file or a PostgreSQL URL), `read_only` (reading a file without writing to it), `report` (the readers and their table and
 //! JSON output), `maintenance`, `failure` (exit codes and messages) and `console`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -18,6 +18,7 @@ mod console;
 mod failure;
 mod filter;
 mod heartbeat;
+mod location;
 mod maintenance;
 mod mark;
 mod open;
@@ -102,7 +103,8 @@ fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         | Command::Verify(_)
         | Command::Supervise(_) => Access::ReadOnly,
     };
-    let file = StoreFile::new(cli.db, cli.lock_timeout, access).max_keys(cli.max_keys);
+    let location = location::Location::new(cli.db, cli.postgres)?;
+    let file = StoreFile::new(location, cli.lock_timeout, access).max_keys(cli.max_keys);
     match &cli.command {
         Command::Run(args) => run::run(file, args),
         Command::Mark(args) => mark::mark(&file, args),

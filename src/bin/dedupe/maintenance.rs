@@ -33,21 +33,20 @@ pub fn compact(file: &StoreFile) -> Result<u8, Failure> {
     let before = file_size(file);
     let compacted = file.with("cannot compact the store", |store| store.compact())?;
     let after = file_size(file);
-    let line = if compacted {
-        format!(
-            "compacted {}: {before} -> {after} bytes\n",
-            file.path().display()
-        )
+    let db = file.name();
+    let line = if file.path().is_none() {
+        format!("{db}: nothing to compact (PostgreSQL gives space back by itself: autovacuum)\n")
+    } else if compacted {
+        format!("compacted {db}: {before} -> {after} bytes\n")
     } else {
-        format!(
-            "{} was already compact ({after} bytes)\n",
-            file.path().display()
-        )
+        format!("{db} was already compact ({after} bytes)\n")
     };
     console::out(line.as_bytes());
     Ok(0)
 }
 
 fn file_size(file: &StoreFile) -> u64 {
-    std::fs::metadata(file.path()).map_or(0, |meta| meta.len())
+    file.path()
+        .and_then(|path| std::fs::metadata(path).ok())
+        .map_or(0, |meta| meta.len())
 }

@@ -23,18 +23,23 @@
 //! collide again in lockstep), up to `--lock-timeout`. Only a holder that keeps the file for
 //! longer than that, such as a long-running program that links the library, turns into a
 //! store error.
+//!
+//! A store on PostgreSQL (`--db postgres://...`) is opened the same way, step by step, with the
+//! same settings: there is no file lock to wait for (the database serves every process at
+//! once), and readers open it as writers do, since reading it changes nothing.
 
 use std::collections::hash_map::RandomState;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use dedupe_store::{DEFAULT_MAX_RESPONSE_BYTES, Error, Store};
+use dedupe_store::{DEFAULT_MAX_RESPONSE_BYTES, Error, Store, StoreBuilder};
 
 use crate::failure::{Failure, STORE_ERROR};
+use crate::location::Location;
 use crate::read_only::ReadOnlyFile;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(2);
@@ -54,10 +59,10 @@ pub enum Access {
     ReadOnly,
 }
 
-/// The store file and how to open it.
+/// The store (a file, or a PostgreSQL database) and how to open it.
 #[derive(Debug, Clone)]
 pub struct StoreFile {
-    path: PathBuf,
+    location: Location,
     lock_timeout: Duration,
     max_response_bytes: usize,
     max_keys: Option<u64>,
@@ -65,10 +70,10 @@ pub struct StoreFile {
 }
 
 impl StoreFile {
-    /// The file at `path`, waiting up to `lock_timeout` for other holders.
-    pub fn new(path: PathBuf, lock_timeout: Duration, access: Access) -> StoreFile {
+    /// The store at `location`, waiting up to `lock_timeout` for other holders of a file.
+    pub fn new(location: Location, lock_timeout: Duration, access: Access) -> StoreFile {
         StoreFile {
-            path,
+            location,
             lock_timeout,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_keys: None,
@@ -88,9 +93,14 @@ impl StoreFile {
         self
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The store file's path; `None` for a store on PostgreSQL.
+    pub fn path(&self) -> Option<&Path> {
+        self.location.path()
+    }
+
+    /// The store as messages name it (a URL's password hidden).
+    pub fn name(&self) -> String {
+        self.location.name()
     }
 
     /// Opens the store, runs `step` on it and closes it, releasing the file for others. `doing`
@@ -121,34 +131,57 @@ impl StoreFile {
 
     /// The failure for a store error met while `doing` something.
     pub fn failure(&self, err: &Error, doing: &str) -> Failure {
-        Failure::store(err, &self.path, doing)
+        Failure::store(err, &self.name(), doing)
+    }
+
+    /// The builder with the settings every open uses, file or database.
+    fn builder(&self) -> StoreBuilder {
+        let builder = Store::builder()
+            // A dedupe process holds the store for milliseconds: a background sweeper would
+            // never get to run. `run` sweeps after each command instead.
+            .without_sweeper()
+            .max_response_bytes(self.max_response_bytes);
+        match self.max_keys {
+            Some(max_keys) => builder.max_keys(max_keys),
+            None => builder,
+        }
     }
 
     fn open(&self, timeout: Duration, doing: &str) -> Result<Store, Failure> {
+        // Without feature `postgres` a file is the only location.
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(clippy::infallible_destructuring_match)
+        )]
+        let path = match &self.location {
+            Location::File(path) => path,
+            #[cfg(feature = "postgres")]
+            Location::Postgres { url, schema } => {
+                // Connections are made as calls need them: a step makes one or two.
+                return self
+                    .builder()
+                    .postgres_schema(schema.clone())
+                    .open_postgres(url)
+                    .map_err(|err| self.failure(&err, doing));
+            }
+        };
         if self.access != Access::Create {
-            self.existing(doing)?;
+            self.existing(path, doing)?;
         }
         let deadline = Instant::now() + timeout;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let mut builder = Store::builder()
-                // A dedupe process holds the file for milliseconds: a background sweeper
-                // would never get to run. `run` sweeps after each command instead.
-                .without_sweeper()
-                .max_response_bytes(self.max_response_bytes);
-            if let Some(max_keys) = self.max_keys {
-                builder = builder.max_keys(max_keys);
-            }
+            let builder = self.builder();
             let opened = match self.access {
-                Access::ReadOnly => File::open(&self.path)
+                Access::ReadOnly => File::open(path)
                     .and_then(ReadOnlyFile::new)
                     .map_err(|err| Error::Io {
-                        path: self.path.clone(),
+                        path: path.to_path_buf(),
                         action: "open",
                         source: Arc::new(err),
                     })
                     .and_then(|file| builder.open_backend(file)),
-                Access::Create | Access::Existing => builder.open(&self.path),
+                Access::Create | Access::Existing => builder.open(path),
             };
             match opened {
                 Err(Error::AlreadyOpen { .. }) if Instant::now() < deadline => {
@@ -163,7 +196,7 @@ impl StoreFile {
                             "{doing}: {} was held by another process for more than {}; retry \
                              later or raise --lock-timeout (a program using the dedupe-store \
                              library holds its file for as long as it runs)",
-                            self.path.display(),
+                            path.display(),
                             humantime::format_duration(timeout)
                         ),
                     ));
@@ -177,18 +210,18 @@ impl StoreFile {
 
 impl StoreFile {
     /// Refuses a missing or empty file: only `run`, `mark` and `filter` make a store of one.
-    fn existing(&self, doing: &str) -> Result<(), Failure> {
+    fn existing(&self, path: &Path, doing: &str) -> Result<(), Failure> {
         let refuse = |what: &str| {
             Err(Failure::new(
                 STORE_ERROR,
                 format!(
                     "{doing}: {} {what}; check --db or DEDUPE_DB (only `run`, `mark` and \
                      `filter` create a store; nothing was changed)",
-                    self.path.display()
+                    path.display()
                 ),
             ))
         };
-        match std::fs::metadata(&self.path) {
+        match std::fs::metadata(path) {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => refuse("does not exist"),
             Ok(meta) if meta.is_file() && meta.len() == 0 => refuse("is empty, not a dedupe store"),
             // Anything else (a directory, an unreadable file) is left to the open, whose error

@@ -108,8 +108,12 @@ pub fn list(file: &StoreFile, args: &ListArgs) -> Result<u8, Failure> {
 /// `dedupe stats`.
 pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
     let stats = file.with("cannot read the store's statistics", |store| store.stats())?;
-    let file_bytes = std::fs::metadata(file.path()).map_or(0, |meta| meta.len());
-    let db = file.path().display().to_string();
+    // A store on PostgreSQL has no file: its size is 0.
+    let file_bytes = file
+        .path()
+        .and_then(|path| std::fs::metadata(path).ok())
+        .map_or(0, |meta| meta.len());
+    let db = file.name();
     if args.json {
         print_json(&json!({
             "db": db,
@@ -124,10 +128,18 @@ pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
         console::out(prometheus_text(&db, file_bytes, &stats).as_bytes());
         return Ok(0);
     }
+    // The file's size and format mean nothing for a store on PostgreSQL: the table leaves
+    // them out (the JSON and Prometheus outputs keep their fields, the size as 0).
+    let (size, format) = match file.path() {
+        Some(_) => (
+            format!("file bytes       {file_bytes}\n"),
+            format!("format version   {FORMAT_VERSION}\n"),
+        ),
+        None => (String::new(), String::new()),
+    };
     let text = format!(
-        "db               {db}\nfile bytes       {file_bytes}\nlive keys        {}\n\
-         expired pending  {} (each run removes up to 256, `dedupe sweep` all)\n\
-         format version   {FORMAT_VERSION}\n",
+        "db               {db}\n{size}live keys        {}\n\
+         expired pending  {} (each run removes up to 256, `dedupe sweep` all)\n{format}",
         stats.live_keys, stats.expired_pending
     );
     console::out(text.as_bytes());
@@ -136,7 +148,7 @@ pub fn stats(file: &StoreFile, args: &StatsArgs) -> Result<u8, Failure> {
 
 /// `dedupe verify`: exits 0 when the file is sound, 1 when it is not.
 pub fn verify(file: &StoreFile, args: &JsonArgs) -> Result<u8, Failure> {
-    let db = file.path().display().to_string();
+    let db = file.name();
     let checked = file.with("cannot verify the store", |store| store.verify());
     let report = match checked {
         Ok(report) => report,
