@@ -272,3 +272,33 @@ fn a_terminated_backend_is_a_lost_connection_and_replaced() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_role_that_owns_a_schema_made_beforehand_opens_the_store_in_it() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    cluster.create_database("owned");
+    // The role may not create schemas in the database: an operator made its schema for it.
+    cluster.psql(
+        "owned",
+        "CREATE ROLE app LOGIN PASSWORD 'pw'; \
+         REVOKE CREATE ON DATABASE owned FROM PUBLIC; \
+         CREATE SCHEMA dedupe AUTHORIZATION app;",
+    );
+    let url = format!("postgres://app:pw@127.0.0.1:{}/owned", cluster.port());
+    let store = dedupe_store::Store::builder()
+        .without_sweeper()
+        .open_postgres(&url)?;
+    let dedupe_store::Claim::Acquired(ticket) = store.claim("k")? else {
+        panic!("a fresh key is acquired");
+    };
+    store.complete(&ticket, b"done")?;
+    // Another schema the role may not create is a permission error, not a panic.
+    let other = dedupe_store::Store::builder()
+        .without_sweeper()
+        .postgres_schema("elsewhere")
+        .open_postgres(&url);
+    assert_eq!(kind_of(other), DatabaseErrorKind::Permission);
+    Ok(())
+}

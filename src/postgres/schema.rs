@@ -116,6 +116,22 @@ pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<Schem
         .map_err(schema_error)?;
     let created = !has_meta;
     if created {
+        // `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database even when the schema
+        // exists, so a role given a schema of its own beforehand must not run it.
+        let has_schema: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+                &[&name],
+            )
+            .await
+            .map_err(schema_error)?
+            .try_get(0)
+            .map_err(schema_error)?;
+        if !has_schema {
+            tx.batch_execute(&format!("CREATE SCHEMA {quoted}"))
+                .await
+                .map_err(schema_error)?;
+        }
         tx.batch_execute(&create_statements(&quoted))
             .await
             .map_err(schema_error)?;
@@ -135,8 +151,7 @@ pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<Schem
 /// the same name, is then judged by the shape check rather than failing here.
 fn create_statements(schema: &str) -> String {
     format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {schema}.records (
+        "CREATE TABLE IF NOT EXISTS {schema}.records (
              ns smallint NOT NULL,
              key bytea NOT NULL,
              state smallint NOT NULL,
