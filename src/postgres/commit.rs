@@ -17,14 +17,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
 
 use super::clock::NOW_MILLIS;
 use super::error::query_error;
 use super::listen::encode;
-use super::pool::Pool;
+use super::pool::{Pool, PooledClient};
 use super::row::{Loaded, RECORD_COLUMNS, RecordRow, to_row};
 use crate::batch;
 use crate::clock::Clock;
@@ -169,7 +169,7 @@ struct Slot {
 type RowKey = (i16, Vec<u8>);
 
 async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies, Retry> {
-    let client = shared.pool.get().await.map_err(Retry::Fail)?;
+    let mut client = shared.pool.get().await.map_err(Retry::Fail)?;
     let ops: Vec<&Arc<dyn Queued>> = works
         .iter()
         .flat_map(|work| match work {
@@ -177,7 +177,7 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             Work::Many(ops) => ops.as_slice(),
         })
         .collect();
-    let begun = begin(shared, &client, &ops).await;
+    let begun = begin(shared, &mut client, &ops).await;
     let (mut slots, now, tokens) = match begun {
         Ok(begun) => begun,
         Err(retry) => {
@@ -284,7 +284,14 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             None => replies.push(Ok(())),
         }
     }
-    let ended = finish(shared, &client, &slots).await?;
+    let ended = match finish(shared, &mut client, &slots).await {
+        Ok(ended) => ended,
+        Err(retry) => {
+            // A statement that failed before `COMMIT` went out leaves the transaction open.
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(retry);
+        }
+    };
     shared
         .records
         .fetch_add(added.max(0) as u64, Ordering::AcqRel);
@@ -313,7 +320,7 @@ fn row_key(op: &dyn Queued) -> RowKey {
 /// statements sent at once, run by the server in that order.
 async fn begin(
     shared: &Shared,
-    client: &Client,
+    client: &mut PooledClient,
     ops: &[&Arc<dyn Queued>],
 ) -> std::result::Result<(BTreeMap<RowKey, Slot>, u64, Vec<u64>), Retry> {
     let mut slots: BTreeMap<RowKey, Slot> = BTreeMap::new();
@@ -339,13 +346,21 @@ async fn begin(
         "SELECT {NOW_MILLIS}, array(SELECT nextval('{}.tokens') FROM generate_series(1, $1))",
         shared.schema
     );
-    let lock_params: [(&(dyn ToSql + Sync), Type); 2] =
-        [(&namespaces, Type::INT2_ARRAY), (&keys, Type::BYTEA_ARRAY)];
-    let token_params: [(&(dyn ToSql + Sync), Type); 1] = [(&count, Type::INT8)];
+    let lock = client
+        .statement(&lock_sql, &[Type::INT2_ARRAY, Type::BYTEA_ARRAY])
+        .await
+        .map_err(retry_or_fail("lock keys"))?;
+    let draw = client
+        .statement(&tokens_sql, &[Type::INT8])
+        .await
+        .map_err(retry_or_fail("draw fencing tokens"))?;
+    let client: &Client = client;
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&namespaces, &keys];
+    let draw_params: [&(dyn ToSql + Sync); 1] = [&count];
     let (begun, rows, clock) = tokio::join!(
         client.batch_execute("BEGIN"),
-        client.query_typed(&lock_sql, &lock_params),
-        client.query_typed_one(&tokens_sql, &token_params),
+        client.query(&lock, &lock_params),
+        client.query_one(&draw, &draw_params),
     );
     begun.map_err(retry_or_fail("begin a transaction"))?;
     let rows = rows.map_err(retry_or_fail("lock keys"))?;
@@ -386,7 +401,7 @@ async fn begin(
 /// back at `COMMIT`, and the batch runs again. Answers the event keys of claims that ended.
 async fn finish(
     shared: &Shared,
-    client: &Client,
+    client: &mut PooledClient,
     slots: &BTreeMap<RowKey, Slot>,
 ) -> std::result::Result<Vec<Vec<u8>>, Retry> {
     let mut inserts = Columns::default();
@@ -443,36 +458,46 @@ async fn finish(
     );
     let notify_sql = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload";
     let payloads: Vec<String> = ended.iter().map(|key| encode(key)).collect();
-    let delete_params: [(&(dyn ToSql + Sync), Type); 2] = [
-        (&deletes.0, Type::INT2_ARRAY),
-        (&deletes.1, Type::BYTEA_ARRAY),
-    ];
-    let notify_params: [(&(dyn ToSql + Sync), Type); 2] =
-        [(&shared.channel, Type::TEXT), (&payloads, Type::TEXT_ARRAY)];
+    // Each statement is prepared once per connection, before the batch's statements go out.
+    let insert = prepare(client, &insert_sql, !inserts.is_empty(), &COLUMN_TYPES)
+        .await
+        .map_err(retry_or_fail("insert keys"))?;
+    let update = prepare(client, &update_sql, !updates.is_empty(), &COLUMN_TYPES)
+        .await
+        .map_err(retry_or_fail("update keys"))?;
+    let delete_types = [Type::INT2_ARRAY, Type::BYTEA_ARRAY];
+    let delete = prepare(client, &delete_sql, !deletes.0.is_empty(), &delete_types)
+        .await
+        .map_err(retry_or_fail("remove keys"))?;
+    let notify_types = [Type::TEXT, Type::TEXT_ARRAY];
+    let notify = prepare(client, notify_sql, !payloads.is_empty(), &notify_types)
+        .await
+        .map_err(retry_or_fail("notify waiters"))?;
+    let client: &Client = client;
     let (inserted, updated, deleted, notified, committed) = tokio::join!(
         async {
-            if inserts.is_empty() {
-                return Ok(0);
+            match &insert {
+                Some(insert) => client.execute(insert, &inserts.params()).await,
+                None => Ok(0),
             }
-            client.execute_typed(&insert_sql, &inserts.params()).await
         },
         async {
-            if updates.is_empty() {
-                return Ok(0);
+            match &update {
+                Some(update) => client.execute(update, &updates.params()).await,
+                None => Ok(0),
             }
-            client.execute_typed(&update_sql, &updates.params()).await
         },
         async {
-            if deletes.0.is_empty() {
-                return Ok(0);
+            match &delete {
+                Some(delete) => client.execute(delete, &[&deletes.0, &deletes.1]).await,
+                None => Ok(0),
             }
-            client.execute_typed(&delete_sql, &delete_params).await
         },
         async {
-            if payloads.is_empty() {
-                return Ok(Vec::new());
+            match &notify {
+                Some(notify) => client.query(notify, &[&shared.channel, &payloads]).await,
+                None => Ok(Vec::new()),
             }
-            client.query_typed(notify_sql, &notify_params).await
         },
         client.batch_execute("COMMIT"),
     );
@@ -485,6 +510,40 @@ async fn finish(
     committed.map_err(|err| Retry::Fail(query_error("commit", err)))?;
     Ok(ended)
 }
+
+/// `sql` prepared on the batch's connection, if the batch `needs` it.
+async fn prepare(
+    client: &mut PooledClient,
+    sql: &str,
+    needed: bool,
+    types: &[Type],
+) -> std::result::Result<Option<Statement>, tokio_postgres::Error> {
+    if !needed {
+        return Ok(None);
+    }
+    client.statement(sql, types).await.map(Some)
+}
+
+/// The types of [`Columns::params`], in order.
+const COLUMN_TYPES: [Type; 17] = [
+    Type::INT2_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::INT2_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::BYTEA_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+];
 
 /// Rows of `records`, column by column, for one statement over `unnest` of every column.
 #[derive(Default)]
@@ -535,25 +594,25 @@ impl<'k> Columns<'k> {
 
     /// The columns as the parameters `$1` to `$17` of an `unnest`, in `RECORD_COLUMNS`' order
     /// after `ns` and `key`.
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 17] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
         [
-            (&self.ns, Type::INT2_ARRAY),
-            (&self.key, Type::BYTEA_ARRAY),
-            (&self.state, Type::INT2_ARRAY),
-            (&self.fencing_token, Type::INT8_ARRAY),
-            (&self.attempt, Type::INT8_ARRAY),
-            (&self.fingerprint, Type::BYTEA_ARRAY),
-            (&self.expires_at, Type::INT8_ARRAY),
-            (&self.claimed_at, Type::INT8_ARRAY),
-            (&self.lease_until, Type::INT8_ARRAY),
-            (&self.claim_ttl, Type::INT8_ARRAY),
-            (&self.checkpoint_step, Type::TEXT_ARRAY),
-            (&self.checkpoint_state, Type::BYTEA_ARRAY),
-            (&self.checkpoint_at, Type::INT8_ARRAY),
-            (&self.completed_at, Type::INT8_ARRAY),
-            (&self.response, Type::BYTEA_ARRAY),
-            (&self.seq_mark, Type::INT8_ARRAY),
-            (&self.seq_updated_at, Type::INT8_ARRAY),
+            &self.ns,
+            &self.key,
+            &self.state,
+            &self.fencing_token,
+            &self.attempt,
+            &self.fingerprint,
+            &self.expires_at,
+            &self.claimed_at,
+            &self.lease_until,
+            &self.claim_ttl,
+            &self.checkpoint_step,
+            &self.checkpoint_state,
+            &self.checkpoint_at,
+            &self.completed_at,
+            &self.response,
+            &self.seq_mark,
+            &self.seq_updated_at,
         ]
     }
 }

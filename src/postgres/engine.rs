@@ -52,7 +52,9 @@ pub(crate) struct Settings {
 }
 
 pub(crate) struct Engine {
-    runtime: Runtime,
+    /// Where the connections' drivers and the listener run; calls run on their callers'
+    /// threads (`runtime::block_on`).
+    _runtime: Runtime,
     shared: Arc<Shared>,
     pub config: Config,
     pub counters: Counters,
@@ -70,6 +72,7 @@ impl Engine {
     ) -> Result<Engine> {
         let runtime = Runtime::new()?;
         let pool = Arc::new(Pool::new(&settings.url, settings.connections)?);
+        pool.on_runtime(runtime.handle().clone());
         let schema = settings.schema.clone();
         let info = runtime.call({
             let pool = pool.clone();
@@ -92,7 +95,7 @@ impl Engine {
             records: AtomicU64::new(0),
         });
         let engine = Engine {
-            runtime,
+            _runtime: runtime,
             shared,
             config,
             counters: Counters::default(),
@@ -122,7 +125,7 @@ impl Engine {
         self.check_open()?;
         self.shared
             .pool
-            .checked(self.runtime.call(run(self.shared.clone())))
+            .checked(super::runtime::block_on(run(self.shared.clone())))
     }
 
     pub(crate) fn now(&self) -> u64 {
@@ -209,7 +212,7 @@ impl Engine {
         })?;
         let key_bytes = key.as_bytes().to_vec();
         let inserted = self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+            let mut client = shared.pool.get().await?;
             let sql = format!(
                 "INSERT INTO {s}.records (ns, key, {RECORD_COLUMNS}) VALUES ($1, $2, $3, \
                  nextval('{s}.tokens'), $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
@@ -217,7 +220,7 @@ impl Engine {
                 s = shared.schema
             );
             let row = client
-                .query_typed_opt(
+                .query_prepared(
                     &sql,
                     &[
                         (&ns(namespace), Type::INT2),
@@ -240,7 +243,8 @@ impl Engine {
                 )
                 .await
                 .map_err(|err| query_error("insert a key", err))?;
-            row.map(|row| row.try_get::<_, i64>(0))
+            row.first()
+                .map(|row| row.try_get::<_, i64>(0))
                 .transpose()
                 .map_err(|err| query_error("insert a key", err))
         })?;
@@ -312,9 +316,8 @@ impl Engine {
             |works, _| {
                 let count = works.len();
                 let shared = self.shared.clone();
-                let replies = self
-                    .runtime
-                    .call(async move { Ok(commit::run(&shared, works).await) });
+                let replies: Result<commit::Replies> =
+                    Ok(super::runtime::block_on(commit::run(&shared, works)));
                 if let Ok(replies) = &replies
                     && let Some(Err(err)) = replies.replies.first()
                 {
@@ -343,16 +346,24 @@ impl Engine {
         let key = key.as_bytes().to_vec();
         let clock = self.shared.clock.clone();
         self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+            let mut client = shared.pool.get().await?;
             let sql = format!(
                 "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM (SELECT 1) AS one \
                  LEFT JOIN {}.records ON ns = $1 AND key = $2",
                 shared.schema
             );
-            let row = client
-                .query_typed_one(&sql, &[(&ns(namespace), Type::INT2), (&key, Type::BYTEA)])
+            let rows = client
+                .query_prepared(&sql, &[(&ns(namespace), Type::INT2), (&key, Type::BYTEA)])
                 .await
                 .map_err(|err| query_error("read a key", err))?;
+            let Some(row) = rows.first() else {
+                return Err(Error::Database {
+                    action: "read a key",
+                    kind: crate::error::DatabaseErrorKind::Other,
+                    message: "the server answered no row".to_string(),
+                    source: None,
+                });
+            };
             let now = match clock {
                 Some(clock) => clock.now_millis(),
                 None => {

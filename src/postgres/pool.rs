@@ -10,9 +10,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use super::error::{connect_error, query_error};
 use crate::error::{Error, Result};
@@ -30,8 +34,17 @@ const ON_CONNECT: &str = "SET synchronous_commit = on";
 /// Up to `size` connections to one database, shared by the engine's calls.
 pub(crate) struct Pool {
     config: Config,
-    idle: Arc<Mutex<Vec<Client>>>,
+    idle: Arc<Mutex<Vec<Connection>>>,
     permits: Arc<Semaphore>,
+    /// The engine's runtime, where new connections are made and driven, whatever thread asks
+    /// for one (see [`Pool::on_runtime`]).
+    runtime: OnceLock<tokio::runtime::Handle>,
+}
+
+/// A client and the statements prepared on its connection, by their SQL.
+struct Connection {
+    client: Client,
+    statements: HashMap<String, Statement>,
 }
 
 impl Pool {
@@ -57,7 +70,16 @@ impl Pool {
             config,
             idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
             permits: Arc::new(Semaphore::new(size)),
+            runtime: OnceLock::new(),
         })
+    }
+
+    /// Makes new connections on `runtime` from now on. The engine's calls run on their
+    /// callers' threads (a pooled client's requests go through channels to its connection's
+    /// driver), but a connection must be made and driven on the engine's own runtime, never
+    /// on a runtime the caller happens to be in.
+    pub(crate) fn on_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.runtime.set(runtime);
     }
 
     /// A connection for one call, waiting while all `size` are in use: an idle one that is
@@ -75,13 +97,33 @@ impl Pool {
         loop {
             let candidate = self.idle.lock().pop();
             match candidate {
-                Some(client) if client.is_closed() => continue,
-                Some(client) => return Ok(self.lend(client, permit)),
+                Some(connection) if connection.client.is_closed() => continue,
+                Some(connection) => return Ok(self.lend(connection, permit)),
                 None => break,
             }
         }
-        let client = self.connect().await?;
-        Ok(self.lend(client, permit))
+        let client = match self.runtime.get() {
+            Some(runtime) => {
+                let config = self.config.clone();
+                runtime
+                    .spawn(async move { connect(&config).await })
+                    .await
+                    .map_err(|_| Error::Database {
+                        action: "connect",
+                        kind: crate::error::DatabaseErrorKind::Other,
+                        message: "the engine's runtime shut down".to_string(),
+                        source: None,
+                    })??
+            }
+            None => connect(&self.config).await?,
+        };
+        Ok(self.lend(
+            Connection {
+                client,
+                statements: HashMap::new(),
+            },
+            permit,
+        ))
     }
 
     /// Passes a call's `result` on; when it failed on a lost connection, first drops every idle
@@ -121,42 +163,80 @@ impl Pool {
         self.config.connect(NoTls).await.map_err(connect_error)
     }
 
-    async fn connect(&self) -> Result<Client> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(connect_error)?;
-        // The driver ends when the connection closes; the client then reports `is_closed`, and
-        // its error reaches the caller through the call that failed.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        client
-            .batch_execute(ON_CONNECT)
-            .await
-            .map_err(|err| query_error("prepare a new connection", err))?;
-        Ok(client)
-    }
-
-    fn lend(&self, client: Client, permit: OwnedSemaphorePermit) -> PooledClient {
+    fn lend(&self, connection: Connection, permit: OwnedSemaphorePermit) -> PooledClient {
         PooledClient {
-            client: Some(client),
+            connection: Some(connection),
             idle: Arc::clone(&self.idle),
             _permit: permit,
         }
     }
 }
 
+/// A new connection, its driver spawned on the current runtime.
+async fn connect(config: &Config) -> Result<Client> {
+    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    // The driver ends when the connection closes; the client then reports `is_closed`, and
+    // its error reaches the caller through the call that failed.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(ON_CONNECT)
+        .await
+        .map_err(|err| query_error("prepare a new connection", err))?;
+    Ok(client)
+}
+
 /// A connection lent by the [`Pool`]; it goes back to the pool when dropped, unless it closed.
 pub(crate) struct PooledClient {
-    client: Option<Client>,
-    idle: Arc<Mutex<Vec<Client>>>,
+    connection: Option<Connection>,
+    idle: Arc<Mutex<Vec<Connection>>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl PooledClient {
-    /// The client, mutably: transactions need `&mut Client`.
-    pub(crate) fn client_mut(&mut self) -> &mut Client {
-        self.client
+    fn connection(&mut self) -> &mut Connection {
+        self.connection
             .as_mut()
             .expect("a lent client is present until it is dropped")
+    }
+
+    /// The client, mutably: transactions need `&mut Client`.
+    pub(crate) fn client_mut(&mut self) -> &mut Client {
+        &mut self.connection().client
+    }
+
+    /// Runs `sql`, prepared once per connection (see [`statement`](Self::statement)), with
+    /// `params` and their types.
+    pub(crate) async fn query_prepared(
+        &mut self,
+        sql: &str,
+        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+    ) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
+        let statement = self.statement(sql, &types).await?;
+        let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|(value, _)| *value).collect();
+        self.connection().client.query(&statement, &values).await
+    }
+
+    /// `sql` prepared on this connection with parameters of `types`, once per connection:
+    /// a prepared statement is parsed and planned by the server once, and each use of it is
+    /// one round trip.
+    pub(crate) async fn statement(
+        &mut self,
+        sql: &str,
+        types: &[Type],
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        let connection = self.connection();
+        if let Some(statement) = connection.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = connection.client.prepare_typed(sql, types).await?;
+        connection
+            .statements
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
     }
 }
 
@@ -164,18 +244,20 @@ impl Deref for PooledClient {
     type Target = Client;
 
     fn deref(&self) -> &Client {
-        self.client
+        &self
+            .connection
             .as_ref()
             .expect("a lent client is present until it is dropped")
+            .client
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take()
-            && !client.is_closed()
+        if let Some(connection) = self.connection.take()
+            && !connection.client.is_closed()
         {
-            self.idle.lock().push(client);
+            self.idle.lock().push(connection);
         }
     }
 }

@@ -77,6 +77,36 @@ impl Runtime {
     }
 }
 
+/// Runs `fut` to completion on the calling thread, parking it while the future waits. For the
+/// engine's calls: a pooled client's requests and answers travel through channels to its
+/// connection's driver on the engine's runtime, so they need no runtime on this thread, and
+/// waiting here is a plain blocking wait, allowed inside another runtime's task as any
+/// blocking call is.
+pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    let mut fut = std::pin::pin!(fut);
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(output) = fut.as_mut().poll(&mut cx) {
+            return output;
+        }
+        // A wake between the poll and here leaves a token, so this returns at once.
+        std::thread::park();
+    }
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
