@@ -379,7 +379,7 @@ impl Engine {
             if state.is_none() {
                 return Ok((Loaded::Absent, now));
             }
-            Ok((Loaded::of(&row), now))
+            Ok((Loaded::of(row), now))
         })
     }
 
