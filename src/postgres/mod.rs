@@ -3,6 +3,7 @@
 //! - `engine`: the engine: one key's read, group commit by shard of keys, sweeps, waits;
 //! - `reads`: a prefix's live keys, counts, every row;
 //! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
+//! - `columns`: a batch's rows column by column, written by one statement;
 //! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
 //! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
 //! - `schema`: the tables, created on first open, and the version check;
@@ -14,6 +15,7 @@
 //! another tokio runtime. Nothing outside this folder reaches past this file.
 
 mod clock;
+mod columns;
 mod commit;
 mod engine;
 mod error;
