@@ -25,7 +25,7 @@ use super::clock::NOW_MILLIS;
 use super::columns::{COLUMN_TYPES, Columns};
 use super::error::query_error;
 use super::listen::encode;
-use super::pool::{Pool, PooledClient};
+use super::pool::{Pool, Session};
 use super::row::{Loaded, RECORD_COLUMNS, to_row};
 use crate::batch;
 use crate::clock::Clock;
@@ -108,10 +108,10 @@ pub(crate) struct Replies {
 }
 
 /// Runs a batch, again after a conflict or deadlock, and answers every work in it.
-pub(crate) async fn run(shared: &Shared, works: Vec<Work>) -> Replies {
+pub(crate) async fn run(shared: &Shared, session: &mut Session, works: Vec<Work>) -> Replies {
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match attempt(shared, &works).await {
+        match attempt(shared, session, &works).await {
             Ok(replies) => return replies,
             Err(Retry::Again(err)) => last = Some(err),
             Err(Retry::Fail(err)) => return failed(&works, err),
@@ -169,8 +169,11 @@ struct Slot {
 
 type RowKey = (i16, Vec<u8>);
 
-async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies, Retry> {
-    let mut client = shared.pool.get().await.map_err(Retry::Fail)?;
+async fn attempt(
+    shared: &Shared,
+    client: &mut Session,
+    works: &[Work],
+) -> std::result::Result<Replies, Retry> {
     let ops: Vec<&Arc<dyn Queued>> = works
         .iter()
         .flat_map(|work| match work {
@@ -178,7 +181,7 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             Work::Many(ops) => ops.as_slice(),
         })
         .collect();
-    let begun = begin(shared, &mut client, &ops).await;
+    let begun = begin(shared, client, &ops).await;
     let (mut slots, now, tokens) = match begun {
         Ok(begun) => begun,
         Err(retry) => {
@@ -285,7 +288,7 @@ async fn attempt(shared: &Shared, works: &[Work]) -> std::result::Result<Replies
             None => replies.push(Ok(())),
         }
     }
-    let ended = match finish(shared, &mut client, &slots).await {
+    let ended = match finish(shared, client, &slots).await {
         Ok(ended) => ended,
         Err(retry) => {
             // A statement that failed before `COMMIT` went out leaves the transaction open.
@@ -321,7 +324,7 @@ fn row_key(op: &dyn Queued) -> RowKey {
 /// statements sent at once, run by the server in that order.
 async fn begin(
     shared: &Shared,
-    client: &mut PooledClient,
+    client: &mut Session,
     ops: &[&Arc<dyn Queued>],
 ) -> std::result::Result<(BTreeMap<RowKey, Slot>, u64, Vec<u64>), Retry> {
     let mut slots: BTreeMap<RowKey, Slot> = BTreeMap::new();
@@ -402,7 +405,7 @@ async fn begin(
 /// back at `COMMIT`, and the batch runs again. Answers the event keys of claims that ended.
 async fn finish(
     shared: &Shared,
-    client: &mut PooledClient,
+    client: &mut Session,
     slots: &BTreeMap<RowKey, Slot>,
 ) -> std::result::Result<Vec<Vec<u8>>, Retry> {
     let mut inserts = Columns::default();
@@ -514,7 +517,7 @@ async fn finish(
 
 /// `sql` prepared on the batch's connection, if the batch `needs` it.
 async fn prepare(
-    client: &mut PooledClient,
+    client: &mut Session,
     sql: &str,
     needed: bool,
     types: &[Type],

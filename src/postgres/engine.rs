@@ -12,7 +12,6 @@
 //! - A waiter in `claim_or_wait` wakes when any process completes or releases the key it waits
 //!   for (`listen.rs`, LISTEN/NOTIFY), and polls once a second should a notification be lost.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -23,7 +22,7 @@ use super::clock::NOW_MILLIS;
 use super::commit::{self, Shared, Work};
 use super::error::query_error;
 use super::listen::Listener;
-use super::pool::Pool;
+use super::pool::{Pool, Session};
 use super::row::{Loaded, RECORD_COLUMNS, ns, to_row};
 use super::runtime::Runtime;
 use super::schema::open_schema;
@@ -117,15 +116,16 @@ impl Engine {
     }
 
     /// Runs a database call on the engine's runtime.
-    pub(super) fn call<T, F>(&self, run: impl FnOnce(Arc<Shared>) -> F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T>> + Send + 'static,
-    {
+    pub(super) fn call<T>(
+        &self,
+        run: impl AsyncFnOnce(&Shared, &mut Session) -> Result<T>,
+    ) -> Result<T> {
         self.check_open()?;
-        self.shared
+        let shared = &*self.shared;
+        let answer = shared
             .pool
-            .checked(super::runtime::block_on(run(self.shared.clone())))
+            .lend(async |session: &mut Session| run(shared, session).await);
+        shared.pool.checked(answer)
     }
 
     pub(crate) fn now(&self) -> u64 {
@@ -141,8 +141,7 @@ impl Engine {
     }
 
     fn database_now(&self) -> Result<u64> {
-        self.call(move |shared| async move {
-            let client = shared.pool.get().await?;
+        self.call(async |_shared: &Shared, client: &mut Session| {
             let row = client
                 .query_one(&format!("SELECT {NOW_MILLIS}"), &[])
                 .await
@@ -211,8 +210,7 @@ impl Engine {
             reason: err.reason,
         })?;
         let key_bytes = key.as_bytes().to_vec();
-        let inserted = self.call(move |shared: Arc<Shared>| async move {
-            let mut client = shared.pool.get().await?;
+        let inserted = self.call(async move |shared: &Shared, client: &mut Session| {
             let sql = format!(
                 "INSERT INTO {s}.records (ns, key, {RECORD_COLUMNS}) VALUES ($1, $2, $3, \
                  nextval('{s}.tokens'), $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
@@ -315,9 +313,9 @@ impl Engine {
             false,
             |works, _| {
                 let count = works.len();
-                let shared = self.shared.clone();
-                let replies: Result<commit::Replies> =
-                    Ok(super::runtime::block_on(commit::run(&shared, works)));
+                let replies = self.call(async move |shared: &Shared, session: &mut Session| {
+                    Ok(commit::run(shared, session, works).await)
+                });
                 if let Ok(replies) = &replies
                     && let Some(Err(err)) = replies.replies.first()
                 {
@@ -345,8 +343,7 @@ impl Engine {
     fn load(&self, namespace: Namespace, key: &Key) -> Result<(Loaded, u64)> {
         let key = key.as_bytes().to_vec();
         let clock = self.shared.clock.clone();
-        self.call(move |shared: Arc<Shared>| async move {
-            let mut client = shared.pool.get().await?;
+        self.call(async move |shared: &Shared, client: &mut Session| {
             let sql = format!(
                 "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM (SELECT 1) AS one \
                  LEFT JOIN {}.records ON ns = $1 AND key = $2",
@@ -409,8 +406,7 @@ impl Engine {
             .clock
             .as_ref()
             .map(|clock| clock.now_millis() as i64);
-        let removed = self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+        let removed = self.call(async move |shared: &Shared, client: &mut Session| {
             let now_sql = match now {
                 Some(_) => "$2::bigint".to_string(),
                 None => NOW_MILLIS.to_string(),

@@ -2,24 +2,37 @@
 //! one found closed (the server restarted, the network dropped) is discarded and replaced on
 //! the next [`Pool::get`], so the engine reconnects by itself.
 //!
-//! Hand-written rather than a pool crate: the engine needs a bounded set of clients, each
-//! prepared the same way on connect, and nothing else.
-
-use std::ops::Deref;
-use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+//! A connection's socket is driven by one of two places, chosen by the thread that asks:
+//!
+//! - **the caller's thread** ([`Pool::lend`] outside any tokio runtime): the connection has a
+//!   single-threaded runtime of its own, and a call drives the socket on the calling thread
+//!   while it waits, as a blocking client does. A round trip then wakes no other thread.
+//! - **the engine's runtime** (inside a runtime, where blocking on another runtime would
+//!   panic): the connection's driver is a task on the engine's runtime, and the caller waits
+//!   for its answer, which travels by channel.
+//!
+//! Both kinds count against one limit of connections. Hand-written rather than a pool crate:
+//! the engine needs a bounded set of clients, each prepared the same way on connect, driven as
+//! above, and nothing else.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Config, NoTls, Row, Socket, Statement};
 
 use super::error::{connect_error, query_error};
-use crate::error::{Error, Result};
+use super::runtime::block_on;
+use crate::error::{DatabaseErrorKind, Error, Result};
 
 /// How long a connection attempt may take when the URL sets no `connect_timeout`: long enough
 /// for a server across a slow network, short enough that a call to a dead host fails instead of
@@ -31,20 +44,149 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// on a synchronous standby, where one is configured).
 const ON_CONNECT: &str = "SET synchronous_commit = on";
 
+/// A connection's driver: the future that reads and writes its socket.
+type Driver = tokio_postgres::Connection<Socket, NoTlsStream>;
+
+/// A client and the statements prepared on its connection, by their SQL: what a call uses.
+pub(crate) struct Session {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl Session {
+    fn new(client: Client) -> Session {
+        Session {
+            client,
+            statements: HashMap::new(),
+        }
+    }
+
+    /// `sql` prepared on this connection with parameters of `types`, once per connection:
+    /// a prepared statement is parsed and planned by the server once, and each use of it is
+    /// one round trip.
+    pub(crate) async fn statement(
+        &mut self,
+        sql: &str,
+        types: &[Type],
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare_typed(sql, types).await?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs `sql`, prepared once per connection, with `params` and their types.
+    pub(crate) async fn query_prepared(
+        &mut self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
+        let statement = self.statement(sql, &types).await?;
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
+        self.client.query(&statement, &values).await
+    }
+}
+
+impl Deref for Session {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// A connection driven on the caller's thread, with the runtime its socket belongs to.
+struct Local {
+    session: Session,
+    driver: Pin<Box<Driver>>,
+    /// `None` once shut down (on drop). A single-threaded runtime with no thread of its own.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// The driver has stopped: the connection is gone.
+    lost: bool,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another runtime's task panics; shutting it down does not.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Local {
+    fn is_closed(&self) -> bool {
+        self.lost || self.session.client.is_closed()
+    }
+
+    /// Runs `call` on the calling thread, driving the socket while it waits.
+    fn run<T>(&mut self, call: impl AsyncFnOnce(&mut Session) -> Result<T>) -> Result<T> {
+        let Local {
+            session,
+            driver,
+            runtime,
+            lost,
+        } = self;
+        let Some(runtime) = runtime.as_ref() else {
+            return Err(lost_connection());
+        };
+        if *lost {
+            return Err(lost_connection());
+        }
+        let call = call(session);
+        runtime.block_on(async {
+            let mut call = std::pin::pin!(call);
+            std::future::poll_fn(|cx| {
+                // Read and write the socket first: that is what answers the call's requests.
+                loop {
+                    match driver.as_mut().poll_message(cx) {
+                        // Notices and notifications: nothing for a pooled connection to do.
+                        Poll::Ready(Some(Ok(_))) => continue,
+                        Poll::Ready(Some(Err(_)) | None) => {
+                            *lost = true;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                match call.as_mut().poll(cx) {
+                    Poll::Ready(answer) => Poll::Ready(answer),
+                    // Nothing will answer the call any more.
+                    Poll::Pending if *lost => Poll::Ready(Err(lost_connection())),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        })
+    }
+}
+
+/// A connection driven by a task on the engine's runtime.
+struct Shared {
+    session: Session,
+}
+
+fn lost_connection() -> Error {
+    Error::Database {
+        action: "run a database call",
+        kind: DatabaseErrorKind::ConnectionLost,
+        message: "connection closed".to_string(),
+        source: None,
+    }
+}
+
 /// Up to `size` connections to one database, shared by the engine's calls.
 pub(crate) struct Pool {
     config: Config,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    idle: Arc<Mutex<Vec<Shared>>>,
+    idle_local: Arc<Mutex<Vec<Local>>>,
     permits: Arc<Semaphore>,
-    /// The engine's runtime, where new connections are made and driven, whatever thread asks
-    /// for one (see [`Pool::on_runtime`]).
+    /// The engine's runtime, where connections for callers inside a runtime are made and
+    /// driven (see [`Pool::on_runtime`]).
     runtime: OnceLock<tokio::runtime::Handle>,
-}
-
-/// A client and the statements prepared on its connection, by their SQL.
-struct Connection {
-    client: Client,
-    statements: HashMap<String, Statement>,
 }
 
 impl Pool {
@@ -69,61 +211,136 @@ impl Pool {
         Ok(Pool {
             config,
             idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
+            idle_local: Arc::new(Mutex::new(Vec::new())),
             permits: Arc::new(Semaphore::new(size)),
             runtime: OnceLock::new(),
         })
     }
 
-    /// Makes new connections on `runtime` from now on. The engine's calls run on their
-    /// callers' threads (a pooled client's requests go through channels to its connection's
-    /// driver), but a connection must be made and driven on the engine's own runtime, never
-    /// on a runtime the caller happens to be in.
+    /// Makes connections for callers inside a runtime on `runtime` from now on, never on a
+    /// runtime the caller happens to be in.
     pub(crate) fn on_runtime(&self, runtime: tokio::runtime::Handle) {
         let _ = self.runtime.set(runtime);
     }
 
-    /// A connection for one call, waiting while all `size` are in use: an idle one that is
-    /// still open, or a new one. Must run on the engine's runtime (the connection's driver is
-    /// spawned there).
+    /// Runs `call` with a connection, from synchronous code on any thread: driven on this
+    /// thread outside a runtime, by the engine's runtime inside one (see the module's docs).
+    /// Waits while all connections are in use.
     ///
     /// # Errors
     /// [`Error::Database`] when a new connection cannot be made (kind `Connect`,
-    /// `Authentication`…).
+    /// `Authentication`…), [`Error::Closed`] once the pool is closed, and `call`'s own.
+    pub(crate) fn lend<T>(&self, call: impl AsyncFnOnce(&mut Session) -> Result<T>) -> Result<T> {
+        let permit =
+            block_on(Arc::clone(&self.permits).acquire_owned()).map_err(|_| Error::Closed)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            let mut local = self.local()?;
+            let answer = local.run(call);
+            if !local.is_closed() {
+                self.idle_local.lock().push(local);
+            }
+            drop(permit);
+            return answer;
+        }
+        let mut shared = match self.pop_shared() {
+            Some(shared) => shared,
+            None => {
+                let Some(runtime) = self.runtime.get() else {
+                    return Err(Error::Database {
+                        action: "connect",
+                        kind: DatabaseErrorKind::Other,
+                        message: "no runtime to drive a connection on".to_string(),
+                        source: None,
+                    });
+                };
+                let config = self.config.clone();
+                let client = block_on(runtime.spawn(async move { connect(&config).await }))
+                    .map_err(|_| Error::Database {
+                        action: "connect",
+                        kind: DatabaseErrorKind::Other,
+                        message: "the engine's runtime shut down".to_string(),
+                        source: None,
+                    })??;
+                Shared {
+                    session: Session::new(client),
+                }
+            }
+        };
+        let answer = block_on(call(&mut shared.session));
+        if !shared.session.client.is_closed() {
+            self.idle.lock().push(shared);
+        }
+        drop(permit);
+        answer
+    }
+
+    /// A connection for a future that runs on the engine's runtime itself (opening the
+    /// schema): an idle one that is still open, or a new one.
+    ///
+    /// # Errors
+    /// As for [`lend`](Self::lend).
     pub(crate) async fn get(&self) -> Result<PooledClient> {
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
+        let shared = match self.pop_shared() {
+            Some(shared) => shared,
+            None => Shared {
+                session: Session::new(connect(&self.config).await?),
+            },
+        };
+        Ok(PooledClient {
+            shared: Some(shared),
+            idle: Arc::clone(&self.idle),
+            _permit: permit,
+        })
+    }
+
+    fn pop_shared(&self) -> Option<Shared> {
         loop {
-            let candidate = self.idle.lock().pop();
-            match candidate {
-                Some(connection) if connection.client.is_closed() => continue,
-                Some(connection) => return Ok(self.lend(connection, permit)),
+            match self.idle.lock().pop() {
+                Some(shared) if shared.session.client.is_closed() => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// An idle connection driven on the caller's thread, or a new one.
+    fn local(&self) -> Result<Local> {
+        loop {
+            match self.idle_local.lock().pop() {
+                Some(local) if local.is_closed() => continue,
+                Some(local) => return Ok(local),
                 None => break,
             }
         }
-        let client = match self.runtime.get() {
-            Some(runtime) => {
-                let config = self.config.clone();
-                runtime
-                    .spawn(async move { connect(&config).await })
-                    .await
-                    .map_err(|_| Error::Database {
-                        action: "connect",
-                        kind: crate::error::DatabaseErrorKind::Other,
-                        message: "the engine's runtime shut down".to_string(),
-                        source: None,
-                    })??
-            }
-            None => connect(&self.config).await?,
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|err| Error::Database {
+                action: "connect",
+                kind: DatabaseErrorKind::Other,
+                message: format!("cannot start the connection's runtime: {err}"),
+                source: None,
+            })?;
+        let (client, driver) = runtime
+            .block_on(self.config.connect(NoTls))
+            .map_err(connect_error)?;
+        let mut local = Local {
+            session: Session::new(client),
+            driver: Box::pin(driver),
+            runtime: Some(runtime),
+            lost: false,
         };
-        Ok(self.lend(
-            Connection {
-                client,
-                statements: HashMap::new(),
-            },
-            permit,
-        ))
+        local.run(async |session: &mut Session| {
+            session
+                .batch_execute(ON_CONNECT)
+                .await
+                .map_err(|err| query_error("prepare a new connection", err))
+        })?;
+        Ok(local)
     }
 
     /// Passes a call's `result` on; when it failed on a lost connection, first drops every idle
@@ -131,7 +348,7 @@ impl Pool {
     /// has not noticed yet would fail the next call too.
     pub(crate) fn checked<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(Error::Database {
-            kind: crate::error::DatabaseErrorKind::ConnectionLost,
+            kind: DatabaseErrorKind::ConnectionLost,
             ..
         }) = &result
         {
@@ -143,9 +360,10 @@ impl Pool {
     /// Drops every idle connection, so that the next calls connect afresh.
     pub(crate) fn clear(&self) {
         self.idle.lock().clear();
+        self.idle_local.lock().clear();
     }
 
-    /// Closes the pool: calls waiting in [`get`](Self::get) and later ones fail with
+    /// Closes the pool: calls waiting for a connection and later ones fail with
     /// [`Error::Closed`], and idle connections are dropped (those lent out close when returned).
     pub(crate) fn close(&self) {
         self.permits.close();
@@ -154,21 +372,8 @@ impl Pool {
 
     /// A connection of its own, outside the pool, and its driver, which the caller runs: for
     /// `LISTEN`, whose notifications arrive through the driver.
-    pub(crate) async fn dedicated(
-        &self,
-    ) -> Result<(
-        Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    )> {
+    pub(crate) async fn dedicated(&self) -> Result<(Client, Driver)> {
         self.config.connect(NoTls).await.map_err(connect_error)
-    }
-
-    fn lend(&self, connection: Connection, permit: OwnedSemaphorePermit) -> PooledClient {
-        PooledClient {
-            connection: Some(connection),
-            idle: Arc::clone(&self.idle),
-            _permit: permit,
-        }
     }
 }
 
@@ -187,56 +392,27 @@ async fn connect(config: &Config) -> Result<Client> {
     Ok(client)
 }
 
-/// A connection lent by the [`Pool`]; it goes back to the pool when dropped, unless it closed.
+/// A connection lent by [`Pool::get`] to a future on the engine's runtime; it goes back to the
+/// pool when dropped, unless it closed.
 pub(crate) struct PooledClient {
-    connection: Option<Connection>,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    shared: Option<Shared>,
+    idle: Arc<Mutex<Vec<Shared>>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl PooledClient {
-    fn connection(&mut self) -> &mut Connection {
-        self.connection
+    /// The connection's session.
+    pub(crate) fn session(&mut self) -> &mut Session {
+        &mut self
+            .shared
             .as_mut()
             .expect("a lent client is present until it is dropped")
+            .session
     }
 
     /// The client, mutably: transactions need `&mut Client`.
     pub(crate) fn client_mut(&mut self) -> &mut Client {
-        &mut self.connection().client
-    }
-
-    /// Runs `sql`, prepared once per connection (see [`statement`](Self::statement)), with
-    /// `params` and their types.
-    pub(crate) async fn query_prepared(
-        &mut self,
-        sql: &str,
-        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
-    ) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
-        let statement = self.statement(sql, &types).await?;
-        let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|(value, _)| *value).collect();
-        self.connection().client.query(&statement, &values).await
-    }
-
-    /// `sql` prepared on this connection with parameters of `types`, once per connection:
-    /// a prepared statement is parsed and planned by the server once, and each use of it is
-    /// one round trip.
-    pub(crate) async fn statement(
-        &mut self,
-        sql: &str,
-        types: &[Type],
-    ) -> std::result::Result<Statement, tokio_postgres::Error> {
-        let connection = self.connection();
-        if let Some(statement) = connection.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = connection.client.prepare_typed(sql, types).await?;
-        connection
-            .statements
-            .insert(sql.to_string(), statement.clone());
-        Ok(statement)
+        &mut self.session().client
     }
 }
 
@@ -245,46 +421,20 @@ impl Deref for PooledClient {
 
     fn deref(&self) -> &Client {
         &self
-            .connection
+            .shared
             .as_ref()
             .expect("a lent client is present until it is dropped")
+            .session
             .client
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(connection) = self.connection.take()
-            && !connection.client.is_closed()
+        if let Some(shared) = self.shared.take()
+            && !shared.session.client.is_closed()
         {
-            self.idle.lock().push(connection);
+            self.idle.lock().push(shared);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_malformed_url_is_invalid_config() {
-        for url in ["postgres://host:notaport/db", "postgres://[::1", "port=x"] {
-            match Pool::new(url, 2) {
-                Err(Error::InvalidConfig { reason }) => {
-                    assert!(reason.contains("invalid PostgreSQL URL"), "{reason}")
-                }
-                Err(other) => panic!("{url}: expected InvalidConfig, got {other:?}"),
-                Ok(_) => panic!("{url}: expected InvalidConfig, got a pool"),
-            }
-        }
-    }
-
-    #[test]
-    fn a_pool_needs_a_connection() {
-        assert!(matches!(
-            Pool::new("postgres://localhost/db", 0),
-            Err(Error::InvalidConfig { .. })
-        ));
-        assert!(Pool::new("postgres://localhost/db", 3).is_ok());
     }
 }

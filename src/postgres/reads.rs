@@ -1,13 +1,12 @@
 //! What the PostgreSQL engine reads without a commit: the live keys under a prefix, counts,
 //! and every row (the whole-store check and the tests).
 
-use std::sync::Arc;
-
 use tokio_postgres::types::Type;
 
 use super::commit::Shared;
 use super::engine::Engine;
 use super::error::query_error;
+use super::pool::Session;
 use super::row::{IN_PROGRESS, Loaded, RECORD_COLUMNS, ns};
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -19,8 +18,7 @@ impl Engine {
         let prefix = prefix.to_vec();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+        self.call(async move |shared: &Shared, client: &mut Session| {
             let idempotency = ns(Namespace::Idempotency);
             let (sql, rows) = match successor(&prefix) {
                 Some(end) => {
@@ -83,8 +81,7 @@ impl Engine {
 
     pub(crate) fn counts(&self, now: u64) -> Result<(u64, u64)> {
         let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+        self.call(async move |shared: &Shared, client: &mut Session| {
             let sql = format!(
                 "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {}.records",
                 shared.schema
@@ -104,8 +101,7 @@ impl Engine {
     }
 
     pub(crate) fn in_progress_keys(&self) -> Result<u64> {
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+        self.call(async move |shared: &Shared, client: &mut Session| {
             let sql = format!(
                 "SELECT count(*) FROM {}.records WHERE state = $1",
                 shared.schema
@@ -138,8 +134,7 @@ impl Engine {
 
     /// Every row, with its namespace tag and key, and the last fencing token issued.
     fn every_row(&self) -> Result<(Vec<TaggedRow>, u64)> {
-        self.call(move |shared: Arc<Shared>| async move {
-            let client = shared.pool.get().await?;
+        self.call(async move |shared: &Shared, client: &mut Session| {
             let sql = format!(
                 "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records ORDER BY ns, key",
                 shared.schema
