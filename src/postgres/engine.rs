@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::notify::KeyEvents;
 use crate::record::Record;
-use crate::rules::queued::{Pending, Queued};
+use crate::rules::queued::Pending;
 use crate::rules::{self, Change, Context, Namespace, Rule};
 use crate::stats::Counters;
 
@@ -288,14 +288,7 @@ impl Engine {
             return Ok(Vec::new());
         };
         let shard = self.shard(first);
-        let pending: Vec<Arc<Pending<R>>> = ops
-            .into_iter()
-            .map(|(key, rule)| Arc::new(Pending::new(key, rule)))
-            .collect();
-        let queued = pending
-            .iter()
-            .map(|pending| pending.clone() as Arc<dyn Queued>)
-            .collect();
+        let (pending, queued) = Pending::group(ops);
         self.submit(shard, Work::Many(queued))?;
         pending.iter().map(|pending| pending.take()).collect()
     }

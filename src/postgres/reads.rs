@@ -20,48 +20,25 @@ impl Engine {
         let now = i64::try_from(now).unwrap_or(i64::MAX);
         self.call(async move |shared: &Shared, client: &mut Session| {
             let idempotency = ns(Namespace::Idempotency);
-            let (sql, rows) = match successor(&prefix) {
-                Some(end) => {
-                    let sql = format!(
-                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
-                         AND key >= $2 AND key < $3 AND expires_at > $4 ORDER BY key LIMIT $5",
-                        shared.schema
-                    );
-                    let rows = client
-                        .query_typed(
-                            &sql,
-                            &[
-                                (&idempotency, Type::INT2),
-                                (&prefix, Type::BYTEA),
-                                (&end, Type::BYTEA),
-                                (&now, Type::INT8),
-                                (&limit, Type::INT8),
-                            ],
-                        )
-                        .await;
-                    (sql, rows)
-                }
-                None => {
-                    let sql = format!(
-                        "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 \
-                         AND key >= $2 AND expires_at > $3 ORDER BY key LIMIT $4",
-                        shared.schema
-                    );
-                    let rows = client
-                        .query_typed(
-                            &sql,
-                            &[
-                                (&idempotency, Type::INT2),
-                                (&prefix, Type::BYTEA),
-                                (&now, Type::INT8),
-                                (&limit, Type::INT8),
-                            ],
-                        )
-                        .await;
-                    (sql, rows)
-                }
-            };
-            drop(sql);
+            // Keys from the prefix up to the first key past it; no bound when nothing is.
+            let end = successor(&prefix);
+            let sql = format!(
+                "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 AND key >= $2 \
+                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > $4 ORDER BY key LIMIT $5",
+                shared.schema
+            );
+            let rows = client
+                .query_typed(
+                    &sql,
+                    &[
+                        (&idempotency, Type::INT2),
+                        (&prefix, Type::BYTEA),
+                        (&end, Type::BYTEA),
+                        (&now, Type::INT8),
+                        (&limit, Type::INT8),
+                    ],
+                )
+                .await;
             let rows = rows.map_err(|err| query_error("list keys", err))?;
             let mut listed = Vec::with_capacity(rows.len());
             for row in &rows {

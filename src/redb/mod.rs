@@ -250,14 +250,7 @@ impl Engine {
 
     /// Applies several operations atomically: all of them, or none and the first refusal.
     pub(crate) fn many<R: Rule>(&self, ops: Vec<(Key, R)>) -> Result<Vec<R::Answer>> {
-        let pending: Vec<Arc<Pending<R>>> = ops
-            .into_iter()
-            .map(|(key, rule)| Arc::new(Pending::new(key, rule)))
-            .collect();
-        let queued = pending
-            .iter()
-            .map(|pending| pending.clone() as Arc<dyn Queued>)
-            .collect();
+        let (pending, queued) = Pending::group(ops);
         self.submit(Work::Many(queued))?;
         pending.iter().map(|pending| pending.take()).collect()
     }

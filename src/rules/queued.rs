@@ -4,11 +4,16 @@
 
 use parking_lot::Mutex;
 
-use super::{Change, Context, Namespace, Rule, apply, tally};
+use std::sync::Arc;
+
+use super::{Change, Context, Decision, Namespace, Rule, apply, tally};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::record::Record;
 use crate::stats::Tally;
+
+/// A group of operations, each with its answer slot, and the same as a batch holds them.
+pub(crate) type Group<R> = (Vec<Arc<Pending<R>>>, Vec<Arc<dyn Queued>>);
 
 /// One operation of kind `R` on one key, and the slot for its answer.
 pub(crate) struct Pending<R: Rule> {
@@ -36,11 +41,30 @@ impl<R: Rule> Pending<R> {
             .unwrap_or(Err(Error::CommitPanicked))
     }
 
-    fn keep(&self, answer: Result<R::Answer>) -> (Tally, Option<Error>) {
-        let tally = tally::<R>(&answer);
-        let refused = answer.as_ref().err().cloned();
-        *self.answer.lock() = Some(answer);
-        (tally, refused)
+    /// Keeps the decision's answer in the slot; what the engine is to do with the rest.
+    fn keep(&self, decision: Decision<R::Answer>) -> Effect {
+        let tally = tally::<R>(&decision.answer);
+        let refused = decision.answer.as_ref().err().cloned();
+        *self.answer.lock() = Some(decision.answer);
+        Effect {
+            change: decision.change,
+            issued_token: decision.issued_token,
+            tally,
+            refused,
+        }
+    }
+
+    /// Operations for one group commit, and the same as the batch holds them.
+    pub(crate) fn group(ops: Vec<(Key, R)>) -> Group<R> {
+        let pending: Vec<Arc<Pending<R>>> = ops
+            .into_iter()
+            .map(|(key, rule)| Arc::new(Pending::new(key, rule)))
+            .collect();
+        let queued = pending
+            .iter()
+            .map(|pending| pending.clone() as Arc<dyn Queued>)
+            .collect();
+        (pending, queued)
     }
 }
 
@@ -80,24 +104,10 @@ impl<R: Rule> Queued for Pending<R> {
     }
 
     fn apply(&self, current: Option<&Record>, ctx: &Context<'_>) -> Effect {
-        let decision = apply(&self.rule, current, ctx);
-        let (tally, refused) = self.keep(decision.answer);
-        Effect {
-            change: decision.change,
-            issued_token: decision.issued_token,
-            tally,
-            refused,
-        }
+        self.keep(apply(&self.rule, current, ctx))
     }
 
     fn damaged(&self, reason: &str) -> Effect {
-        let decision = self.rule.damaged(&self.key, reason);
-        let (tally, refused) = self.keep(decision.answer);
-        Effect {
-            change: decision.change,
-            issued_token: decision.issued_token,
-            tally,
-            refused,
-        }
+        self.keep(self.rule.damaged(&self.key, reason))
     }
 }
