@@ -236,7 +236,8 @@ impl Pool {
         if tokio::runtime::Handle::try_current().is_err() {
             let mut local = self.local()?;
             let answer = local.run(call);
-            if !local.is_closed() {
+            // A closed pool keeps no connection: the store is being closed.
+            if !local.is_closed() && !self.permits.is_closed() {
                 self.idle_local.lock().push(local);
             }
             drop(permit);
@@ -267,7 +268,7 @@ impl Pool {
             }
         };
         let answer = block_on(call(&mut shared.session));
-        if !shared.session.client.is_closed() {
+        if !shared.session.client.is_closed() && !self.permits.is_closed() {
             self.idle.lock().push(shared);
         }
         drop(permit);
