@@ -12,9 +12,10 @@ use std::thread;
 
 use dedupe_store::MAX_KEY_LEN;
 
-use crate::args::{self, FilterArgs};
+use crate::args::FilterArgs;
 use crate::failure::{Failure, IO_ERROR, MISMATCH};
 use crate::open::StoreFile;
+use crate::values;
 
 /// One line of stdin, without its line end, and its number (from 1).
 struct Line {
@@ -101,7 +102,7 @@ pub fn filter(file: &StoreFile, args: &FilterArgs, hex: bool) -> Result<u8, Fail
 fn id(line: &Line, hex: bool) -> Result<Vec<u8>, String> {
     let key = if hex {
         let text = std::str::from_utf8(&line.text).map_err(|_| "it is not hex".to_string())?;
-        args::decode_hex(text)?
+        values::decode_hex(text)?
     } else {
         line.text.clone()
     };

@@ -28,6 +28,7 @@ mod report;
 mod run;
 mod signals;
 mod supervise;
+mod values;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
@@ -85,7 +86,7 @@ fn dispatch(mut cli: Cli) -> Result<u8, Failure> {
         let checked = if cli.hex {
             key.decode_hex()
         } else {
-            args::check_key_len(key.as_bytes().len())
+            values::check_key_len(key.as_bytes().len())
         };
         checked.map_err(|why| {
             Failure::new(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dedupe_store::{Claim, ClaimOptions, Error, Outcome, Ticket};
 use rustix::process::Pid;
 
-use crate::args::{self, RunArgs};
+use crate::args::RunArgs;
 use crate::capture::{self, Budget, Captured};
 use crate::console;
 use crate::failure::{self, Failure};
@@ -23,6 +23,7 @@ use crate::open::{self, StoreFile};
 use crate::outcome::{self, Ending, RunOutcome};
 use crate::signals::Caught;
 use crate::supervise;
+use crate::values;
 
 /// CMD's environment: its fencing token, for the systems it writes to to refuse a stale
 /// owner's writes.
@@ -222,7 +223,7 @@ fn execute(file: &StoreFile, args: &RunArgs, ticket: Ticket) -> Result<u8, Failu
             .process_group(0)
             .env(ENV_FENCING_TOKEN, ticket.fencing_token().to_string())
             .env(ENV_ATTEMPT, ticket.attempt().to_string())
-            .env(ENV_KEY_HEX, args::encode_hex(ticket.key().as_bytes()))
+            .env(ENV_KEY_HEX, values::encode_hex(ticket.key().as_bytes()))
             .stdin(Stdio::inherit())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
