@@ -86,15 +86,16 @@ impl Engine {
         each!(self, engine => engine.many(ops))
     }
 
-    /// The record of `key` in `namespace`, expired or not; `Error::Corrupt` if it is damaged.
-    pub(crate) fn get(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
-        each!(self, engine => engine.get(namespace, key))
+    /// The record of `key` in `namespace` if it is live now, by the engine's clock, read with
+    /// the record; `Error::Corrupt` if it is damaged.
+    pub(crate) fn get_live(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
+        each!(self, engine => engine.get_live(namespace, key))
     }
 
-    /// The idempotency records whose keys start with `prefix` and that are live at `now`, in
-    /// key order, at most `limit` of them.
-    pub(crate) fn list(&self, prefix: &[u8], limit: usize, now: u64) -> Result<Vec<(Key, Record)>> {
-        each!(self, engine => engine.list(prefix, limit, now))
+    /// The idempotency records whose keys start with `prefix` and that are live now, in key
+    /// order, at most `limit` of them.
+    pub(crate) fn list(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Key, Record)>> {
+        each!(self, engine => engine.list_live(prefix, limit))
     }
 
     /// How many records the store holds, and how many of them are due for the sweeper at

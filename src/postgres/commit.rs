@@ -76,6 +76,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Counts `delta` records more (or fewer) held; never below zero.
+    pub(crate) fn add_records(&self, delta: i64) {
+        let _ = self
+            .records
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                Some(held.saturating_add_signed(delta))
+            });
+    }
+
     /// `Some(budget)` when `records + added` records fill the key budget.
     pub(crate) fn full(&self, added: i64) -> Option<u64> {
         let max_keys = self.max_keys?;
@@ -296,14 +305,7 @@ async fn attempt(
             return Err(retry);
         }
     };
-    shared
-        .records
-        .fetch_add(added.max(0) as u64, Ordering::AcqRel);
-    if added < 0 {
-        shared
-            .records
-            .fetch_sub(added.unsigned_abs(), Ordering::AcqRel);
-    }
+    shared.add_records(added);
     for key in ended {
         shared.events.changed(&key);
     }

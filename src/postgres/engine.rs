@@ -128,6 +128,14 @@ impl Engine {
         shared.pool.checked(answer)
     }
 
+    /// The builder's clock's time, if it was given one; `None` when the server's clock decides.
+    pub(super) fn test_clock_now(&self) -> Option<i64> {
+        self.shared
+            .clock
+            .as_ref()
+            .map(|clock| i64::try_from(clock.now_millis()).unwrap_or(i64::MAX))
+    }
+
     pub(crate) fn now(&self) -> u64 {
         match &self.shared.clock {
             Some(clock) => clock.now_millis(),
@@ -247,7 +255,7 @@ impl Engine {
                 .map_err(|err| query_error("insert a key", err))
         })?;
         if inserted.is_some() {
-            self.shared.records.fetch_add(1, Ordering::AcqRel);
+            self.shared.add_records(1);
         }
         Ok(inserted.map(|token| token.max(0) as u64))
     }
@@ -373,10 +381,12 @@ impl Engine {
         })
     }
 
-    pub(crate) fn get(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
-        match self.load(namespace, key)?.0 {
+    /// The record of `key` if it is live by the time read with it, in one `SELECT`.
+    pub(crate) fn get_live(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
+        let (loaded, now) = self.load(namespace, key)?;
+        match loaded {
             Loaded::Absent => Ok(None),
-            Loaded::Found(record) => Ok(Some(record)),
+            Loaded::Found(record) => Ok(Some(record).filter(|record| record.is_live(now))),
             Loaded::Damaged(reason) => Err(Error::Corrupt {
                 key: key.clone(),
                 reason,
@@ -394,44 +404,25 @@ impl Engine {
     /// process holds, in one statement.
     pub(crate) fn sweep_batch(&self, limit: usize, _thorough: bool) -> Result<(usize, bool)> {
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-        let now = self
-            .shared
-            .clock
-            .as_ref()
-            .map(|clock| clock.now_millis() as i64);
+        let now = self.test_clock_now();
         let removed = self.call(async move |shared: &Shared, client: &mut Session| {
-            let now_sql = match now {
-                Some(_) => "$2::bigint".to_string(),
-                None => NOW_MILLIS.to_string(),
-            };
             let sql = format!(
                 "DELETE FROM {s}.records WHERE (ns, key) IN (SELECT ns, key FROM {s}.records \
-                 WHERE expires_at <= {now_sql} ORDER BY expires_at LIMIT $1 \
+                 WHERE expires_at <= COALESCE($2, {NOW_MILLIS}) ORDER BY expires_at LIMIT $1 \
                  FOR UPDATE SKIP LOCKED)",
                 s = shared.schema
             );
-            let removed = match now {
-                Some(now) => {
-                    client
-                        .execute_typed(&sql, &[(&limit_sql, Type::INT8), (&now, Type::INT8)])
-                        .await
-                }
-                None => {
-                    client
-                        .execute_typed(&sql, &[(&limit_sql, Type::INT8)])
-                        .await
-                }
-            }
-            .map_err(|err| query_error("sweep due keys", err))?;
+            let removed = client
+                .execute_typed(&sql, &[(&limit_sql, Type::INT8), (&now, Type::INT8)])
+                .await
+                .map_err(|err| query_error("sweep due keys", err))?;
             Ok(removed as usize)
         })?;
         self.counters.swept(removed);
         crate::observe::swept(removed, removed >= limit);
         if removed > 0 {
             self.shared.events.changed_all();
-            self.shared
-                .records
-                .fetch_sub(removed as u64, Ordering::AcqRel);
+            // Other processes add keys too: with a key budget, count them all again.
             if self.config.max_keys.is_some() {
                 self.refresh_records()?;
             }

@@ -3,6 +3,7 @@
 
 use tokio_postgres::types::Type;
 
+use super::clock::NOW_MILLIS;
 use super::commit::Shared;
 use super::engine::Engine;
 use super::error::query_error;
@@ -14,17 +15,21 @@ use crate::record::Record;
 use crate::rules::Namespace;
 
 impl Engine {
-    pub(crate) fn list(&self, prefix: &[u8], limit: usize, now: u64) -> Result<Vec<(Key, Record)>> {
+    /// The idempotency records whose keys start with `prefix` and that are live now (by the
+    /// builder's clock if it has one, else the server's, read by the same statement), in key
+    /// order, at most `limit` of them.
+    pub(crate) fn list_live(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Key, Record)>> {
         let prefix = prefix.to_vec();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        let now = self.test_clock_now();
         self.call(async move |shared: &Shared, client: &mut Session| {
             let idempotency = ns(Namespace::Idempotency);
             // Keys from the prefix up to the first key past it; no bound when nothing is.
             let end = successor(&prefix);
             let sql = format!(
                 "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 AND key >= $2 \
-                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > $4 ORDER BY key LIMIT $5",
+                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > COALESCE($4, {NOW_MILLIS}) \
+                 ORDER BY key LIMIT $5",
                 shared.schema
             );
             let rows = client

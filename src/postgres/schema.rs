@@ -104,29 +104,23 @@ pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<Schem
     )
     .await
     .map_err(schema_error)?;
-    let has_meta: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
+    let has_meta: bool = exists(
+        &tx,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables \
              WHERE schemaname = $1 AND tablename = 'meta')",
-            &[&name],
-        )
-        .await
-        .map_err(schema_error)?
-        .try_get(0)
-        .map_err(schema_error)?;
+        name,
+    )
+    .await?;
     let created = !has_meta;
     if created {
         // `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database even when the schema
         // exists, so a role given a schema of its own beforehand must not run it.
-        let has_schema: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
-                &[&name],
-            )
-            .await
-            .map_err(schema_error)?
-            .try_get(0)
-            .map_err(schema_error)?;
+        let has_schema: bool = exists(
+            &tx,
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+            name,
+        )
+        .await?;
         if !has_schema {
             tx.batch_execute(&format!("CREATE SCHEMA {quoted}"))
                 .await
@@ -144,6 +138,16 @@ pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<Schem
         store_id,
         created,
     })
+}
+
+/// Whether the catalogue query `sql` (a `SELECT EXISTS` over `$1`, the schema's name) finds
+/// what it looks for.
+async fn exists(tx: &tokio_postgres::Transaction<'_>, sql: &str, name: &str) -> Result<bool> {
+    tx.query_one(sql, &[&name])
+        .await
+        .map_err(schema_error)?
+        .try_get(0)
+        .map_err(schema_error)
 }
 
 /// Every table, index and sequence, then `meta` with its rows. `IF NOT EXISTS` on all but
@@ -257,16 +261,13 @@ async fn check_shape(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Resu
             "\"{schema}\".records has a column {column} this build does not know"
         )));
     }
-    let has_tokens: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_sequences \
+    let has_tokens: bool = exists(
+        tx,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_sequences \
              WHERE schemaname = $1 AND sequencename = 'tokens')",
-            &[&schema],
-        )
-        .await
-        .map_err(schema_error)?
-        .try_get(0)
-        .map_err(schema_error)?;
+        schema,
+    )
+    .await?;
     if has_tokens {
         Ok(())
     } else {

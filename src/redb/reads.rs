@@ -43,6 +43,18 @@ impl Engine {
         }
     }
 
+    /// The record of `key` in `namespace` if it is live now.
+    pub(crate) fn get_live(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
+        let record = self.get(namespace, key)?;
+        let now = self.now();
+        Ok(record.filter(|record| record.is_live(now)))
+    }
+
+    /// The idempotency records whose keys start with `prefix` and that are live now.
+    pub(crate) fn list_live(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Key, Record)>> {
+        self.list(prefix, limit, self.now())
+    }
+
     /// The idempotency records whose keys start with `prefix` and that are live at `now`, in
     /// key order, at most `limit` of them.
     pub(crate) fn list(&self, prefix: &[u8], limit: usize, now: u64) -> Result<Vec<(Key, Record)>> {

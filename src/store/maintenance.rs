@@ -28,10 +28,9 @@ impl Store {
     }
 
     fn list_inner(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>> {
-        let now = self.engine().now();
         Ok(self
             .engine()
-            .list(prefix, limit, now)?
+            .list(prefix, limit)?
             .into_iter()
             .filter_map(|(key, record)| Entry::from_record(key, record))
             .collect())

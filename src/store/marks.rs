@@ -19,10 +19,9 @@ impl Store {
         let key = key.as_ref();
         self.observed("get", Some(key), || {
             let key = checked_key(key)?;
-            let now = self.engine().now();
-            match self.engine().get(Namespace::Idempotency, &key)? {
-                Some(record) if record.is_live(now) => Ok(Entry::from_record(key, record)),
-                _ => Ok(None),
+            match self.engine().get_live(Namespace::Idempotency, &key)? {
+                Some(record) => Ok(Entry::from_record(key, record)),
+                None => Ok(None),
             }
         })
     }

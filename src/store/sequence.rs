@@ -72,10 +72,8 @@ impl Store {
     /// [`Error::EmptyKey`], [`Error::KeyTooLarge`], [`Error::Corrupt`], [`Error::Storage`].
     pub fn sequence_mark(&self, stream: impl AsRef<[u8]>) -> Result<Option<u64>> {
         let key = checked_key(stream.as_ref())?;
-        let now = self.engine().now();
-        match self.engine().get(Namespace::Sequence, &key)? {
+        match self.engine().get_live(Namespace::Sequence, &key)? {
             None => Ok(None),
-            Some(record) if !record.is_live(now) => Ok(None),
             Some(record) => match record.state {
                 crate::record::RecordState::Sequence { mark, .. } => Ok(Some(mark)),
                 _ => Err(Error::Corrupt {
