@@ -104,6 +104,10 @@ pub(crate) trait Rule: Send + Sync + 'static {
     /// What the caller gets when the operation is not refused.
     type Answer: Send + 'static;
 
+    /// Whether the operation stores a new record, with a new fencing token, on a key that has
+    /// none (a claim, a mark). An engine may then try to store it before reading the key.
+    const CREATES: bool = false;
+
     /// The key space the operation works in.
     fn namespace(&self) -> Namespace {
         Namespace::Idempotency
@@ -128,12 +132,6 @@ pub(crate) trait Rule: Send + Sync + 'static {
 
     /// What the store's counters count for `answer`.
     fn tally(answer: &Self::Answer) -> Tally;
-
-    /// `answer` as it reads when the record it stored got fencing token `token` from the
-    /// engine rather than `Context::next_token` (an engine that draws tokens as it writes).
-    fn with_token(answer: Self::Answer, _token: u64) -> Self::Answer {
-        answer
-    }
 }
 
 /// Decides `rule` on a key whose stored record is `current`.

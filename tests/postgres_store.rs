@@ -152,3 +152,100 @@ fn two_stores_on_one_database_give_each_key_exactly_one_owner() -> TestResult {
     }
     Ok(())
 }
+
+/// On the server's clock, runs of fresh claims, of duplicates and of fresh claims again: the
+/// store answers each key the same whichever of its two ways it tried first (the `INSERT`
+/// when recent keys were fresh, the read when they were not), and what it stores is what the
+/// ticket says.
+#[test]
+fn runs_of_fresh_and_repeated_keys_on_the_servers_clock() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let store = Store::builder()
+        .lease(Duration::from_secs(30))
+        .ttl(Duration::from_secs(600))
+        .without_sweeper()
+        .open_postgres(&cluster.create_database("runs"))?;
+    let host_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let mut tickets = Vec::new();
+    let mut last_token = 0;
+    // The server runs on this host: its clock and ours agree to well within a minute.
+    let agree = |at: u64| at.abs_diff(host_now()) < 60_000;
+    for n in 0..40 {
+        let Claim::Acquired(ticket) = store.claim(format!("run-{n}"))? else {
+            panic!("fresh key run-{n} is acquired");
+        };
+        assert!(ticket.fencing_token() > last_token);
+        last_token = ticket.fencing_token();
+        assert!(agree(ticket.claimed_at()), "claimed at the server's time");
+        assert_eq!(ticket.lease_until() - ticket.claimed_at(), 30_000);
+        let entry = store
+            .get(format!("run-{n}"))?
+            .expect("the claimed key is stored");
+        assert_eq!(entry.fencing_token, ticket.fencing_token());
+        assert_eq!(entry.expires_at, ticket.claimed_at() + 600_000);
+        match entry.state {
+            dedupe_store::EntryState::InProgress {
+                claimed_at,
+                lease_until,
+                ..
+            } => {
+                assert_eq!(claimed_at, ticket.claimed_at());
+                assert_eq!(lease_until, ticket.lease_until());
+            }
+            other => panic!("run-{n} is in progress, not {other:?}"),
+        }
+        tickets.push(ticket);
+    }
+    for ticket in &tickets {
+        match store.claim(ticket.key())? {
+            Claim::InProgress { lease_until, .. } => assert_eq!(lease_until, ticket.lease_until()),
+            other => panic!("a claimed key is in progress, not {other:?}"),
+        }
+    }
+    for ticket in &tickets {
+        store.complete(ticket, ticket.key().as_bytes())?;
+    }
+    for ticket in &tickets {
+        match store.claim(ticket.key())? {
+            Claim::Completed(outcome) => {
+                assert_eq!(outcome.response, ticket.key().as_bytes());
+                assert_eq!(outcome.fencing_token, ticket.fencing_token());
+            }
+            other => panic!("a completed key is replayed, not {other:?}"),
+        }
+    }
+    // After the repeats, fresh keys and marks again, then a repeat of each.
+    for n in 40..80 {
+        let Claim::Acquired(ticket) = store.claim(format!("run-{n}"))? else {
+            panic!("fresh key run-{n} is acquired");
+        };
+        assert!(ticket.fencing_token() > last_token);
+        last_token = ticket.fencing_token();
+        assert!(agree(ticket.claimed_at()));
+        assert!(store.mark_seen(format!("mark-{n}"))?, "a first mark");
+        assert!(!store.mark_seen(format!("mark-{n}"))?, "a repeated mark");
+        assert!(matches!(
+            store.claim(format!("run-{n}"))?,
+            Claim::InProgress { .. }
+        ));
+    }
+    let stats = store.stats()?;
+    assert_eq!(stats.live_keys, 120);
+    assert_eq!(
+        (
+            stats.acquired,
+            stats.replays,
+            stats.marked,
+            stats.duplicates
+        ),
+        (80, 40, 40, 40)
+    );
+    Ok(())
+}

@@ -27,6 +27,7 @@ use super::error::query_error;
 use super::listen::encode;
 use super::pool::{Pool, Session};
 use super::row::{Loaded, RECORD_COLUMNS, to_row};
+use super::statements::Statements;
 use crate::batch;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -63,6 +64,8 @@ pub(crate) struct Shared {
     pub pool: Arc<Pool>,
     /// The schema, quoted for statements.
     pub schema: String,
+    /// The one-key statements in that schema.
+    pub sql: Statements,
     /// The LISTEN/NOTIFY channel of the schema.
     pub channel: String,
     pub store_id: u64,

@@ -21,11 +21,13 @@ use tokio_postgres::types::Type;
 use super::clock::NOW_MILLIS;
 use super::commit::{self, Shared, Work};
 use super::error::query_error;
+use super::freshness::Freshness;
 use super::listen::Listener;
 use super::pool::{Pool, Session};
-use super::row::{Loaded, RECORD_COLUMNS, ns, to_row};
+use super::row::Loaded;
 use super::runtime::Runtime;
 use super::schema::open_schema;
+use super::statements::Statements;
 use crate::batch::Batcher;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -34,7 +36,7 @@ use crate::key::Key;
 use crate::notify::KeyEvents;
 use crate::record::Record;
 use crate::rules::queued::Pending;
-use crate::rules::{self, Change, Context, Namespace, Rule};
+use crate::rules::{Namespace, Rule};
 use crate::stats::Counters;
 
 /// How many batchers (and so transactions at once) the engine runs; keys are spread over them
@@ -54,9 +56,11 @@ pub(crate) struct Engine {
     /// Where the connections' drivers and the listener run; calls run on their callers'
     /// threads (`runtime::block_on`).
     _runtime: Runtime,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     pub config: Config,
     pub counters: Counters,
+    /// Whether claims and marks are likely to find their keys absent (`peek.rs`).
+    pub(super) freshness: Freshness,
     batchers: Vec<Batcher<Work, Result<()>>>,
     listener: Listener,
     closed: AtomicBool,
@@ -85,6 +89,7 @@ impl Engine {
         let listener = Listener::start(&runtime, pool.clone(), channel.clone(), events.clone());
         let shared = Arc::new(Shared {
             pool,
+            sql: Statements::new(&info.quoted),
             schema: info.quoted,
             channel,
             store_id: info.store_id,
@@ -98,6 +103,7 @@ impl Engine {
             shared,
             config,
             counters: Counters::default(),
+            freshness: Freshness::new(),
             batchers: (0..SHARDS).map(|_| Batcher::new(|_| true)).collect(),
             listener,
             closed: AtomicBool::new(false),
@@ -170,113 +176,6 @@ impl Engine {
         self.shared.store_id
     }
 
-    /// Answers `rule` on `key` from one `SELECT` when it would change nothing, and a new key
-    /// on a shard with no commit running from one `INSERT` more (see [`insert_new`]). `None`
-    /// means it must go to a commit.
-    ///
-    /// [`insert_new`]: Self::insert_new
-    fn peek<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
-        let (loaded, now) = self.load(rule.namespace(), key)?;
-        let absent = matches!(loaded, Loaded::Absent);
-        let decision = match loaded {
-            Loaded::Damaged(reason) => rule.damaged(key, &reason),
-            Loaded::Found(record) => self.decide_read(rule, key, Some(&record), now),
-            Loaded::Absent => self.decide_read(rule, key, None, now),
-        };
-        let answer = match decision.change {
-            Change::Keep => decision.answer,
-            Change::Put(record)
-                if absent && decision.issued_token && self.batchers[self.shard(key)].is_idle() =>
-            {
-                let (Some(token), Ok(answer)) = (
-                    self.insert_new(rule.namespace(), key, &record)?,
-                    decision.answer,
-                ) else {
-                    // Another process stored the key meanwhile: decide again in a commit.
-                    return Ok(None);
-                };
-                self.counters.wrote(1);
-                Ok(R::with_token(answer, token))
-            }
-            _ => return Ok(None),
-        };
-        self.counters.count(rules::tally::<R>(&answer));
-        Ok(Some(answer))
-    }
-
-    /// Stores the record of a key that had none, in one statement in autocommit, its fencing
-    /// token drawn by that statement; the token, or `None` if the key has a row by then.
-    ///
-    /// Drawing the token in the `INSERT` keeps it above every earlier owner's: a row inserted
-    /// and removed before the statement ran drew its token before, and one inserted by a
-    /// transaction still running makes this insert wait for it and then do nothing. For a
-    /// lone writer this costs one round trip where a commit costs two; under load the shard's
-    /// batch groups the writes instead.
-    fn insert_new(&self, namespace: Namespace, key: &Key, record: &Record) -> Result<Option<u64>> {
-        let row = to_row(record).map_err(|err| Error::Corrupt {
-            key: key.clone(),
-            reason: err.reason,
-        })?;
-        let key_bytes = key.as_bytes().to_vec();
-        let inserted = self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "INSERT INTO {s}.records (ns, key, {RECORD_COLUMNS}) VALUES ($1, $2, $3, \
-                 nextval('{s}.tokens'), $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                 $16) ON CONFLICT DO NOTHING RETURNING fencing_token",
-                s = shared.schema
-            );
-            let row = client
-                .query_prepared(
-                    &sql,
-                    &[
-                        (&ns(namespace), Type::INT2),
-                        (&key_bytes, Type::BYTEA),
-                        (&row.state, Type::INT2),
-                        (&row.attempt, Type::INT8),
-                        (&row.fingerprint, Type::BYTEA),
-                        (&row.expires_at, Type::INT8),
-                        (&row.claimed_at, Type::INT8),
-                        (&row.lease_until, Type::INT8),
-                        (&row.claim_ttl, Type::INT8),
-                        (&row.checkpoint_step, Type::TEXT),
-                        (&row.checkpoint_state, Type::BYTEA),
-                        (&row.checkpoint_at, Type::INT8),
-                        (&row.completed_at, Type::INT8),
-                        (&row.response, Type::BYTEA),
-                        (&row.seq_mark, Type::INT8),
-                        (&row.seq_updated_at, Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(|err| query_error("insert a key", err))?;
-            row.first()
-                .map(|row| row.try_get::<_, i64>(0))
-                .transpose()
-                .map_err(|err| query_error("insert a key", err))
-        })?;
-        if inserted.is_some() {
-            self.shared.add_records(1);
-        }
-        Ok(inserted.map(|token| token.max(0) as u64))
-    }
-
-    fn decide_read<R: Rule>(
-        &self,
-        rule: &R,
-        key: &Key,
-        current: Option<&Record>,
-        now: u64,
-    ) -> rules::Decision<R::Answer> {
-        let ctx = Context {
-            key,
-            now,
-            next_token: 0,
-            store_id: self.shared.store_id,
-            full: self.shared.full(0),
-        };
-        rules::apply(rule, current, &ctx)
-    }
-
     pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
         match self.peek(&key, &rule)? {
             Some(answer) => answer,
@@ -303,6 +202,12 @@ impl Engine {
 
     fn shard(&self, key: &Key) -> usize {
         crc32fast::hash(key.as_bytes()) as usize % SHARDS
+    }
+
+    /// Whether no commit of `key`'s shard is running or waiting: a write of it alone is then
+    /// best sent at once.
+    pub(super) fn shard_idle(&self, key: &Key) -> bool {
+        self.batchers[self.shard(key)].is_idle()
     }
 
     fn submit(&self, shard: usize, work: Work) -> Result<()> {
@@ -340,53 +245,14 @@ impl Engine {
         )
     }
 
-    /// One key's stored record and the time to judge it by, from one `SELECT`.
-    fn load(&self, namespace: Namespace, key: &Key) -> Result<(Loaded, u64)> {
-        let key = key.as_bytes().to_vec();
-        let clock = self.shared.clock.clone();
-        self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM (SELECT 1) AS one \
-                 LEFT JOIN {}.records ON ns = $1 AND key = $2",
-                shared.schema
-            );
-            let rows = client
-                .query_prepared(&sql, &[(&ns(namespace), Type::INT2), (&key, Type::BYTEA)])
-                .await
-                .map_err(|err| query_error("read a key", err))?;
-            let Some(row) = rows.first() else {
-                return Err(Error::Database {
-                    action: "read a key",
-                    kind: crate::error::DatabaseErrorKind::Other,
-                    message: "the server answered no row".to_string(),
-                    source: None,
-                });
-            };
-            let now = match clock {
-                Some(clock) => clock.now_millis(),
-                None => {
-                    let now: i64 = row
-                        .try_get("now")
-                        .map_err(|err| query_error("read a key", err))?;
-                    u64::try_from(now).unwrap_or(0)
-                }
-            };
-            let state: Option<i16> = row
-                .try_get("state")
-                .map_err(|err| query_error("read a key", err))?;
-            if state.is_none() {
-                return Ok((Loaded::Absent, now));
-            }
-            Ok((Loaded::of(row), now))
-        })
-    }
-
     /// The record of `key` if it is live by the time read with it, in one `SELECT`.
     pub(crate) fn get_live(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
         let (loaded, now) = self.load(namespace, key)?;
         match loaded {
             Loaded::Absent => Ok(None),
-            Loaded::Found(record) => Ok(Some(record).filter(|record| record.is_live(now))),
+            Loaded::Found(record) => {
+                Ok(Some(record).filter(|record| now.is_some_and(|now| record.is_live(now))))
+            }
             Loaded::Damaged(reason) => Err(Error::Corrupt {
                 key: key.clone(),
                 reason,

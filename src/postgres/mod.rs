@@ -1,12 +1,15 @@
 //! The PostgreSQL engine under a [`Store`](crate::Store) (feature `postgres`):
 //!
-//! - `engine`: the engine: one key's read, group commit by shard of keys, sweeps, waits;
+//! - `engine`: the engine: group commit by shard of keys, sweeps, waits;
+//! - `peek`: answers with no commit: one key's read, a new key's one `INSERT`; `freshness`:
+//!   which of the two a claim tries first;
 //! - `reads`: a prefix's live keys, counts, every row;
 //! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
 //! - `columns`: a batch's rows column by column, written by one statement;
 //! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
 //! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
 //! - `schema`: the tables, created on first open, and the version check;
+//! - `statements`: the one-key statements' SQL, built once per schema;
 //! - `row`: a [`Record`](crate::record::Record) as a row of `records`, and back;
 //! - `clock`: the server's clock in SQL; `error`: PostgreSQL's errors as the store's.
 //!
@@ -19,12 +22,15 @@ mod columns;
 mod commit;
 mod engine;
 mod error;
+mod freshness;
 mod listen;
+mod peek;
 mod pool;
 mod reads;
 mod row;
 mod runtime;
 mod schema;
+mod statements;
 
 pub(crate) use engine::{Engine, Settings};
 pub(crate) use schema::DEFAULT_SCHEMA;

@@ -73,6 +73,7 @@ pub(crate) struct AdvanceSequence {
 
 impl Rule for Claim {
     type Answer = claim::Claim;
+    const CREATES: bool = true;
 
     fn payload_len(&self) -> usize {
         self.fingerprint.as_ref().map_or(0, Vec::len)
@@ -124,16 +125,6 @@ impl Rule for Claim {
             // again each time it wakes.
             claim::Claim::InProgress { .. } => Tally::Nothing,
             claim::Claim::Mismatch { .. } => Tally::Mismatch,
-        }
-    }
-
-    fn with_token(answer: claim::Claim, token: u64) -> claim::Claim {
-        match answer {
-            claim::Claim::Acquired(ticket) => claim::Claim::Acquired(Ticket {
-                fencing_token: token,
-                ..ticket
-            }),
-            other => other,
         }
     }
 }
@@ -362,6 +353,7 @@ impl Rule for Expire {
 
 impl Rule for MarkSeen {
     type Answer = bool;
+    const CREATES: bool = true;
 
     fn decide(&self, current: Option<&Record>, ctx: &Context<'_>) -> Decision<bool> {
         if live(current, ctx.now).is_some() {
