@@ -249,3 +249,59 @@ fn runs_of_fresh_and_repeated_keys_on_the_servers_clock() -> TestResult {
     );
     Ok(())
 }
+
+/// Many threads of one store claiming new keys at once, each key by several of them: the
+/// busy shards' batches store new keys with one `INSERT` each, and still every key has
+/// exactly one owner, the others see it in progress, and no two owners share a token.
+#[test]
+fn threads_racing_on_new_keys_get_one_owner_each() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let store = Store::builder()
+        .lease(Duration::from_secs(60))
+        .without_sweeper()
+        .open_postgres(&cluster.create_database("race"))?;
+    const KEYS: usize = 200;
+    const THREADS: usize = 16;
+    let outcomes: Vec<Vec<(usize, Claim)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let store = &store;
+                scope.spawn(move || {
+                    // Each key is claimed by four threads, in different orders.
+                    (0..KEYS)
+                        .filter(|key| key % 4 == thread % 4)
+                        .map(|key| (key, store.claim(format!("race-{key}")).expect("claim")))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("worker"))
+            .collect()
+    });
+    let mut owners = vec![Vec::new(); KEYS];
+    for (key, claim) in outcomes.into_iter().flatten() {
+        match claim {
+            Claim::Acquired(ticket) => owners[key].push(ticket.fencing_token()),
+            Claim::InProgress { .. } => {}
+            other => panic!("race-{key}: {other:?}"),
+        }
+    }
+    let mut tokens: Vec<u64> = Vec::new();
+    for (key, owned) in owners.iter().enumerate() {
+        assert_eq!(owned.len(), 1, "race-{key} has exactly one owner");
+        tokens.extend(owned);
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), KEYS, "no two owners share a token");
+    let stats = store.stats()?;
+    assert_eq!(
+        (stats.live_keys, stats.acquired),
+        (KEYS as u64, KEYS as u64)
+    );
+    Ok(())
+}

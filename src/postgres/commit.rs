@@ -117,27 +117,31 @@ pub(crate) struct Replies {
     pub tallies: Vec<Tally>,
     /// Operations committed.
     pub ops: usize,
+    /// Claims and marks of new keys that found their keys absent, and that found a row, when
+    /// the batch tried new keys first (`fresh.rs`).
+    pub fresh: (usize, usize),
 }
 
-/// Runs a batch, again after a conflict or deadlock, and answers every work in it.
-pub(crate) async fn run(shared: &Shared, session: &mut Session, works: Vec<Work>) -> Replies {
+/// Runs a batch in one transaction, again after a conflict or deadlock.
+pub(crate) async fn run(shared: &Shared, session: &mut Session, works: &[Work]) -> Replies {
     let mut last = None;
     for _ in 0..ATTEMPTS {
-        match attempt(shared, session, &works).await {
+        match attempt(shared, session, works).await {
             Ok(replies) => return replies,
             Err(Retry::Again(err)) => last = Some(err),
-            Err(Retry::Fail(err)) => return failed(&works, err),
+            Err(Retry::Fail(err)) => return failed(works, err),
         }
     }
     let err = last.unwrap_or(Error::CommitPanicked);
-    failed(&works, err)
+    failed(works, err)
 }
 
-fn failed(works: &[Work], err: Error) -> Replies {
+pub(super) fn failed(works: &[Work], err: Error) -> Replies {
     Replies {
         replies: works.iter().map(|_| Err(err.clone())).collect(),
         tallies: Vec::new(),
         ops: 0,
+        fresh: (0, 0),
     }
 }
 
@@ -317,6 +321,7 @@ async fn attempt(
         replies,
         tallies,
         ops,
+        fresh: (0, 0),
     })
 }
 

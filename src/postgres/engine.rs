@@ -13,7 +13,7 @@
 //!   for (`listen.rs`, LISTEN/NOTIFY), and polls once a second should a notification be lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio_postgres::types::Type;
@@ -21,6 +21,7 @@ use tokio_postgres::types::Type;
 use super::clock::NOW_MILLIS;
 use super::commit::{self, Shared, Work};
 use super::error::query_error;
+use super::fresh;
 use super::freshness::Freshness;
 use super::listen::Listener;
 use super::pool::{Pool, Session};
@@ -44,6 +45,14 @@ use crate::stats::Counters;
 /// server; a few let the server group their WAL flushes.
 const SHARDS: usize = 4;
 
+/// [`Engine::clock_offset`] before the server's clock was first read.
+const UNMEASURED: i64 = i64::MIN;
+
+/// This host's clock, in milliseconds since the Unix epoch.
+fn host_millis() -> u64 {
+    crate::clock::SystemClock.now_millis()
+}
+
 /// Where the engine connects and how.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -61,6 +70,9 @@ pub(crate) struct Engine {
     pub counters: Counters,
     /// Whether claims and marks are likely to find their keys absent (`peek.rs`).
     pub(super) freshness: Freshness,
+    /// The server's clock less this host's, in milliseconds, as last measured; `UNMEASURED`
+    /// before the first measure.
+    clock_offset: AtomicI64,
     batchers: Vec<Batcher<Work, Result<()>>>,
     listener: Listener,
     closed: AtomicBool,
@@ -104,6 +116,7 @@ impl Engine {
             config,
             counters: Counters::default(),
             freshness: Freshness::new(),
+            clock_offset: AtomicI64::new(UNMEASURED),
             batchers: (0..SHARDS).map(|_| Batcher::new(|_| true)).collect(),
             listener,
             closed: AtomicBool::new(false),
@@ -142,20 +155,42 @@ impl Engine {
             .map(|clock| i64::try_from(clock.now_millis()).unwrap_or(i64::MAX))
     }
 
+    /// The store's time: the builder's clock if it was given one, else the server's, as this
+    /// host's clock plus the difference last measured between the two (see
+    /// [`saw_server_time`](Self::saw_server_time)), so that a waiter looking at a lease every
+    /// few milliseconds costs no round trip. Only waits and counts use it: every decision reads
+    /// the server's clock in its own statement.
     pub(crate) fn now(&self) -> u64 {
-        match &self.shared.clock {
-            Some(clock) => clock.now_millis(),
-            // A failed read of the server's clock falls back to this host's: `now` only
-            // serves reads here (`get`, `list`, the waits); every decision that writes reads
-            // the server's clock in its own transaction.
-            None => self
+        if let Some(clock) = &self.shared.clock {
+            return clock.now_millis();
+        }
+        let host = host_millis();
+        match self.clock_offset.load(Ordering::Relaxed) {
+            UNMEASURED => self
                 .database_now()
-                .unwrap_or_else(|_| crate::clock::SystemClock.now_millis()),
+                // A failed read of the server's clock falls back to this host's.
+                .unwrap_or(host),
+            offset => u64::try_from(
+                i64::try_from(host)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(offset),
+            )
+            .unwrap_or(0),
         }
     }
 
+    /// Notes that the server's clock read `server` milliseconds just now (a statement's answer
+    /// has arrived), for [`now`](Self::now).
+    pub(super) fn saw_server_time(&self, server: u64) {
+        let offset = i64::try_from(server)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(host_millis()).unwrap_or(i64::MAX));
+        self.clock_offset
+            .store(offset.max(UNMEASURED + 1), Ordering::Relaxed);
+    }
+
     fn database_now(&self) -> Result<u64> {
-        self.call(async |_shared: &Shared, client: &mut Session| {
+        let now = self.call(async |_shared: &Shared, client: &mut Session| {
             let row = client
                 .query_one(&format!("SELECT {NOW_MILLIS}"), &[])
                 .await
@@ -164,7 +199,9 @@ impl Engine {
                 .try_get(0)
                 .map_err(|err| query_error("read the server's clock", err))?;
             Ok(u64::try_from(now).unwrap_or(0))
-        })
+        })?;
+        self.saw_server_time(now);
+        Ok(now)
     }
 
     /// A database has no file of the store's.
@@ -219,9 +256,17 @@ impl Engine {
             false,
             |works, _| {
                 let count = works.len();
+                // New keys first while claims and marks are finding their keys absent; not
+                // with a key budget, which the transaction weighs.
+                let fresh_first = self.freshness.likely() && self.config.max_keys.is_none();
                 let replies = self.call(async move |shared: &Shared, session: &mut Session| {
-                    Ok(commit::run(shared, session, works).await)
+                    Ok(fresh::run(shared, session, works, fresh_first).await)
                 });
+                if let Ok(replies) = &replies {
+                    let (absent, present) = replies.fresh;
+                    (0..absent).for_each(|_| self.freshness.saw(true));
+                    (0..present).for_each(|_| self.freshness.saw(false));
+                }
                 if let Ok(replies) = &replies
                     && let Some(Err(err)) = replies.replies.first()
                 {
@@ -346,5 +391,45 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::UNMEASURED;
+    use crate::testing::postgres::TestCluster;
+    use crate::{Claim, Store};
+    use std::sync::atomic::Ordering;
+
+    /// A waiter looks at the time every few milliseconds: after the first statement that
+    /// read the server's clock, the engine's time costs no round trip.
+    #[test]
+    fn the_servers_clock_is_measured_by_statements_and_then_followed() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let store = Store::builder()
+            .without_sweeper()
+            .open_postgres(&cluster.create_database("offset"))?;
+        let crate::engine::Engine::Postgres(engine) = store.engine() else {
+            panic!("a store opened on PostgreSQL has the PostgreSQL engine");
+        };
+        assert_eq!(engine.clock_offset.load(Ordering::Relaxed), UNMEASURED);
+        let Claim::Acquired(ticket) = store.claim("measured")? else {
+            panic!("a fresh key is acquired");
+        };
+        let offset = engine.clock_offset.load(Ordering::Relaxed);
+        assert_ne!(
+            offset, UNMEASURED,
+            "the claim's statement measured the clock"
+        );
+        // The server runs on this host: the two clocks agree to well within a second.
+        assert!(offset.abs() < 1_000, "offset {offset} ms");
+        cluster.stop_immediate();
+        // With the server gone, the time still follows the server's, from this host's clock.
+        let now = engine.now();
+        assert!(now >= ticket.claimed_at() && now < ticket.claimed_at() + 60_000);
+        assert_eq!(engine.clock_offset.load(Ordering::Relaxed), offset);
+        Ok(())
     }
 }

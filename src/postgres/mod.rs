@@ -5,6 +5,7 @@
 //!   which of the two a claim tries first;
 //! - `reads`: a prefix's live keys, counts, every row;
 //! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
+//!   `fresh`: a batch's new keys in one `INSERT` before it;
 //! - `columns`: a batch's rows column by column, written by one statement;
 //! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
 //! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
@@ -22,6 +23,7 @@ mod columns;
 mod commit;
 mod engine;
 mod error;
+mod fresh;
 mod freshness;
 mod listen;
 mod peek;

@@ -35,9 +35,15 @@ impl Engine {
     pub(super) fn peek<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
         let namespace = rule.namespace();
         let insert_first = R::CREATES && self.freshness.likely();
-        if insert_first && let Some(answer) = self.create(key, rule)? {
-            self.freshness.saw(true);
-            return Ok(Some(self.counted::<R>(answer)));
+        if insert_first {
+            // A busy shard's batch tries new keys first itself (`fresh.rs`): join it.
+            if !self.shard_idle(key) {
+                return Ok(None);
+            }
+            if let Some(answer) = self.create(key, rule)? {
+                self.freshness.saw(true);
+                return Ok(Some(self.counted::<R>(answer)));
+            }
         }
         let (loaded, now) = self.load(namespace, key)?;
         if R::CREATES {
@@ -128,9 +134,7 @@ impl Engine {
             key: key.clone(),
             reason: err.reason,
         };
-        let row = to_row(record).map_err(corrupt)?;
-        let since = |time: i64| time - origin;
-        let at = |time: Option<i64>| time.map(since);
+        let row = to_row(record).map_err(corrupt)?.since(origin);
         let key_bytes = key.as_bytes();
         let test_now = self.test_clock_now();
         let inserted = self.call(async move |shared: &Shared, client: &mut Session| {
@@ -143,17 +147,17 @@ impl Engine {
                         (&row.state, Type::INT2),
                         (&row.attempt, Type::INT8),
                         (&row.fingerprint, Type::BYTEA),
-                        (&since(row.expires_at), Type::INT8),
-                        (&at(row.claimed_at), Type::INT8),
-                        (&at(row.lease_until), Type::INT8),
+                        (&row.expires_at, Type::INT8),
+                        (&row.claimed_at, Type::INT8),
+                        (&row.lease_until, Type::INT8),
                         (&row.claim_ttl, Type::INT8),
                         (&row.checkpoint_step, Type::TEXT),
                         (&row.checkpoint_state, Type::BYTEA),
-                        (&at(row.checkpoint_at), Type::INT8),
-                        (&at(row.completed_at), Type::INT8),
+                        (&row.checkpoint_at, Type::INT8),
+                        (&row.completed_at, Type::INT8),
                         (&row.response, Type::BYTEA),
                         (&row.seq_mark, Type::INT8),
-                        (&at(row.seq_updated_at), Type::INT8),
+                        (&row.seq_updated_at, Type::INT8),
                         (&test_now, Type::INT8),
                     ],
                 )
@@ -174,6 +178,9 @@ impl Engine {
             return Ok(None);
         };
         self.shared.add_records(1);
+        if test_now.is_none() {
+            self.saw_server_time(u64::try_from(now).unwrap_or(0));
+        }
         Ok(Some((
             u64::try_from(token).unwrap_or(0),
             u64::try_from(now).unwrap_or(0),
@@ -184,7 +191,7 @@ impl Engine {
     pub(super) fn load(&self, namespace: Namespace, key: &Key) -> Result<Read> {
         let key = key.as_bytes();
         let clock = self.shared.clock.clone();
-        self.call(async move |shared: &Shared, client: &mut Session| {
+        let read = self.call(async move |shared: &Shared, client: &mut Session| {
             let rows = client
                 .query_prepared(
                     &shared.sql.load,
@@ -203,7 +210,11 @@ impl Engine {
                 (None, None) => None,
             };
             Ok((rows.first().map_or(Loaded::Absent, Loaded::of), now))
-        })
+        })?;
+        if let (None, (_, Some(now))) = (&self.shared.clock, &read) {
+            self.saw_server_time(*now);
+        }
+        Ok(read)
     }
 
     fn decide_read<R: Rule>(

@@ -263,6 +263,26 @@ impl RecordRow {
         })
     }
 
+    /// The row with every time given as its distance from `origin` (for a statement that
+    /// adds the server's time to each).
+    pub(crate) fn since(mut self, origin: i64) -> RecordRow {
+        let since = |time: &mut i64| *time = time.saturating_sub(origin);
+        since(&mut self.expires_at);
+        for time in [
+            &mut self.claimed_at,
+            &mut self.lease_until,
+            &mut self.checkpoint_at,
+            &mut self.completed_at,
+            &mut self.seq_updated_at,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            since(time);
+        }
+        self
+    }
+
     /// The values of [`RECORD_COLUMNS`], in order, as statement parameters.
     #[cfg(test)]
     pub(crate) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 15] {

@@ -6,7 +6,12 @@ use super::row::RECORD_COLUMNS;
 /// The statements of the one-key read and the one-statement insert of a new key (`peek.rs`) in a schema, built once.
 pub(super) struct Statements {
     pub load: String,
+    /// `load` of several keys, each row with its key (`fresh.rs`).
+    pub load_batch: String,
     pub insert_new: String,
+    /// A batch's new keys at once (`fresh.rs`): `insert_new` over `unnest` of every
+    /// column, in the order given (key order, so that two processes never deadlock).
+    pub insert_batch: String,
 }
 
 impl Statements {
@@ -15,6 +20,10 @@ impl Statements {
             load: format!(
                 "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM {schema}.records \
                  WHERE ns = $1 AND key = $2"
+            ),
+            load_batch: format!(
+                "SELECT {NOW_MILLIS} AS now, ns, key, {RECORD_COLUMNS} FROM {schema}.records \
+                 WHERE (ns, key) IN (SELECT * FROM unnest($1::smallint[], $2::bytea[]))"
             ),
             // `NOT EXISTS` first: on a key that has a row the statement must not draw a token
             // (a drawn token may make the statement a write that waits for a WAL flush).
@@ -25,6 +34,22 @@ impl Statements {
                  FROM (SELECT COALESCE($17, {NOW_MILLIS}) AS at) AS server \
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.records WHERE ns = $1 AND key = $2) \
                  ON CONFLICT DO NOTHING RETURNING fencing_token, expires_at - $6"
+            ),
+            insert_batch: format!(
+                "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) \
+                 SELECT u.ns, u.key, u.state, nextval('{schema}.tokens'), u.attempt, \
+                 u.fingerprint, at + u.expires_at, at + u.claimed_at, at + u.lease_until, \
+                 u.claim_ttl, u.checkpoint_step, u.checkpoint_state, at + u.checkpoint_at, \
+                 at + u.completed_at, u.response, u.seq_mark, at + u.seq_updated_at \
+                 FROM (SELECT COALESCE($18, {NOW_MILLIS}) AS at) AS server, \
+                 unnest($1::smallint[], $2::bytea[], $3::smallint[], $4::bigint[], \
+                 $5::bigint[], $6::bytea[], $7::bigint[], $8::bigint[], $9::bigint[], \
+                 $10::bigint[], $11::text[], $12::bytea[], $13::bigint[], $14::bigint[], \
+                 $15::bytea[], $16::bigint[], $17::bigint[]) \
+                 AS u(ns, key, {RECORD_COLUMNS}) \
+                 WHERE NOT EXISTS (SELECT 1 FROM {schema}.records AS r \
+                 WHERE r.ns = u.ns AND r.key = u.key) \
+                 ON CONFLICT DO NOTHING RETURNING ns, key, fencing_token, expires_at"
             ),
         }
     }

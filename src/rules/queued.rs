@@ -84,6 +84,8 @@ pub(crate) trait Queued: Send + Sync {
     fn key(&self) -> &Key;
     fn namespace(&self) -> Namespace;
     fn payload_len(&self) -> usize;
+    /// [`Rule::CREATES`] of the operation.
+    fn creates(&self) -> bool;
     /// Decides the operation against the key's stored record, keeping the answer.
     fn apply(&self, current: Option<&Record>, ctx: &Context<'_>) -> Effect;
     /// Decides the operation on a key whose stored record cannot be read.
@@ -101,6 +103,10 @@ impl<R: Rule> Queued for Pending<R> {
 
     fn payload_len(&self) -> usize {
         self.rule.payload_len()
+    }
+
+    fn creates(&self) -> bool {
+        R::CREATES
     }
 
     fn apply(&self, current: Option<&Record>, ctx: &Context<'_>) -> Effect {
