@@ -238,6 +238,10 @@ pub enum DatabaseErrorKind {
     /// The schema's tables exist but do not have the columns this build expects (another
     /// program's tables under the same schema name, or a damaged schema). Nothing was changed.
     SchemaShape,
+    /// The schema holds no store, and the store was opened with
+    /// [`postgres_create_schema(false)`](crate::StoreBuilder::postgres_create_schema) (a
+    /// mistyped schema name, say). Nothing was created.
+    SchemaMissing,
     /// Any other failure the server or the client reported.
     Other,
 }
@@ -258,6 +262,7 @@ impl fmt::Display for DatabaseErrorKind {
             DatabaseErrorKind::SchemaShape => {
                 f.write_str("the schema's tables do not have the expected shape")
             }
+            DatabaseErrorKind::SchemaMissing => f.write_str("the schema holds no dedupe store"),
             DatabaseErrorKind::Other => f.write_str("the database reported an error"),
         }
     }

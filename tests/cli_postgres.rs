@@ -216,7 +216,29 @@ fn readers_and_maintenance_work_over_the_url() -> TestResult {
     let verified = json(&run(dir.path(), &url, &["verify", "--json"])?)?;
     assert_eq!(verified["ok"], true, "{verified}");
 
-    // Another schema of the same database is another store.
+    // A schema that holds no store is refused by readers and maintenance, as a missing file
+    // is, and none is made there; `mark` makes one, and it is another store.
+    for args in [
+        &["--pg-schema", "other", "get", "job/1"][..],
+        &["--pg-schema", "other", "list"],
+        &["--pg-schema", "other", "stats"],
+        &["--pg-schema", "other", "expire", "job/1"],
+        &["--pg-schema", "other", "sweep"],
+    ] {
+        let refused = run(dir.path(), &url, args)?;
+        assert_eq!(refused.code, Some(1), "{args:?}: {}", refused.stderr);
+        one_line(&refused);
+        assert!(
+            refused.stderr.contains("\"other\"") && refused.stderr.contains("--pg-schema"),
+            "{args:?}: {}",
+            refused.stderr
+        );
+    }
+    let schemas = dedupe_store::testing::postgres::Probe::new(&url, 1)?
+        .query_text("SELECT count(*) FROM pg_namespace WHERE nspname = 'other'")?;
+    assert_eq!(schemas, "0", "a reader made no schema");
+    let marked = run(dir.path(), &url, &["--pg-schema", "other", "mark", "job/9"])?;
+    assert_eq!(marked.code, Some(0), "{}", marked.stderr);
     let other = json(&run(
         dir.path(),
         &url,

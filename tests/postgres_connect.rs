@@ -302,3 +302,41 @@ fn a_role_that_owns_a_schema_made_beforehand_opens_the_store_in_it() -> TestResu
     assert_eq!(kind_of(other), DatabaseErrorKind::Permission);
     Ok(())
 }
+
+#[test]
+fn a_store_that_may_not_create_refuses_a_schema_without_one() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("nocreate");
+    let existing_only = || {
+        dedupe_store::Store::builder()
+            .postgres_schema("jobs")
+            .postgres_create_schema(false)
+            .without_sweeper()
+            .open_postgres(&url)
+    };
+    let refused = existing_only();
+    assert!(
+        refused
+            .as_ref()
+            .err()
+            .is_some_and(|err| err.to_string().contains("\"jobs\"")),
+        "{:?}",
+        refused.as_ref().err()
+    );
+    assert_eq!(kind_of(refused), DatabaseErrorKind::SchemaMissing);
+    let probe = Probe::new(&url, 1)?;
+    assert_eq!(
+        probe.query_text("SELECT count(*) FROM pg_namespace WHERE nspname = 'jobs'")?,
+        "0",
+        "nothing was created"
+    );
+    // Once a store exists there, it opens.
+    let store_id = probe.open_schema("jobs")?;
+    let store = existing_only()?;
+    assert!(store.mark_seen("k")?);
+    drop(store);
+    assert_eq!(probe.open_schema("jobs")?, store_id);
+    Ok(())
+}

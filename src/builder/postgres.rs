@@ -18,6 +18,7 @@ const MAX_CONNECTIONS: usize = 1024;
 pub(super) struct PostgresSettings {
     schema: String,
     connections: usize,
+    create: bool,
 }
 
 impl Default for PostgresSettings {
@@ -25,6 +26,7 @@ impl Default for PostgresSettings {
         PostgresSettings {
             schema: DEFAULT_SCHEMA.to_string(),
             connections: DEFAULT_CONNECTIONS,
+            create: true,
         }
     }
 }
@@ -40,6 +42,33 @@ impl StoreBuilder {
     /// How many connections the store opens at most (made as calls need them). Default: 16.
     pub fn postgres_connections(mut self, connections: usize) -> StoreBuilder {
         self.postgres.connections = connections;
+        self
+    }
+
+    /// Whether opening creates the store's schema and tables when the schema holds none
+    /// (default: true). A program that only reads or maintains a store someone else made
+    /// turns it off, so that a mistyped schema name is an error rather than a new, empty
+    /// store: [`Error::Database`] of kind
+    /// [`SchemaMissing`](crate::DatabaseErrorKind::SchemaMissing).
+    ///
+    /// ```no_run
+    /// use dedupe_store::{DatabaseErrorKind, Error, Store};
+    ///
+    /// match Store::builder()
+    ///     .postgres_schema("payments")
+    ///     .postgres_create_schema(false)
+    ///     .open_postgres("postgres://ops@db.internal/app")
+    /// {
+    ///     Ok(store) => println!("{} live keys", store.stats()?.live_keys),
+    ///     Err(Error::Database { kind: DatabaseErrorKind::SchemaMissing, .. }) => {
+    ///         eprintln!("no store in schema payments")
+    ///     }
+    ///     Err(err) => return Err(err),
+    /// }
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
+    pub fn postgres_create_schema(mut self, create: bool) -> StoreBuilder {
+        self.postgres.create = create;
         self
     }
 
@@ -91,6 +120,7 @@ impl StoreBuilder {
             url: url.to_string(),
             schema: self.postgres.schema.clone(),
             connections: self.postgres.connections,
+            create: self.postgres.create,
         };
         let engine = crate::postgres::Engine::open(settings, config, self.clock.clone())?;
         Store::on(crate::engine::Engine::Postgres(engine))

@@ -59,6 +59,8 @@ pub(crate) struct Settings {
     pub url: String,
     pub schema: String,
     pub connections: usize,
+    /// Create the schema's tables when they are missing.
+    pub create: bool,
 }
 
 pub(crate) struct Engine {
@@ -88,12 +90,12 @@ impl Engine {
         let runtime = Runtime::new()?;
         let pool = Arc::new(Pool::new(&settings.url, settings.connections)?);
         pool.on_runtime(runtime.handle().clone());
-        let schema = settings.schema.clone();
+        let (schema, create) = (settings.schema.clone(), settings.create);
         let info = runtime.call({
             let pool = pool.clone();
             async move {
                 let mut client = pool.get().await?;
-                open_schema(client.client_mut(), &schema).await
+                open_schema(client.client_mut(), &schema, create).await
             }
         })?;
         let events = Arc::new(KeyEvents::new());

@@ -484,7 +484,9 @@ mod tests {
         let records = every_state();
         let read = runtime.call(async move {
             let mut client = pool.get().await?;
-            let schema = open_schema(client.client_mut(), "dedupe").await?.quoted;
+            let schema = open_schema(client.client_mut(), "dedupe", true)
+                .await?
+                .quoted;
             let placeholders: Vec<String> = (1..=17).map(|n| format!("${n}")).collect();
             let insert = format!(
                 "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) VALUES ({})",

@@ -87,14 +87,20 @@ pub(crate) fn check_schema_name(name: &str) -> Result<()> {
     }
 }
 
-/// Opens the engine's tables in schema `name`, creating them if the schema has none.
+/// Opens the engine's tables in schema `name`, creating them if the schema has none and
+/// `create` allows it.
 ///
 /// # Errors
 /// - [`Error::InvalidConfig`] when `name` is not a valid schema name.
 /// - [`Error::Database`] of kind `SchemaTooNew` when a newer build wrote the schema,
 ///   `SchemaShape` when its tables are not the engine's, `Permission` when the role may not
-///   create or use them, and the connection's kinds when the server fails.
-pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<SchemaInfo> {
+///   create or use them, `SchemaMissing` when it has none and `create` is false, and the
+///   connection's kinds when the server fails.
+pub(crate) async fn open_schema(
+    client: &mut Client,
+    name: &str,
+    create: bool,
+) -> Result<SchemaInfo> {
     check_schema_name(name)?;
     let quoted = format!("\"{name}\"");
     let tx = client.transaction().await.map_err(schema_error)?;
@@ -112,6 +118,16 @@ pub(crate) async fn open_schema(client: &mut Client, name: &str) -> Result<Schem
     )
     .await?;
     let created = !has_meta;
+    if created && !create {
+        return Err(Error::Database {
+            action: "open the store",
+            kind: DatabaseErrorKind::SchemaMissing,
+            message: format!(
+                "schema {quoted} holds no dedupe store, and creating one was not allowed"
+            ),
+            source: None,
+        });
+    }
     if created {
         // `CREATE SCHEMA IF NOT EXISTS` needs CREATE on the database even when the schema
         // exists, so a role given a schema of its own beforehand must not run it.

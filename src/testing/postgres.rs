@@ -364,7 +364,9 @@ impl Probe {
         let schema = schema.to_string();
         self.runtime.call(async move {
             let mut client = pool.get().await?;
-            Ok(open_schema(client.client_mut(), &schema).await?.store_id)
+            Ok(open_schema(client.client_mut(), &schema, true)
+                .await?
+                .store_id)
         })
     }
 

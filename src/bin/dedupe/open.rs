@@ -157,12 +157,28 @@ impl StoreFile {
             Location::File(path) => path,
             #[cfg(feature = "postgres")]
             Location::Postgres { url, schema } => {
-                // Connections are made as calls need them: a step makes one or two.
+                // Connections are made as calls need them: a step makes one or two. Only the
+                // commands that make a store of a missing file make one in a missing schema.
                 return self
                     .builder()
                     .postgres_schema(schema.clone())
+                    .postgres_create_schema(self.access == Access::Create)
                     .open_postgres(url)
-                    .map_err(|err| self.failure(&err, doing));
+                    .map_err(|err| match err {
+                        Error::Database {
+                            kind: dedupe_store::DatabaseErrorKind::SchemaMissing,
+                            ..
+                        } => Failure::new(
+                            STORE_ERROR,
+                            format!(
+                                "{doing}: schema {schema:?} of {} holds no dedupe store; check \
+                                 --pg-schema or DEDUPE_PG_SCHEMA (only `run`, `mark` and \
+                                 `filter` create a store; nothing was changed)",
+                                self.name()
+                            ),
+                        ),
+                        err => self.failure(&err, doing),
+                    });
             }
         };
         if self.access != Access::Create {
