@@ -52,6 +52,9 @@ pub(crate) const RECORD_COLUMNS: &str = "state, fencing_token, attempt, fingerpr
      claimed_at, lease_until, claim_ttl, checkpoint_step, checkpoint_state, checkpoint_at, \
      completed_at, response, seq_mark, seq_updated_at";
 
+/// How many columns [`RECORD_COLUMNS`] names.
+const RECORD_COLUMN_COUNT: usize = 15;
+
 /// The values of one row of `records`, apart from its key.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct RecordRow {
@@ -239,27 +242,36 @@ fn unsigned(column: &str, value: i64) -> Result<u64, RowError> {
 }
 
 impl RecordRow {
-    /// Reads the columns of [`RECORD_COLUMNS`] from a row that selected them by name.
+    /// Reads the columns of [`RECORD_COLUMNS`] from a row that selected them together, in
+    /// that order.
     ///
     /// # Errors
     /// When a column is missing or of another type.
     pub(crate) fn from_pg(row: &tokio_postgres::Row) -> Result<RecordRow, tokio_postgres::Error> {
+        // Every statement lists RECORD_COLUMNS together and in order: find the first once
+        // rather than each by name. A row without them fails on its first `try_get`.
+        let first = row
+            .columns()
+            .iter()
+            .position(|column| column.name() == "state")
+            .unwrap_or(usize::MAX - RECORD_COLUMN_COUNT);
+        let at = |offset: usize| first + offset;
         Ok(RecordRow {
-            state: row.try_get("state")?,
-            fencing_token: row.try_get("fencing_token")?,
-            attempt: row.try_get("attempt")?,
-            fingerprint: row.try_get("fingerprint")?,
-            expires_at: row.try_get("expires_at")?,
-            claimed_at: row.try_get("claimed_at")?,
-            lease_until: row.try_get("lease_until")?,
-            claim_ttl: row.try_get("claim_ttl")?,
-            checkpoint_step: row.try_get("checkpoint_step")?,
-            checkpoint_state: row.try_get("checkpoint_state")?,
-            checkpoint_at: row.try_get("checkpoint_at")?,
-            completed_at: row.try_get("completed_at")?,
-            response: row.try_get("response")?,
-            seq_mark: row.try_get("seq_mark")?,
-            seq_updated_at: row.try_get("seq_updated_at")?,
+            state: row.try_get(at(0))?,
+            fencing_token: row.try_get(at(1))?,
+            attempt: row.try_get(at(2))?,
+            fingerprint: row.try_get(at(3))?,
+            expires_at: row.try_get(at(4))?,
+            claimed_at: row.try_get(at(5))?,
+            lease_until: row.try_get(at(6))?,
+            claim_ttl: row.try_get(at(7))?,
+            checkpoint_step: row.try_get(at(8))?,
+            checkpoint_state: row.try_get(at(9))?,
+            checkpoint_at: row.try_get(at(10))?,
+            completed_at: row.try_get(at(11))?,
+            response: row.try_get(at(12))?,
+            seq_mark: row.try_get(at(13))?,
+            seq_updated_at: row.try_get(at(14))?,
         })
     }
 
