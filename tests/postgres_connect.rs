@@ -340,3 +340,31 @@ fn a_store_that_may_not_create_refuses_a_schema_without_one() -> TestResult {
     assert_eq!(probe.open_schema("jobs")?, store_id);
     Ok(())
 }
+
+/// A server that takes the connection and never answers (overloaded, or not PostgreSQL) is a
+/// connect error once the connect timeout passes, not a call that hangs: the timeout covers
+/// the whole handshake, not only the TCP connect.
+#[test]
+fn a_server_that_never_answers_is_a_connect_error_after_the_timeout() -> TestResult {
+    // The kernel completes the TCP handshake into the listener's backlog; nothing reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/jobs?connect_timeout=1",
+        silent.local_addr()?.port()
+    );
+    let (answer, opened) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = answer.send(
+            dedupe_store::Store::builder()
+                .without_sweeper()
+                .open_postgres(&url)
+                .map(|_| ()),
+        );
+    });
+    let result = opened
+        .recv_timeout(Duration::from_secs(60))
+        .expect("opening gave up instead of hanging");
+    assert_eq!(kind_of(result), DatabaseErrorKind::Connect);
+    drop(silent);
+    Ok(())
+}

@@ -326,9 +326,7 @@ impl Pool {
                 message: format!("cannot start the connection's runtime: {err}"),
                 source: None,
             })?;
-        let (client, driver) = runtime
-            .block_on(self.config.connect(NoTls))
-            .map_err(connect_error)?;
+        let (client, driver) = runtime.block_on(handshake(&self.config))?;
         let mut local = Local {
             session: Session::new(client),
             driver: Box::pin(driver),
@@ -374,13 +372,35 @@ impl Pool {
     /// A connection of its own, outside the pool, and its driver, which the caller runs: for
     /// `LISTEN`, whose notifications arrive through the driver.
     pub(crate) async fn dedicated(&self) -> Result<(Client, Driver)> {
-        self.config.connect(NoTls).await.map_err(connect_error)
+        handshake(&self.config).await
+    }
+}
+
+/// Connects and logs in, giving up after the config's connect timeout. The client's own
+/// timeout covers only the TCP connect: a server that takes the connection and never answers
+/// (overloaded, or not PostgreSQL) would otherwise hold the caller for ever.
+async fn handshake(config: &Config) -> Result<(Client, Driver)> {
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    match tokio::time::timeout(limit, config.connect(NoTls)).await {
+        Ok(connected) => connected.map_err(connect_error),
+        Err(_) => Err(Error::Database {
+            action: "connect to the database",
+            kind: DatabaseErrorKind::Connect,
+            message: format!(
+                "the server did not complete the connection within {} ms",
+                limit.as_millis()
+            ),
+            source: None,
+        }),
     }
 }
 
 /// A new connection, its driver spawned on the current runtime.
 async fn connect(config: &Config) -> Result<Client> {
-    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    let (client, connection) = handshake(config).await?;
     // The driver ends when the connection closes; the client then reports `is_closed`, and
     // its error reaches the caller through the call that failed.
     tokio::spawn(async move {
