@@ -21,12 +21,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use super::clock::NOW_MILLIS;
 use super::columns::{COLUMN_TYPES, Columns};
 use super::error::query_error;
 use super::listen::encode;
 use super::pool::{Pool, Session};
-use super::row::{Loaded, RECORD_COLUMNS, to_row};
+use super::row::{Loaded, to_row};
 use super::statements::Statements;
 use crate::batch;
 use crate::clock::Clock;
@@ -349,23 +348,13 @@ async fn begin(
     }
     let namespaces: Vec<i16> = slots.keys().map(|(ns, _)| *ns).collect();
     let keys: Vec<&[u8]> = slots.keys().map(|(_, key)| key.as_slice()).collect();
-    let lock_sql = format!(
-        "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records \
-         WHERE (ns, key) IN (SELECT * FROM unnest($1::smallint[], $2::bytea[])) \
-         ORDER BY ns, key FOR UPDATE",
-        shared.schema
-    );
     let count = i64::try_from(ops.len()).unwrap_or(i64::MAX);
-    let tokens_sql = format!(
-        "SELECT {NOW_MILLIS}, array(SELECT nextval('{}.tokens') FROM generate_series(1, $1))",
-        shared.schema
-    );
     let lock = client
-        .statement(&lock_sql, &[Type::INT2_ARRAY, Type::BYTEA_ARRAY])
+        .statement(&shared.sql.lock, &[Type::INT2_ARRAY, Type::BYTEA_ARRAY])
         .await
         .map_err(retry_or_fail("lock keys"))?;
     let draw = client
-        .statement(&tokens_sql, &[Type::INT8])
+        .statement(&shared.sql.draw, &[Type::INT8])
         .await
         .map_err(retry_or_fail("draw fencing tokens"))?;
     let client: &Client = client;
@@ -452,37 +441,34 @@ async fn finish(
             ended.push(event);
         }
     }
-    let schema = &shared.schema;
-    let unnest = "unnest($1::smallint[], $2::bytea[], $3::smallint[], $4::bigint[], \
-         $5::bigint[], $6::bytea[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], \
-         $11::text[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bytea[], $16::bigint[], \
-         $17::bigint[])";
-    let insert_sql =
-        format!("INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) SELECT * FROM {unnest}");
-    let update_sql = format!(
-        "UPDATE {schema}.records AS r SET ({RECORD_COLUMNS}) = \
-         (u.state, u.fencing_token, u.attempt, u.fingerprint, u.expires_at, u.claimed_at, \
-         u.lease_until, u.claim_ttl, u.checkpoint_step, u.checkpoint_state, u.checkpoint_at, \
-         u.completed_at, u.response, u.seq_mark, u.seq_updated_at) \
-         FROM {unnest} AS u(ns, key, {RECORD_COLUMNS}) WHERE r.ns = u.ns AND r.key = u.key"
-    );
-    let delete_sql = format!(
-        "DELETE FROM {schema}.records \
-         WHERE (ns, key) IN (SELECT * FROM unnest($1::smallint[], $2::bytea[]))"
-    );
     let notify_sql = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload";
     let payloads: Vec<String> = ended.iter().map(|key| encode(key)).collect();
     // Each statement is prepared once per connection, before the batch's statements go out.
-    let insert = prepare(client, &insert_sql, !inserts.is_empty(), &COLUMN_TYPES)
-        .await
-        .map_err(retry_or_fail("insert keys"))?;
-    let update = prepare(client, &update_sql, !updates.is_empty(), &COLUMN_TYPES)
-        .await
-        .map_err(retry_or_fail("update keys"))?;
+    let insert = prepare(
+        client,
+        &shared.sql.insert,
+        !inserts.is_empty(),
+        &COLUMN_TYPES,
+    )
+    .await
+    .map_err(retry_or_fail("insert keys"))?;
+    let update = prepare(
+        client,
+        &shared.sql.update,
+        !updates.is_empty(),
+        &COLUMN_TYPES,
+    )
+    .await
+    .map_err(retry_or_fail("update keys"))?;
     let delete_types = [Type::INT2_ARRAY, Type::BYTEA_ARRAY];
-    let delete = prepare(client, &delete_sql, !deletes.0.is_empty(), &delete_types)
-        .await
-        .map_err(retry_or_fail("remove keys"))?;
+    let delete = prepare(
+        client,
+        &shared.sql.delete,
+        !deletes.0.is_empty(),
+        &delete_types,
+    )
+    .await
+    .map_err(retry_or_fail("remove keys"))?;
     let notify_types = [Type::TEXT, Type::TEXT_ARRAY];
     let notify = prepare(client, notify_sql, !payloads.is_empty(), &notify_types)
         .await

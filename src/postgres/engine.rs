@@ -319,14 +319,11 @@ impl Engine {
         let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
         let now = self.test_clock_now();
         let removed = self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "DELETE FROM {s}.records WHERE (ns, key) IN (SELECT ns, key FROM {s}.records \
-                 WHERE expires_at <= COALESCE($2, {NOW_MILLIS}) ORDER BY expires_at LIMIT $1 \
-                 FOR UPDATE SKIP LOCKED)",
-                s = shared.schema
-            );
             let removed = client
-                .execute_typed(&sql, &[(&limit_sql, Type::INT8), (&now, Type::INT8)])
+                .execute_typed(
+                    &shared.sql.sweep,
+                    &[(&limit_sql, Type::INT8), (&now, Type::INT8)],
+                )
                 .await
                 .map_err(|err| query_error("sweep due keys", err))?;
             Ok(removed as usize)

@@ -190,7 +190,6 @@ impl Engine {
     /// One key's stored record and the time to judge it by, from one `SELECT`.
     pub(super) fn load(&self, namespace: Namespace, key: &Key) -> Result<Read> {
         let key = key.as_bytes();
-        let clock = self.shared.clock.clone();
         let read = self.call(async move |shared: &Shared, client: &mut Session| {
             let rows = client
                 .query_prepared(
@@ -199,7 +198,7 @@ impl Engine {
                 )
                 .await
                 .map_err(|err| query_error("read a key", err))?;
-            let now = match (&clock, rows.first()) {
+            let now = match (&shared.clock, rows.first()) {
                 (Some(clock), _) => Some(clock.now_millis()),
                 (None, Some(row)) => {
                     let now: i64 = row

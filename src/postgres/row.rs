@@ -46,8 +46,8 @@ pub(crate) fn ns(namespace: crate::rules::Namespace) -> i16 {
     i16::from(namespace.tag())
 }
 
-/// The columns of a [`RecordRow`] in the order [`RecordRow::from_pg`] and
-/// [`RecordRow::params`] use, for `SELECT` and `INSERT` statements.
+/// The columns of a [`RecordRow`] in the order [`RecordRow::from_pg`] and `Columns::params`
+/// (`columns.rs`) use, for `SELECT` and `INSERT` statements.
 pub(crate) const RECORD_COLUMNS: &str = "state, fencing_token, attempt, fingerprint, expires_at, \
      claimed_at, lease_until, claim_ttl, checkpoint_step, checkpoint_state, checkpoint_at, \
      completed_at, response, seq_mark, seq_updated_at";
@@ -294,28 +294,6 @@ impl RecordRow {
         }
         self
     }
-
-    /// The values of [`RECORD_COLUMNS`], in order, as statement parameters.
-    #[cfg(test)]
-    pub(crate) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 15] {
-        [
-            &self.state,
-            &self.fencing_token,
-            &self.attempt,
-            &self.fingerprint,
-            &self.expires_at,
-            &self.claimed_at,
-            &self.lease_until,
-            &self.claim_ttl,
-            &self.checkpoint_step,
-            &self.checkpoint_state,
-            &self.checkpoint_at,
-            &self.completed_at,
-            &self.response,
-            &self.seq_mark,
-            &self.seq_updated_at,
-        ]
-    }
 }
 
 #[cfg(test)]
@@ -484,6 +462,8 @@ mod tests {
     #[cfg(feature = "testing")]
     #[test]
     fn every_state_round_trips_through_the_table() -> crate::Result<()> {
+        use crate::postgres::columns::Columns;
+        use crate::postgres::statements::Statements;
         use crate::postgres::{Pool, Runtime, open_schema, query_error};
         use crate::testing::postgres::TestCluster;
         use std::sync::Arc;
@@ -499,23 +479,20 @@ mod tests {
             let schema = open_schema(client.client_mut(), "dedupe", true)
                 .await?
                 .quoted;
-            let placeholders: Vec<String> = (1..=17).map(|n| format!("${n}")).collect();
-            let insert = format!(
-                "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) VALUES ({})",
-                placeholders.join(", ")
-            );
-            for (index, record) in records.iter().enumerate() {
+            // Written as a batch writes rows: one statement over every column's array.
+            let keys: Vec<Vec<u8>> = (0..records.len())
+                .map(|index| vec![u8::try_from(index).unwrap_or(u8::MAX)])
+                .collect();
+            let mut columns = Columns::default();
+            for (record, key) in records.iter().zip(&keys) {
                 let row = to_row(record)
                     .map_err(|err| crate::Error::InvalidConfig { reason: err.reason })?;
-                let key = vec![u8::try_from(index).unwrap_or(u8::MAX)];
-                let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    vec![&1_i16, &key];
-                params.extend(row.params());
-                client
-                    .execute(&insert, &params)
-                    .await
-                    .map_err(|err| query_error("insert a record", err))?;
+                columns.push(1, key, row);
             }
+            client
+                .execute(&Statements::new(&schema).insert, &columns.params())
+                .await
+                .map_err(|err| query_error("insert the records", err))?;
             let rows = client
                 .query(
                     &format!("SELECT {RECORD_COLUMNS} FROM {schema}.records ORDER BY key"),

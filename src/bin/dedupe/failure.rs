@@ -1,7 +1,7 @@
 //! Why a dedupe command stops: an exit code and one line for stderr saying what failed, on
 //! which file, and what to do about it.
 
-use dedupe_store::Error;
+use dedupe_store::{DatabaseErrorKind, Error};
 
 /// Exit status of the readers and maintenance commands for a store error.
 pub const STORE_ERROR: u8 = 1;
@@ -93,6 +93,14 @@ impl Failure {
             }
             Error::Corrupt { key, .. } => format!(
                 "{doing}: {db}: {err}; `dedupe --db {db} expire {key}` removes the damaged record"
+            ),
+            // A mistyped schema, refused as a missing file is.
+            Error::Database {
+                kind: DatabaseErrorKind::SchemaMissing,
+                ..
+            } => format!(
+                "{doing}: {db}: {err}; check --pg-schema or DEDUPE_PG_SCHEMA (only `run`, `mark` \
+                 and `filter` create a store; nothing was changed)"
             ),
             // Before the storage arm: a database is not a disk, and a lost connection may
             // have cut a commit short (such a call was not acknowledged).

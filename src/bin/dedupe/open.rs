@@ -164,21 +164,7 @@ impl StoreFile {
                     .postgres_schema(schema.clone())
                     .postgres_create_schema(self.access == Access::Create)
                     .open_postgres(url)
-                    .map_err(|err| match err {
-                        Error::Database {
-                            kind: dedupe_store::DatabaseErrorKind::SchemaMissing,
-                            ..
-                        } => Failure::new(
-                            STORE_ERROR,
-                            format!(
-                                "{doing}: schema {schema:?} of {} holds no dedupe store; check \
-                                 --pg-schema or DEDUPE_PG_SCHEMA (only `run`, `mark` and \
-                                 `filter` create a store; nothing was changed)",
-                                self.name()
-                            ),
-                        ),
-                        err => self.failure(&err, doing),
-                    });
+                    .map_err(|err| self.failure(&err, doing));
             }
         };
         if self.access != Access::Create {
