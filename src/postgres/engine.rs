@@ -269,10 +269,11 @@ impl Engine {
                     (0..absent).for_each(|_| self.freshness.saw(true));
                     (0..present).for_each(|_| self.freshness.saw(false));
                 }
+                // A batch answered in parts (`fresh.rs`) may have failed in its second part only.
                 if let Ok(replies) = &replies
-                    && let Some(Err(err)) = replies.replies.first()
+                    && let Some(Err(err)) = replies.replies.iter().find(|reply| reply.is_err())
                 {
-                    let _ = self.shared.pool.checked::<()>(Err(err.clone()));
+                    self.shared.pool.failed(err);
                 }
                 match replies {
                     Ok(replies) => {

@@ -342,18 +342,25 @@ impl Pool {
         Ok(local)
     }
 
-    /// Passes a call's `result` on; when it failed on a lost connection, first drops every idle
-    /// connection: the server most likely restarted, and a connection whose loss its driver
-    /// has not noticed yet would fail the next call too.
+    /// Passes a call's `result` on, after [`failed`](Self::failed) if it is an error.
     pub(crate) fn checked<T>(&self, result: Result<T>) -> Result<T> {
-        if let Err(Error::Database {
+        if let Err(err) = &result {
+            self.failed(err);
+        }
+        result
+    }
+
+    /// Notes that a call failed with `err`: on a lost connection, drops every idle connection.
+    /// The server most likely restarted, and a connection whose loss its driver has not
+    /// noticed yet would fail the next call too.
+    pub(crate) fn failed(&self, err: &Error) {
+        if let Error::Database {
             kind: DatabaseErrorKind::ConnectionLost,
             ..
-        }) = &result
+        } = err
         {
             self.clear();
         }
-        result
     }
 
     /// Drops every idle connection, so that the next calls connect afresh.
