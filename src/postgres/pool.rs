@@ -7,6 +7,11 @@
 //! - **the caller's thread** ([`Pool::lend`] outside any tokio runtime): the connection has a
 //!   single-threaded runtime of its own, and a call drives the socket on the calling thread
 //!   while it waits, as a blocking client does. A round trip then wakes no other thread.
+//!   A thread gets back the idle connection it used last when there is one: its server
+//!   process then keeps answering the same thread, and the kernel keeps the two on one core,
+//!   each running while the other waits. Handed from thread to thread, the same connections
+//!   cost each round trip a wake-up across cores; at two threads that measured 0.7x the
+//!   throughput of a connection per thread.
 //! - **the engine's runtime** (inside a runtime, where blocking on another runtime would
 //!   panic): the connection's driver is a task on the engine's runtime, and the caller waits
 //!   for its answer, which travels by channel.
@@ -106,6 +111,8 @@ struct Local {
     runtime: Option<tokio::runtime::Runtime>,
     /// The driver has stopped: the connection is gone.
     lost: bool,
+    /// The thread that ran the connection's last call.
+    thread: std::thread::ThreadId,
 }
 
 impl Drop for Local {
@@ -129,6 +136,7 @@ impl Local {
             driver,
             runtime,
             lost,
+            ..
         } = self;
         let Some(runtime) = runtime.as_ref() else {
             return Err(lost_connection());
@@ -309,12 +317,22 @@ impl Pool {
 
     /// An idle connection driven on the caller's thread, or a new one.
     fn local(&self) -> Result<Local> {
+        let me = std::thread::current().id();
         loop {
-            match self.idle_local.lock().pop() {
-                Some(local) if local.is_closed() => continue,
-                Some(local) => return Ok(local),
-                None => break,
+            let mut idle = self.idle_local.lock();
+            // This thread's own connection first: its server process then keeps answering the
+            // same thread, which the kernel schedules beside it.
+            let mine = idle.iter().rposition(|local| local.thread == me);
+            let Some(at) = mine.or_else(|| idle.len().checked_sub(1)) else {
+                break;
+            };
+            let mut local = idle.swap_remove(at);
+            drop(idle);
+            if local.is_closed() {
+                continue;
             }
+            local.thread = me;
+            return Ok(local);
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -332,6 +350,7 @@ impl Pool {
             driver: Box::pin(driver),
             runtime: Some(runtime),
             lost: false,
+            thread: me,
         };
         local.run(async |session: &mut Session| {
             session
@@ -464,5 +483,71 @@ impl Drop for PooledClient {
         {
             self.idle.lock().push(shared);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::postgres::TestCluster;
+    use std::sync::Barrier;
+
+    /// The server process behind the connection `pool` lends this thread, and the barrier
+    /// `hold` waited on while the connection is still lent.
+    fn backend(pool: &Pool, hold: Option<&Barrier>) -> Result<i32> {
+        pool.lend(async |session: &mut Session| {
+            let row = session
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .map_err(|err| query_error("read the server process", err))?;
+            if let Some(hold) = hold {
+                hold.wait();
+            }
+            row.try_get(0)
+                .map_err(|err| query_error("read the server process", err))
+        })
+    }
+
+    #[test]
+    fn a_thread_gets_back_the_connection_it_used_last() -> Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let pool = Pool::new(&cluster.create_database("affinity"), 4)?;
+        let both = Barrier::new(2);
+        let (first, second) = std::thread::scope(|scope| {
+            let pool = &pool;
+            let both = &both;
+            // Each thread runs once while the other holds its connection (two connections),
+            // then again in turn: first thread one, then thread two, then one, then two. The
+            // connection returned last is always the other thread's.
+            let thread = |me: usize| {
+                move || -> Result<Vec<i32>> {
+                    let mut seen = vec![backend(pool, Some(both))?];
+                    for turn in 0..4 {
+                        both.wait();
+                        if turn % 2 == me {
+                            seen.push(backend(pool, None)?);
+                        }
+                    }
+                    Ok(seen)
+                }
+            };
+            let one = scope.spawn(thread(0));
+            let two = scope.spawn(thread(1));
+            (one.join(), two.join())
+        });
+        let first = first.expect("the first thread ran")?;
+        let second = second.expect("the second thread ran")?;
+        assert_ne!(first[0], second[0], "two connections were open at once");
+        assert!(
+            first.iter().all(|pid| *pid == first[0]),
+            "the first thread kept its connection: {first:?}"
+        );
+        assert!(
+            second.iter().all(|pid| *pid == second[0]),
+            "the second thread kept its connection: {second:?}"
+        );
+        Ok(())
     }
 }
