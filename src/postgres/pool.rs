@@ -44,10 +44,19 @@ use crate::error::{DatabaseErrorKind, Error, Result};
 /// hanging.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Statements every connection runs before its first use. `synchronous_commit = on` whatever
-/// the server's or the role's default: an acknowledged claim or complete must be on disk (and
-/// on a synchronous standby, where one is configured).
-const ON_CONNECT: &str = "SET synchronous_commit = on";
+/// Statements every connection runs before its first use.
+///
+/// - `synchronous_commit = on` whatever the server's or the role's default: an acknowledged
+///   claim or complete must be on disk (and on a synchronous standby, where one is
+///   configured).
+/// - No sequential scans, hash joins or merge joins. Every statement of the engine reaches its
+///   rows through an index (the key, or `expires_at` for the sweeper). A prepared statement's
+///   plan is made once and kept: one made while the table was small (every new schema starts
+///   empty) would otherwise join a batch's keys to the table by reading the whole table, and
+///   go on doing so as the table grows, until the server analyzes it again. These settings
+///   apply to the store's own connections only (`statements.rs` tests the plans).
+pub(super) const ON_CONNECT: &str = "SET synchronous_commit = on; SET enable_seqscan = off; \
+     SET enable_hashjoin = off; SET enable_mergejoin = off";
 
 /// A connection's driver: the future that reads and writes its socket.
 type Driver = tokio_postgres::Connection<Socket, NoTlsStream>;

@@ -92,11 +92,148 @@ impl Statements {
             delete: format!(
                 "DELETE FROM {schema}.records WHERE (ns, key) IN (SELECT * FROM {UNNEST_KEYS})"
             ),
+            // The due rows found through `expires_at` and removed by their row address: the
+            // rows are locked, so their addresses hold until the statement ends.
             sweep: format!(
-                "DELETE FROM {schema}.records WHERE (ns, key) IN (SELECT ns, key \
+                "DELETE FROM {schema}.records AS r USING (SELECT ctid AS row_address \
                  FROM {schema}.records WHERE expires_at <= COALESCE($2, {NOW_MILLIS}) \
-                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AS due \
+                 WHERE r.ctid = due.row_address"
             ),
         }
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::postgres::{Pool, Runtime, open_schema, query_error};
+    use crate::testing::postgres::TestCluster;
+    use std::sync::Arc;
+
+    /// Every statement of the engine that reads `records`, with its parameters' types and
+    /// values to plan it with.
+    fn statements(sql: &Statements) -> Vec<(&'static str, &str, String, String)> {
+        let scalars = "smallint, bytea, smallint, bigint, bytea, bigint, bigint, bigint, bigint, \
+                       text, bytea, bigint, bigint, bytea, bigint, bigint";
+        let arrays = "smallint[], bytea[], smallint[], bigint[], bigint[], bytea[], bigint[], \
+                      bigint[], bigint[], bigint[], text[], bytea[], bigint[], bigint[], bytea[], \
+                      bigint[], bigint[]";
+        let row = "1, 'k', 2, 1, NULL, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 'r', NULL, NULL";
+        let rows = "'{1}', '{k}', '{2}', '{7}', '{1}', '{NULL}', '{1}', '{NULL}', '{NULL}', \
+                    '{NULL}', '{NULL}', '{NULL}', '{NULL}', '{0}', '{r}', '{NULL}', '{NULL}'";
+        let keys = (
+            "smallint[], bytea[]".to_string(),
+            "'{1}', '{k}'".to_string(),
+        );
+        vec![
+            ("load", &sql.load, "smallint, bytea".into(), "1, 'k'".into()),
+            (
+                "load_batch",
+                &sql.load_batch,
+                keys.0.clone(),
+                keys.1.clone(),
+            ),
+            (
+                "insert_new",
+                &sql.insert_new,
+                format!("{scalars}, bigint"),
+                format!("{row}, NULL"),
+            ),
+            (
+                "insert_batch",
+                &sql.insert_batch,
+                format!("{arrays}, bigint"),
+                format!("{rows}, NULL"),
+            ),
+            ("lock", &sql.lock, keys.0.clone(), keys.1.clone()),
+            ("insert", &sql.insert, arrays.into(), rows.into()),
+            ("update", &sql.update, arrays.into(), rows.into()),
+            ("delete", &sql.delete, keys.0, keys.1),
+            (
+                "sweep",
+                &sql.sweep,
+                "bigint, bigint".into(),
+                "100, NULL".into(),
+            ),
+        ]
+    }
+
+    /// A prepared statement keeps the plan the server made for it. The store's connections
+    /// must make plans that find rows by their key or expiry, never by reading the whole
+    /// table, even when the plan is made on an empty table and then used on a large one.
+    #[test]
+    fn plans_made_on_an_empty_table_still_find_rows_by_index_on_a_large_one() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let pool = Arc::new(Pool::new(&cluster.create_database("plans"), 1)?);
+        let runtime = Runtime::new()?;
+        let plans = runtime.call(async move {
+            let mut client = pool.get().await?;
+            let schema = open_schema(client.client_mut(), "dedupe", true)
+                .await?
+                .quoted;
+            let sql = Statements::new(&schema);
+            let failed = |err| query_error("plan a statement", err);
+            // Every use of a prepared statement with the plan made at its first use.
+            client
+                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .await
+                .map_err(failed)?;
+            let explain = async |name: &str, values: &str| {
+                let rows = client
+                    .simple_query(&format!("EXPLAIN EXECUTE {name}({values})"))
+                    .await
+                    .map_err(failed)?;
+                let lines: Vec<String> = rows
+                    .iter()
+                    .filter_map(|message| match message {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => {
+                            row.get(0).map(str::to_string)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                Ok::<_, crate::Error>(lines.join("\n"))
+            };
+            for (name, text, types, values) in statements(&sql) {
+                client
+                    .batch_execute(&format!("PREPARE {name}({types}) AS {text}"))
+                    .await
+                    .map_err(failed)?;
+                // Planned now, on the empty table.
+                explain(name, &values).await?;
+            }
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO {schema}.records (ns, key, state, fencing_token, attempt, \
+                     expires_at, completed_at, response) \
+                     SELECT 1, int8send(n), 2, n, 1, n, 0, 'r' \
+                     FROM generate_series(1, 20000) AS n"
+                ))
+                .await
+                .map_err(failed)?;
+            let mut plans = Vec::new();
+            for (name, _, _, values) in statements(&sql) {
+                plans.push((name, explain(name, &values).await?));
+            }
+            Ok(plans)
+        })?;
+        assert_eq!(plans.len(), 9);
+        for (name, plan) in plans {
+            // A hash or merge join reads all of one side: here, the table.
+            for whole_table in ["Seq Scan", "Hash Cond", "Merge Cond"] {
+                assert!(
+                    !plan.contains(whole_table),
+                    "{name} reads the whole table ({whole_table}):\n{plan}"
+                );
+            }
+            assert!(
+                plan.contains("Index") || plan.contains("Tid Scan") || name == "insert",
+                "{name} finds its rows by an index:\n{plan}"
+            );
+        }
+        Ok(())
     }
 }
