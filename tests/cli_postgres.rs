@@ -283,3 +283,26 @@ fn a_refused_connection_is_a_store_error_before_cmd_runs() -> TestResult {
     assert_eq!(get.code, Some(1), "{}", get.stderr);
     Ok(())
 }
+
+#[test]
+fn lock_timeout_bounds_the_wait_for_a_server_that_never_answers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // Accepts connections (the kernel does) and never speaks: a hung or overloaded server.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    // The URL's own limit is far longer than the one --lock-timeout sets; the flag wins.
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/jobs?connect_timeout=120",
+        silent.local_addr()?.port()
+    );
+    let started = std::time::Instant::now();
+    let mark = run(dir.path(), &url, &["mark", "k", "--lock-timeout", "300ms"])?;
+    assert_eq!(mark.code, Some(74), "{}", mark.stderr);
+    one_line(&mark);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "gave up after {:?}, not after --lock-timeout",
+        started.elapsed()
+    );
+    drop(silent);
+    Ok(())
+}

@@ -368,3 +368,37 @@ fn a_server_that_never_answers_is_a_connect_error_after_the_timeout() -> TestRes
     drop(silent);
     Ok(())
 }
+
+#[test]
+fn the_builders_connect_timeout_replaces_the_urls() -> TestResult {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/jobs?connect_timeout=120",
+        silent.local_addr()?.port()
+    );
+    let (answer, opened) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = answer.send(
+            dedupe_store::Store::builder()
+                .without_sweeper()
+                .postgres_connect_timeout(Duration::from_millis(300))
+                .open_postgres(&url)
+                .map(|_| ()),
+        );
+    });
+    // Far less than the URL's two minutes: the builder's 300 ms decided.
+    let result = opened
+        .recv_timeout(Duration::from_secs(60))
+        .expect("opening gave up after the builder's timeout, not the URL's");
+    assert_eq!(kind_of(result), DatabaseErrorKind::Connect);
+    drop(silent);
+
+    let zero = dedupe_store::Store::builder()
+        .postgres_connect_timeout(Duration::ZERO)
+        .open_postgres("postgres://app@127.0.0.1:1/jobs");
+    assert!(
+        matches!(zero, Err(dedupe_store::Error::InvalidConfig { .. })),
+        "{zero:?}"
+    );
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Opening a store on PostgreSQL (feature `postgres`): the same [`Store`], its records in a
 //! database that several processes and hosts share.
 
+use std::time::Duration;
+
 use super::StoreBuilder;
 use crate::config::Durability;
 use crate::error::{Error, Result};
@@ -19,6 +21,7 @@ pub(super) struct PostgresSettings {
     schema: String,
     connections: usize,
     create: bool,
+    connect_timeout: Option<Duration>,
 }
 
 impl Default for PostgresSettings {
@@ -27,6 +30,7 @@ impl Default for PostgresSettings {
             schema: DEFAULT_SCHEMA.to_string(),
             connections: DEFAULT_CONNECTIONS,
             create: true,
+            connect_timeout: None,
         }
     }
 }
@@ -69,6 +73,30 @@ impl StoreBuilder {
     /// ```
     pub fn postgres_create_schema(mut self, create: bool) -> StoreBuilder {
         self.postgres.create = create;
+        self
+    }
+
+    /// How long one connection attempt may take, from the TCP connect to the end of the
+    /// login, before it fails with [`Error::Database`] of kind
+    /// [`Connect`](crate::DatabaseErrorKind::Connect). Default: the URL's `connect_timeout`,
+    /// else 10 seconds. Set, it replaces the URL's.
+    ///
+    /// Opening the store connects, and so does any call that finds no idle connection (after
+    /// the server restarted, say): a call against a server that stopped answering waits this
+    /// long at most. A program that renews leases should keep it well under the renewal
+    /// interval, so that a renewal that could not connect leaves time for the next one.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use dedupe_store::Store;
+    ///
+    /// let store = Store::builder()
+    ///     .postgres_connect_timeout(Duration::from_secs(2))
+    ///     .open_postgres("postgres://app@db.internal/app")?;
+    /// # Ok::<(), dedupe_store::Error>(())
+    /// ```
+    pub fn postgres_connect_timeout(mut self, timeout: Duration) -> StoreBuilder {
+        self.postgres.connect_timeout = Some(timeout);
         self
     }
 
@@ -116,11 +144,17 @@ impl StoreBuilder {
                 ),
             });
         }
+        if self.postgres.connect_timeout == Some(Duration::ZERO) {
+            return Err(Error::InvalidConfig {
+                reason: "postgres_connect_timeout must be longer than zero".to_string(),
+            });
+        }
         let settings = crate::postgres::Settings {
             url: url.to_string(),
             schema: self.postgres.schema.clone(),
             connections: self.postgres.connections,
             create: self.postgres.create,
+            connect_timeout: self.postgres.connect_timeout,
         };
         let engine = crate::postgres::Engine::open(settings, config, self.clock.clone())?;
         Store::on(crate::engine::Engine::Postgres(engine))

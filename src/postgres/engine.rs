@@ -61,6 +61,8 @@ pub(crate) struct Settings {
     pub connections: usize,
     /// Create the schema's tables when they are missing.
     pub create: bool,
+    /// How long a connection attempt may take; `None`: the URL's, else the pool's default.
+    pub connect_timeout: Option<std::time::Duration>,
 }
 
 pub(crate) struct Engine {
@@ -88,7 +90,8 @@ impl Engine {
         clock: Option<Arc<dyn Clock>>,
     ) -> Result<Engine> {
         let runtime = Runtime::new()?;
-        let pool = Arc::new(Pool::new(&settings.url, settings.connections)?);
+        let pool = Pool::new(&settings.url, settings.connections)?;
+        let pool = Arc::new(pool.connect_timeout(settings.connect_timeout));
         pool.on_runtime(runtime.handle().clone());
         let (schema, create) = (settings.schema.clone(), settings.create);
         let info = runtime.call({

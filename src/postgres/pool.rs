@@ -234,6 +234,15 @@ impl Pool {
         })
     }
 
+    /// Bounds each connection attempt by `timeout` (replacing the URL's `connect_timeout`);
+    /// `None` keeps the URL's, else [`DEFAULT_CONNECT_TIMEOUT`].
+    pub(crate) fn connect_timeout(mut self, timeout: Option<Duration>) -> Pool {
+        if let Some(timeout) = timeout {
+            self.config.connect_timeout(timeout);
+        }
+        self
+    }
+
     /// Makes connections for callers inside a runtime on `runtime` from now on, never on a
     /// runtime the caller happens to be in.
     pub(crate) fn on_runtime(&self, runtime: tokio::runtime::Handle) {

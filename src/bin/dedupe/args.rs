@@ -118,7 +118,9 @@ pub struct Cli {
     pub postgres: crate::location::PgArgs,
 
     /// How long to wait for another process that holds the store file before giving up with
-    /// a store error. Each dedupe holds it only for a few milliseconds at a time.
+    /// a store error. Each dedupe holds it only for a few milliseconds at a time. Over
+    /// PostgreSQL: how long a connection attempt may take (replacing the URL's
+    /// connect_timeout). Lease renewals wait at most a third of --lease either way.
     #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 

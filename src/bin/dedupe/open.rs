@@ -26,7 +26,9 @@
 //!
 //! A store on PostgreSQL (`--db postgres://...`) is opened the same way, step by step, with the
 //! same settings: there is no file lock to wait for (the database serves every process at
-//! once), and readers open it as writers do, since reading it changes nothing.
+//! once), and readers open it as writers do, since reading it changes nothing. The wait that
+//! `--lock-timeout` bounds is then the server's: each connection attempt of a step gives up
+//! after it (replacing the URL's `connect_timeout`).
 
 use std::collections::hash_map::RandomState;
 use std::fs::File;
@@ -157,11 +159,14 @@ impl StoreFile {
             Location::File(path) => path,
             #[cfg(feature = "postgres")]
             Location::Postgres { url, schema } => {
-                // Connections are made as calls need them: a step makes one or two. Only the
-                // commands that make a store of a missing file make one in a missing schema.
+                // Connections are made as calls need them: a step makes one or two, each
+                // given the step's timeout (a heartbeat's is a third of the lease, so a beat
+                // that cannot connect leaves time for the next). Only the commands that make a
+                // store of a missing file make one in a missing schema.
                 return self
                     .builder()
                     .postgres_schema(schema.clone())
+                    .postgres_connect_timeout(timeout)
                     .postgres_create_schema(self.access == Access::Create)
                     .open_postgres(url)
                     .map_err(|err| self.failure(&err, doing));
