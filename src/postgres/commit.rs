@@ -61,9 +61,7 @@ impl Work {
 /// What the engine's calls share with the tasks on its runtime.
 pub(crate) struct Shared {
     pub pool: Arc<Pool>,
-    /// The schema, quoted for statements.
-    pub schema: String,
-    /// The one-key statements in that schema.
+    /// The engine's statements in its schema.
     pub sql: Statements,
     /// The LISTEN/NOTIFY channel of the schema.
     pub channel: String,

@@ -107,7 +107,6 @@ impl Engine {
         let shared = Arc::new(Shared {
             pool,
             sql: Statements::new(&info.quoted),
-            schema: info.quoted,
             channel,
             store_id: info.store_id,
             clock,

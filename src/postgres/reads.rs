@@ -3,12 +3,11 @@
 
 use tokio_postgres::types::Type;
 
-use super::clock::NOW_MILLIS;
 use super::commit::Shared;
 use super::engine::Engine;
 use super::error::query_error;
 use super::pool::Session;
-use super::row::{IN_PROGRESS, Loaded, RECORD_COLUMNS, ns};
+use super::row::{IN_PROGRESS, Loaded, ns};
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::record::Record;
@@ -26,15 +25,10 @@ impl Engine {
             let idempotency = ns(Namespace::Idempotency);
             // Keys from the prefix up to the first key past it; no bound when nothing is.
             let end = successor(&prefix);
-            let sql = format!(
-                "SELECT key, {RECORD_COLUMNS} FROM {}.records WHERE ns = $1 AND key >= $2 \
-                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > COALESCE($4, {NOW_MILLIS}) \
-                 ORDER BY key LIMIT $5",
-                shared.schema
-            );
+            // Unprepared: planned with the bounds given, as a range of the key index.
             let rows = client
                 .query_typed(
-                    &sql,
+                    &shared.sql.list,
                     &[
                         (&idempotency, Type::INT2),
                         (&prefix, Type::BYTEA),
@@ -64,12 +58,8 @@ impl Engine {
     pub(crate) fn counts(&self, now: u64) -> Result<(u64, u64)> {
         let now = i64::try_from(now).unwrap_or(i64::MAX);
         self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {}.records",
-                shared.schema
-            );
             let row = client
-                .query_typed_one(&sql, &[(&now, Type::INT8)])
+                .query_typed_one(&shared.sql.counts, &[(&now, Type::INT8)])
                 .await
                 .map_err(|err| query_error("count keys", err))?;
             let held: i64 = row
@@ -84,12 +74,8 @@ impl Engine {
 
     pub(crate) fn in_progress_keys(&self) -> Result<u64> {
         self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "SELECT count(*) FROM {}.records WHERE state = $1",
-                shared.schema
-            );
             let row = client
-                .query_typed_one(&sql, &[(&IN_PROGRESS, Type::INT2)])
+                .query_typed_one(&shared.sql.count_state, &[(&IN_PROGRESS, Type::INT2)])
                 .await
                 .map_err(|err| query_error("count claims in progress", err))?;
             let held: i64 = row
@@ -117,12 +103,8 @@ impl Engine {
     /// Every row, with its namespace tag and key, and the last fencing token issued.
     fn every_row(&self) -> Result<(Vec<TaggedRow>, u64)> {
         self.call(async move |shared: &Shared, client: &mut Session| {
-            let sql = format!(
-                "SELECT ns, key, {RECORD_COLUMNS} FROM {}.records ORDER BY ns, key",
-                shared.schema
-            );
             let rows = client
-                .query(&sql, &[])
+                .query_typed(&shared.sql.every_row, &[])
                 .await
                 .map_err(|err| query_error("read every key", err))?;
             let mut every = Vec::with_capacity(rows.len());
@@ -139,12 +121,8 @@ impl Engine {
                     Loaded::of(row),
                 ));
             }
-            let sql = format!(
-                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}.tokens",
-                shared.schema
-            );
             let last: i64 = client
-                .query_one(&sql, &[])
+                .query_typed_one(&shared.sql.last_token, &[])
                 .await
                 .and_then(|row| row.try_get(0))
                 .map_err(|err| query_error("read the last fencing token", err))?;

@@ -33,6 +33,17 @@ pub(super) struct Statements {
     pub delete: String,
     /// Up to `$1` rows due by `$2` or the clock, skipping locked ones (the sweeper).
     pub sweep: String,
+    /// Live idempotency records from key `$2` up to `$3` (`NULL`: no bound), live by `$4` or
+    /// the clock, at most `$5`, in key order (`reads.rs`).
+    pub list: String,
+    /// How many rows, and how many of them due by `$1`.
+    pub counts: String,
+    /// How many rows are in state `$1`.
+    pub count_state: String,
+    /// Every row with its key, in key order.
+    pub every_row: String,
+    /// The last fencing token drawn, 0 before the first.
+    pub last_token: String,
 }
 
 impl Statements {
@@ -99,6 +110,21 @@ impl Statements {
                  FROM {schema}.records WHERE expires_at <= COALESCE($2, {NOW_MILLIS}) \
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AS due \
                  WHERE r.ctid = due.row_address"
+            ),
+            list: format!(
+                "SELECT key, {RECORD_COLUMNS} FROM {schema}.records WHERE ns = $1 AND key >= $2 \
+                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > COALESCE($4, {NOW_MILLIS}) \
+                 ORDER BY key LIMIT $5"
+            ),
+            counts: format!(
+                "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {schema}.records"
+            ),
+            count_state: format!("SELECT count(*) FROM {schema}.records WHERE state = $1"),
+            every_row: format!(
+                "SELECT ns, key, {RECORD_COLUMNS} FROM {schema}.records ORDER BY ns, key"
+            ),
+            last_token: format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {schema}.tokens"
             ),
         }
     }
