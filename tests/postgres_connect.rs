@@ -6,7 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use dedupe_store::testing::postgres::{Probe, TestCluster};
-use dedupe_store::{DatabaseErrorKind, Error};
+use dedupe_store::{DatabaseErrorKind, Error, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -346,52 +346,41 @@ fn a_store_that_may_not_create_refuses_a_schema_without_one() -> TestResult {
 /// the whole handshake, not only the TCP connect.
 #[test]
 fn a_server_that_never_answers_is_a_connect_error_after_the_timeout() -> TestResult {
+    let result = open_on_a_silent_server("connect_timeout=1", Store::builder())?;
+    assert_eq!(kind_of(result), DatabaseErrorKind::Connect);
+    Ok(())
+}
+
+/// Opens a store, set up by `builder`, on a listener that takes connections and never
+/// answers, its URL ending in `?params`: what the open answered. Fails the test if the open
+/// has not given up within a minute.
+fn open_on_a_silent_server(
+    params: &str,
+    builder: dedupe_store::StoreBuilder,
+) -> Result<dedupe_store::Result<()>, Box<dyn std::error::Error>> {
     // The kernel completes the TCP handshake into the listener's backlog; nothing reads.
     let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
     let url = format!(
-        "postgres://app@127.0.0.1:{}/jobs?connect_timeout=1",
+        "postgres://app@127.0.0.1:{}/jobs?{params}",
         silent.local_addr()?.port()
     );
     let (answer, opened) = std::sync::mpsc::channel();
     thread::spawn(move || {
-        let _ = answer.send(
-            dedupe_store::Store::builder()
-                .without_sweeper()
-                .open_postgres(&url)
-                .map(|_| ()),
-        );
+        let _ = answer.send(builder.without_sweeper().open_postgres(&url).map(|_| ()));
     });
     let result = opened
         .recv_timeout(Duration::from_secs(60))
         .expect("opening gave up instead of hanging");
-    assert_eq!(kind_of(result), DatabaseErrorKind::Connect);
     drop(silent);
-    Ok(())
+    Ok(result)
 }
 
 #[test]
 fn the_builders_connect_timeout_replaces_the_urls() -> TestResult {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let url = format!(
-        "postgres://app@127.0.0.1:{}/jobs?connect_timeout=120",
-        silent.local_addr()?.port()
-    );
-    let (answer, opened) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let _ = answer.send(
-            dedupe_store::Store::builder()
-                .without_sweeper()
-                .postgres_connect_timeout(Duration::from_millis(300))
-                .open_postgres(&url)
-                .map(|_| ()),
-        );
-    });
-    // Far less than the URL's two minutes: the builder's 300 ms decided.
-    let result = opened
-        .recv_timeout(Duration::from_secs(60))
-        .expect("opening gave up after the builder's timeout, not the URL's");
+    // Far less than the URL's two minutes: the builder's 300 ms decides.
+    let builder = Store::builder().postgres_connect_timeout(Duration::from_millis(300));
+    let result = open_on_a_silent_server("connect_timeout=120", builder)?;
     assert_eq!(kind_of(result), DatabaseErrorKind::Connect);
-    drop(silent);
 
     let zero = dedupe_store::Store::builder()
         .postgres_connect_timeout(Duration::ZERO)
