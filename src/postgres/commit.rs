@@ -85,6 +85,18 @@ impl Shared {
             });
     }
 
+    /// The builder's clock's time, if it was given one; `None` when the server's clock decides.
+    pub(crate) fn test_now(&self) -> Option<u64> {
+        self.clock.as_ref().map(|clock| clock.now_millis())
+    }
+
+    /// The time to decide by, given the server's time `server` as a statement read it: the
+    /// builder's clock if it was given one, else `server`.
+    pub(crate) fn time(&self, server: i64) -> u64 {
+        self.test_now()
+            .unwrap_or_else(|| u64::try_from(server).unwrap_or(0))
+    }
+
     /// `Some(budget)` when `records + added` records fill the key budget.
     pub(crate) fn full(&self, added: i64) -> Option<u64> {
         let max_keys = self.max_keys?;
@@ -384,13 +396,9 @@ async fn begin(
     let fail = |err| Retry::Fail(query_error("draw fencing tokens", err));
     let server_now: i64 = clock.try_get(0).map_err(fail)?;
     let tokens: Vec<i64> = clock.try_get(1).map_err(fail)?;
-    let now = match &shared.clock {
-        Some(clock) => clock.now_millis(),
-        None => u64::try_from(server_now).unwrap_or(0),
-    };
     Ok((
         slots,
-        now,
+        shared.time(server_now),
         tokens.into_iter().map(|t| t.max(0) as u64).collect(),
     ))
 }

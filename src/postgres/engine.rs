@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use tokio_postgres::types::Type;
 
-use super::clock::NOW_MILLIS;
 use super::commit::{self, Shared, Work};
 use super::error::query_error;
 use super::fresh;
@@ -154,9 +153,8 @@ impl Engine {
     /// The builder's clock's time, if it was given one; `None` when the server's clock decides.
     pub(super) fn test_clock_now(&self) -> Option<i64> {
         self.shared
-            .clock
-            .as_ref()
-            .map(|clock| i64::try_from(clock.now_millis()).unwrap_or(i64::MAX))
+            .test_now()
+            .map(|now| i64::try_from(now).unwrap_or(i64::MAX))
     }
 
     /// The store's time: the builder's clock if it was given one, else the server's, as this
@@ -165,8 +163,8 @@ impl Engine {
     /// few milliseconds costs no round trip. Only waits and counts use it: every decision reads
     /// the server's clock in its own statement.
     pub(crate) fn now(&self) -> u64 {
-        if let Some(clock) = &self.shared.clock {
-            return clock.now_millis();
+        if let Some(now) = self.shared.test_now() {
+            return now;
         }
         let host = host_millis();
         match self.clock_offset.load(Ordering::Relaxed) {
@@ -194,9 +192,9 @@ impl Engine {
     }
 
     fn database_now(&self) -> Result<u64> {
-        let now = self.call(async |_shared: &Shared, client: &mut Session| {
+        let now = self.call(async |shared: &Shared, client: &mut Session| {
             let row = client
-                .query_one(&format!("SELECT {NOW_MILLIS}"), &[])
+                .query_typed_one(&shared.sql.clock, &[])
                 .await
                 .map_err(|err| query_error("read the server's clock", err))?;
             let now: i64 = row
@@ -268,8 +266,7 @@ impl Engine {
                 });
                 if let Ok(replies) = &replies {
                     let (absent, present) = replies.fresh;
-                    (0..absent).for_each(|_| self.freshness.saw(true));
-                    (0..present).for_each(|_| self.freshness.saw(false));
+                    self.freshness.saw_many(absent, present);
                 }
                 // A batch answered in parts (`fresh.rs`) may have failed in its second part only.
                 if let Ok(replies) = &replies

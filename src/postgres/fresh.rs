@@ -87,7 +87,7 @@ pub(super) async fn insert(
     client: &mut Session,
     works: &[Work],
 ) -> Result<Stored> {
-    let origin = shared.clock.as_ref().map_or(0, |clock| clock.now_millis());
+    let origin = shared.test_now().unwrap_or(0);
     let mut seen: HashSet<(i16, &[u8])> = HashSet::new();
     let mut candidates: Vec<(usize, &Arc<dyn Queued>, Record)> = Vec::new();
     for (index, work) in works.iter().enumerate() {
@@ -232,13 +232,9 @@ async fn read(
         let Some((Loaded::Found(record), now)) = loaded.get(&row_key) else {
             continue;
         };
-        let now = match &shared.clock {
-            Some(clock) => clock.now_millis(),
-            None => u64::try_from(*now).unwrap_or(0),
-        };
         let ctx = Context {
             key: op.key(),
-            now,
+            now: shared.time(*now),
             next_token: 0,
             store_id: shared.store_id,
             full: shared.full(0),

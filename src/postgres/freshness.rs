@@ -26,12 +26,30 @@ impl Freshness {
     /// Counts one more key found absent (`true`) or with a row.
     pub(super) fn saw(&self, absent: bool) {
         let score = self.0.load(Ordering::Relaxed);
+        self.0.store(Self::next(score, absent), Ordering::Relaxed);
+    }
+
+    /// [`saw`](Self::saw) for each of `absent` keys found absent, then `present` found with a
+    /// row (a batch's), with one store.
+    pub(super) fn saw_many(&self, absent: usize, present: usize) {
+        if absent == 0 && present == 0 {
+            return;
+        }
+        let mut score = self.0.load(Ordering::Relaxed);
+        for found in std::iter::repeat_n(true, absent).chain(std::iter::repeat_n(false, present)) {
+            score = Self::next(score, found);
+        }
+        self.0.store(score, Ordering::Relaxed);
+    }
+
+    /// The score after one more key found absent (`true`) or with a row.
+    fn next(score: u32, absent: bool) -> u32 {
         let next = if absent {
             score + ((Self::MAX - score) >> Self::SHIFT).max(1)
         } else {
             score.saturating_sub((score >> Self::SHIFT).max(1))
         };
-        self.0.store(next.min(Self::MAX), Ordering::Relaxed);
+        next.min(Self::MAX)
     }
 }
 
@@ -69,5 +87,14 @@ mod tests {
             freshness.0.load(std::sync::atomic::Ordering::Relaxed),
             Freshness::MAX
         );
+        // A batch's counts move the score as many single answers do.
+        let (one_by_one, batch) = (Freshness::new(), Freshness::new());
+        for absent in [false; 7].into_iter().chain([true; 3]) {
+            one_by_one.saw(absent);
+        }
+        batch.saw_many(0, 7);
+        batch.saw_many(3, 0);
+        let score = |freshness: &Freshness| freshness.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(score(&batch), score(&one_by_one));
     }
 }

@@ -198,17 +198,13 @@ impl Engine {
                 )
                 .await
                 .map_err(|err| query_error("read a key", err))?;
-            let now = match (&shared.clock, rows.first()) {
-                (Some(clock), _) => Some(clock.now_millis()),
-                (None, Some(row)) => {
-                    let now: i64 = row
-                        .try_get("now")
-                        .map_err(|err| query_error("read a key", err))?;
-                    Some(u64::try_from(now).unwrap_or(0))
-                }
-                (None, None) => None,
+            let Some(row) = rows.first() else {
+                return Ok((Loaded::Absent, None));
             };
-            Ok((rows.first().map_or(Loaded::Absent, Loaded::of), now))
+            let server: i64 = row
+                .try_get("now")
+                .map_err(|err| query_error("read a key", err))?;
+            Ok((Loaded::of(row), Some(shared.time(server))))
         })?;
         if let (None, (_, Some(now))) = (&self.shared.clock, &read) {
             self.saw_server_time(*now);

@@ -55,7 +55,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///   empty) would otherwise join a batch's keys to the table by reading the whole table, and
 ///   go on doing so as the table grows, until the server analyzes it again. These settings
 ///   apply to the store's own connections only (`statements.rs` tests the plans).
-pub(super) const ON_CONNECT: &str = "SET synchronous_commit = on; SET enable_seqscan = off; \
+const ON_CONNECT: &str = "SET synchronous_commit = on; SET enable_seqscan = off; \
      SET enable_hashjoin = off; SET enable_mergejoin = off";
 
 /// A connection's driver: the future that reads and writes its socket.

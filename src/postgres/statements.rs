@@ -14,6 +14,8 @@ const UNNEST_KEYS: &str = "unnest($1::smallint[], $2::bytea[])";
 
 /// The statements of the engine's calls in one schema.
 pub(super) struct Statements {
+    /// The server's clock alone (`Engine::now` before any statement measured it).
+    pub clock: String,
     /// One key's record and the clock (`peek.rs`).
     pub load: String,
     /// `load` of several keys, each row with its key (`fresh.rs`).
@@ -49,6 +51,7 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(schema: &str) -> Statements {
         Statements {
+            clock: format!("SELECT {NOW_MILLIS}"),
             load: format!(
                 "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM {schema}.records \
                  WHERE ns = $1 AND key = $2"
