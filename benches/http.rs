@@ -1,7 +1,8 @@
 //! Requests per second through the `Idempotency-Key` layer, against the same axum server
 //! without it, on loopback: replays (a completed key, answered from a read transaction) and
 //! fresh keys (a claim and a complete, each an fsynced group commit), one request at a time and
-//! 32 in flight.
+//! 32 in flight. The same cases run with the store over PostgreSQL when the server's binaries
+//! are installed (a throwaway local server, fsync on), named `..._postgres`.
 //!
 //! `cargo bench -p dedupe-store-benches --bench http`. Criterion's "thrpt" is requests per second.
 
@@ -14,6 +15,7 @@ use axum::routing::post;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use dedupe_store::Store;
 use dedupe_store::http::IdempotencyLayer;
+use dedupe_store::testing::postgres::TestCluster;
 use tokio::runtime::Runtime;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -99,11 +101,24 @@ fn http_layer(c: &mut Criterion) {
         .expect("a tokio runtime");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store = Store::open(dir.path().join("bench.redb")).expect("the store");
-    let (plain, layered) = runtime
+    // Kept until the end: dropping it stops the server.
+    let cluster = TestCluster::start();
+    let postgres = cluster.as_ref().map(|cluster| {
+        Store::builder()
+            .open_postgres(&cluster.create_database("http"))
+            .expect("the store on PostgreSQL")
+    });
+    let (plain, layered, layered_postgres) = runtime
         .block_on(async {
             let plain = serve(app()).await?;
             let layered = serve(app().layer(IdempotencyLayer::new(store.clone()))).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((plain, layered))
+            let layered_postgres = match &postgres {
+                Some(store) => {
+                    Some(serve(app().layer(IdempotencyLayer::new(store.clone()))).await?)
+                }
+                None => None,
+            };
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((plain, layered, layered_postgres))
         })
         .expect("the servers");
     let client = reqwest::Client::builder()
@@ -113,6 +128,9 @@ fn http_layer(c: &mut Criterion) {
         .expect("the client");
     // Complete the replayed key once, so every measured request is a replay.
     rounds(&runtime, &client, &layered, &Keys::Replay, 1, 1);
+    if let Some(url) = &layered_postgres {
+        rounds(&runtime, &client, url, &Keys::Replay, 1, 1);
+    }
 
     let mut group = c.benchmark_group("http");
     group.sample_size(20);
@@ -121,11 +139,15 @@ fn http_layer(c: &mut Criterion) {
     let fresh = Keys::Fresh(Arc::new(AtomicU64::new(0)));
     for in_flight in [1, 32] {
         group.throughput(Throughput::Elements(in_flight as u64));
-        let cases = [
+        let mut cases = vec![
             ("without_layer", &plain, &fresh),
             ("replay", &layered, &Keys::Replay),
             ("fresh_key", &layered, &fresh),
         ];
+        if let Some(url) = &layered_postgres {
+            cases.push(("replay_postgres", url, &Keys::Replay));
+            cases.push(("fresh_key_postgres", url, &fresh));
+        }
         for (name, url, keys) in cases {
             group.bench_with_input(BenchmarkId::new(name, in_flight), &in_flight, |b, &n| {
                 b.iter_custom(|iters| rounds(&runtime, &client, url, keys, n, iters));
@@ -135,6 +157,10 @@ fn http_layer(c: &mut Criterion) {
     group.finish();
     drop(runtime);
     store.close().expect("the store closes");
+    if let Some(store) = postgres {
+        store.close().expect("the store on PostgreSQL closes");
+    }
+    drop(cluster);
 }
 
 criterion_group!(benches, http_layer);

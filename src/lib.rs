@@ -88,6 +88,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod batch;
+mod blocking;
 mod builder;
 mod claim;
 mod clock;

@@ -64,7 +64,7 @@ impl std::fmt::Display for StoreFailure {
 /// outside of one), right here, where blocking harms no one.
 fn detach(work: impl FnOnce() + Send + 'static) {
     match Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(work)),
+        Ok(runtime) => drop(runtime.spawn_blocking(|| crate::blocking::run(work))),
         Err(_) => work(),
     }
 }
@@ -73,7 +73,7 @@ fn detach(work: impl FnOnce() + Send + 'static) {
 pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> crate::Result<T> + Send + 'static,
 ) -> Result<T, StoreFailure> {
-    match tokio::task::spawn_blocking(work).await {
+    match tokio::task::spawn_blocking(|| crate::blocking::run(work)).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(StoreFailure::Error(err)),
         Err(_) => Err(StoreFailure::Interrupted),

@@ -4,7 +4,8 @@
 //!
 //! A connection's socket is driven by one of two places, chosen by the thread that asks:
 //!
-//! - **the caller's thread** ([`Pool::lend`] outside any tokio runtime): the connection has a
+//! - **the caller's thread** ([`Pool::lend`] outside any tokio runtime, or on a thread of the
+//!   blocking pool that the HTTP layer marked for its store call, `blocking.rs`): the connection has a
 //!   single-threaded runtime of its own, and a call drives the socket on the calling thread
 //!   while it waits, as a blocking client does. A round trip then wakes no other thread.
 //!   A thread gets back the idle connection it used last when there is one: its server
@@ -250,7 +251,8 @@ impl Pool {
     }
 
     /// Runs `call` with a connection, from synchronous code on any thread: driven on this
-    /// thread outside a runtime, by the engine's runtime inside one (see the module's docs).
+    /// thread outside a runtime or on a marked thread, by the engine's runtime otherwise (see
+    /// the module's docs).
     /// Waits while all connections are in use.
     ///
     /// # Errors
@@ -259,7 +261,9 @@ impl Pool {
     pub(crate) fn lend<T>(&self, call: impl AsyncFnOnce(&mut Session) -> Result<T>) -> Result<T> {
         let permit =
             block_on(Arc::clone(&self.permits).acquire_owned()).map_err(|_| Error::Closed)?;
-        if tokio::runtime::Handle::try_current().is_err() {
+        // A thread outside every runtime, or one the crate lent to blocking work inside one
+        // (`blocking.rs`), drives the connection itself: no hand-off per round trip.
+        if tokio::runtime::Handle::try_current().is_err() || crate::blocking::marked() {
             let mut local = self.local()?;
             let answer = local.run(call);
             // A closed pool keeps no connection: the store is being closed.
@@ -566,6 +570,42 @@ mod tests {
             second.iter().all(|pid| *pid == second[0]),
             "the second thread kept its connection: {second:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_marked_thread_of_the_blocking_pool_drives_its_own_connection() -> Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        // No engine runtime is given to the pool: a call made inside a runtime can only be
+        // answered by a connection that the calling thread drives itself.
+        let pool = Arc::new(Pool::new(&cluster.create_database("marked"), 2)?);
+        let caller = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("the caller's runtime");
+        let lend = |marked: bool| {
+            let pool = Arc::clone(&pool);
+            caller.block_on(async move {
+                tokio::task::spawn_blocking(move || {
+                    if marked {
+                        crate::blocking::run(|| backend(&pool, None))
+                    } else {
+                        backend(&pool, None)
+                    }
+                })
+                .await
+                .expect("the blocking task ran")
+            })
+        };
+        let unmarked = lend(false);
+        assert!(
+            matches!(&unmarked, Err(Error::Database { message, .. }) if message.contains("no runtime")),
+            "an unmarked thread inside a runtime hands its call to the engine's runtime: {unmarked:?}"
+        );
+        let pid = lend(true)?;
+        assert!(pid > 0);
         Ok(())
     }
 }
