@@ -4,7 +4,9 @@
 //! Store calls can wait for an fsync (a claim, a complete), so each runs on tokio's blocking
 //! pool with [`spawn_blocking`](tokio::task::spawn_blocking) and the request's future awaits
 //! it. A blocking call, once started, runs to its end even if the request is dropped meanwhile,
-//! so a `complete` or `release` that was begun is never lost half-way.
+//! so a `complete` or `release` that was begun is never lost half-way. Each such call marks
+//! its thread (`blocking.rs`), so that over PostgreSQL the store drives its connection on that
+//! thread rather than handing every round trip to its engine's runtime.
 //!
 //! Waiting for another request (with [`InFlight::Wait`]) is not a blocking call: between its
 //! looks at the key, a waiting request is a task parked on the store's notification of changes
