@@ -218,11 +218,21 @@ impl Engine {
     pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
         match self.peek(&key, &rule)? {
             Some(answer) => answer,
-            None => self.one(key, rule),
+            None => self.commit_one(key, rule),
         }
     }
 
+    /// An operation the caller expects to write (a complete, a release, an extend...). While
+    /// its shard has no commit running, one read and one conditional write in autocommit
+    /// (`peek.rs`) cost fewer round trips than a transaction; otherwise it joins the commit.
     pub(crate) fn one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        if self.shard_idle(&key) {
+            return self.decide(key, rule);
+        }
+        self.commit_one(key, rule)
+    }
+
+    fn commit_one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
         let shard = self.shard(&key);
         let pending = Arc::new(Pending::new(key, rule));
         self.submit(shard, Work::One(pending.clone()))?;
@@ -294,8 +304,9 @@ impl Engine {
 
     /// The record of `key` if it is live by the time read with it, in one `SELECT`.
     pub(crate) fn get_live(&self, namespace: Namespace, key: &Key) -> Result<Option<Record>> {
-        let (loaded, now) = self.load(namespace, key)?;
-        match loaded {
+        let read = self.load(namespace, key)?;
+        let now = read.now;
+        match read.loaded {
             Loaded::Absent => Ok(None),
             Loaded::Found(record) => {
                 Ok(Some(record).filter(|record| now.is_some_and(|now| record.is_live(now))))

@@ -11,13 +11,23 @@
 //!   nothing (it neither writes nor draws a token), and the read follows. Which comes first is
 //!   only a guess about cost (`freshness.rs`); both orders decide alike.
 //!
+//! - A call that changes the record of a key that has one, without a new token (a complete, an
+//!   extend, a checkpoint, a release that keeps the record), decided on that one `SELECT`, is
+//!   then one `UPDATE` in autocommit when no commit of its shard is running. The `UPDATE`
+//!   replaces the row only if it is still the version the `SELECT` read (`xmin`): any write
+//!   between the two made a new version, and the call then goes to a commit, which decides
+//!   again under the row's lock. Unchanged in between, the record is the one the rules decided
+//!   on, as a commit's locked read would have found it; only the time they decided by is the
+//!   read's, a round trip earlier.
+//!
 //! Anything else goes to the shard's group commit.
 
 use tokio_postgres::types::Type;
 
-use super::commit::Shared;
+use super::commit::{Shared, event_key};
 use super::engine::Engine;
 use super::error::query_error;
+use super::listen::encode;
 use super::pool::Session;
 use super::row::{Loaded, RowError, ns, to_row};
 use crate::error::{DatabaseErrorKind, Error, Result};
@@ -25,9 +35,15 @@ use crate::key::Key;
 use crate::record::Record;
 use crate::rules::{self, Change, Context, Decision, Namespace, Rule};
 
-/// A key's row as one `SELECT` read it, and the time it was read at (`None` when the key has
-/// no row and the server's clock decides: the statement then returns nothing).
-pub(super) type Read = (Loaded, Option<u64>);
+/// A key's row as one `SELECT` read it.
+pub(super) struct Read {
+    pub loaded: Loaded,
+    /// The time it was read at: `None` when the key has no row and the server's clock
+    /// decides (the statement then returns nothing).
+    pub now: Option<u64>,
+    /// The row's version (`xmin`), `None` when the key has no row.
+    pub version: Option<i64>,
+}
 
 impl Engine {
     /// Answers `rule` on `key` without a commit when it can (see the module's docs); `None`
@@ -45,14 +61,32 @@ impl Engine {
                 return Ok(Some(self.counted::<R>(answer)));
             }
         }
-        let (loaded, now) = self.load(namespace, key)?;
+        let Read {
+            loaded,
+            now,
+            version,
+        } = self.load(namespace, key)?;
         if R::CREATES {
             self.freshness.saw(matches!(loaded, Loaded::Absent));
         }
         let answer = match (loaded, now) {
             (Loaded::Damaged(reason), _) => keep(rule.damaged(key, &reason)),
             (Loaded::Found(record), Some(now)) => {
-                keep(self.decide_read(rule, key, Some(&record), now))
+                let decision = self.decide_read(rule, key, Some(&record), now);
+                let changed = match &decision.change {
+                    Change::Keep => return Ok(Some(self.counted::<R>(decision.answer))),
+                    Change::Put(changed) => Some(changed),
+                    Change::Delete => None,
+                };
+                match version {
+                    Some(version) if !decision.issued_token && self.shard_idle(key) => {
+                        let ended =
+                            record.is_in_progress() && !changed.is_some_and(Record::is_in_progress);
+                        self.write_unchanged(namespace, key, version, changed, ended)?
+                            .then_some(decision.answer)
+                    }
+                    _ => None,
+                }
             }
             (Loaded::Absent, _) if insert_first => None,
             (Loaded::Absent, _) => self.create(key, rule)?,
@@ -187,7 +221,8 @@ impl Engine {
         )))
     }
 
-    /// One key's stored record and the time to judge it by, from one `SELECT`.
+    /// One key's stored record, its row version and the time to judge it by, from one
+    /// `SELECT`.
     pub(super) fn load(&self, namespace: Namespace, key: &Key) -> Result<Read> {
         let key = key.as_bytes();
         let read = self.call(async move |shared: &Shared, client: &mut Session| {
@@ -199,17 +234,109 @@ impl Engine {
                 .await
                 .map_err(|err| query_error("read a key", err))?;
             let Some(row) = rows.first() else {
-                return Ok((Loaded::Absent, None));
+                return Ok(Read {
+                    loaded: Loaded::Absent,
+                    now: None,
+                    version: None,
+                });
             };
-            let server: i64 = row
-                .try_get("now")
-                .map_err(|err| query_error("read a key", err))?;
-            Ok((Loaded::of(row), Some(shared.time(server))))
+            let failed = |err| query_error("read a key", err);
+            let server: i64 = row.try_get("now").map_err(failed)?;
+            let version: i64 = row.try_get("version").map_err(failed)?;
+            Ok(Read {
+                loaded: Loaded::of(row),
+                now: Some(shared.time(server)),
+                version: Some(version),
+            })
         })?;
-        if let (None, (_, Some(now))) = (&self.shared.clock, &read) {
-            self.saw_server_time(*now);
+        if let (None, Some(now)) = (&self.shared.clock, read.now) {
+            self.saw_server_time(now);
         }
         Ok(read)
+    }
+
+    /// Stores `record` as the record of `key` (`None`: removes the key's row) in one statement
+    /// in autocommit, if the key's row is still at `version`; tells waiters in every process
+    /// when the claim `ended`. Whether it did: `false` when another write changed the row
+    /// first (nothing is written then).
+    fn write_unchanged(
+        &self,
+        namespace: Namespace,
+        key: &Key,
+        version: i64,
+        record: Option<&Record>,
+        ended: bool,
+    ) -> Result<bool> {
+        let row = record
+            .map(to_row)
+            .transpose()
+            .map_err(|err| Error::Corrupt {
+                key: key.clone(),
+                reason: err.reason,
+            })?;
+        let event = ended.then(|| encode(&event_key(namespace, key)));
+        let key_bytes = key.as_bytes();
+        let removing = row.is_none();
+        let written = self.call(async move |shared: &Shared, client: &mut Session| {
+            let ns = ns(namespace);
+            let rows = match &row {
+                Some(row) => {
+                    client
+                        .query_prepared(
+                            &shared.sql.update_unchanged,
+                            &[
+                                (&ns, Type::INT2),
+                                (&key_bytes, Type::BYTEA),
+                                (&row.state, Type::INT2),
+                                (&row.fencing_token, Type::INT8),
+                                (&row.attempt, Type::INT8),
+                                (&row.fingerprint, Type::BYTEA),
+                                (&row.expires_at, Type::INT8),
+                                (&row.claimed_at, Type::INT8),
+                                (&row.lease_until, Type::INT8),
+                                (&row.claim_ttl, Type::INT8),
+                                (&row.checkpoint_step, Type::TEXT),
+                                (&row.checkpoint_state, Type::BYTEA),
+                                (&row.checkpoint_at, Type::INT8),
+                                (&row.completed_at, Type::INT8),
+                                (&row.response, Type::BYTEA),
+                                (&row.seq_mark, Type::INT8),
+                                (&row.seq_updated_at, Type::INT8),
+                                (&version, Type::INT8),
+                                (&shared.channel, Type::TEXT),
+                                (&event, Type::TEXT),
+                            ],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .query_prepared(
+                            &shared.sql.delete_unchanged,
+                            &[
+                                (&ns, Type::INT2),
+                                (&key_bytes, Type::BYTEA),
+                                (&version, Type::INT8),
+                                (&shared.channel, Type::TEXT),
+                                (&event, Type::TEXT),
+                            ],
+                        )
+                        .await
+                }
+            };
+            let rows = rows.map_err(|err| query_error("change a key", err))?;
+            Ok(!rows.is_empty())
+        })?;
+        if written {
+            self.counters.wrote(1);
+            if removing {
+                self.shared.add_records(-1);
+            }
+            if ended {
+                self.shared.events.changed(&event_key(namespace, key));
+            }
+        }
+        Ok(written)
     }
 
     fn decide_read<R: Rule>(
@@ -260,4 +387,82 @@ fn shifted(mut record: Record, by: u64) -> Record {
         RecordState::Sequence { updated_at, .. } => later(updated_at),
     }
     record
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use std::time::Duration;
+
+    use super::Read;
+    use crate::engine::Engine as Engines;
+    use crate::key::Key;
+    use crate::postgres::row::Loaded;
+    use crate::record::Record;
+    use crate::rules::Namespace;
+    use crate::testing::postgres::TestCluster;
+    use crate::{Claim, Store};
+
+    fn record(read: &Read) -> Record {
+        match &read.loaded {
+            Loaded::Found(record) => record.clone(),
+            Loaded::Absent => panic!("the key has a record"),
+            Loaded::Damaged(reason) => panic!("the key's record is damaged: {reason}"),
+        }
+    }
+
+    /// The write after a read changes the row only at the version the rules decided on: a
+    /// write in between makes it change nothing, so the call goes to a commit instead.
+    #[test]
+    fn an_update_lands_only_on_the_row_version_it_was_decided_on() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let store = Store::builder()
+            .without_sweeper()
+            .open_postgres(&cluster.create_database("versions"))?;
+        let Engines::Postgres(engine) = store.engine() else {
+            panic!("a store opened on PostgreSQL has the PostgreSQL engine");
+        };
+        let key = Key::new("versioned");
+        let Claim::Acquired(mut ticket) = store.claim("versioned")? else {
+            panic!("a fresh key is acquired");
+        };
+        let first = engine.load(Namespace::Idempotency, &key)?;
+        let stale = first.version.expect("a row has a version");
+        // Another write (here, the owner's extend) makes a new version of the row.
+        store.extend(&mut ticket, Duration::from_secs(600))?;
+        let extended = engine.load(Namespace::Idempotency, &key)?;
+        let current = extended.version.expect("a row has a version");
+        assert_ne!(current, stale, "a write makes a new row version");
+        let mut decided = record(&first);
+        decided.expires_at += 1;
+        assert!(!engine.write_unchanged(
+            Namespace::Idempotency,
+            &key,
+            stale,
+            Some(&decided),
+            false
+        )?);
+        let after = engine.load(Namespace::Idempotency, &key)?;
+        assert_eq!(record(&after), record(&extended), "nothing was written");
+        assert_eq!(after.version, Some(current));
+        assert!(engine.write_unchanged(
+            Namespace::Idempotency,
+            &key,
+            current,
+            Some(&decided),
+            false
+        )?);
+        let updated = engine.load(Namespace::Idempotency, &key)?;
+        assert_eq!(record(&updated), decided);
+        // A removal too lands only on the version it was decided on.
+        assert!(!engine.write_unchanged(Namespace::Idempotency, &key, current, None, true)?);
+        let latest = updated.version.expect("a row has a version");
+        assert!(engine.write_unchanged(Namespace::Idempotency, &key, latest, None, true)?);
+        assert!(matches!(
+            engine.load(Namespace::Idempotency, &key)?.loaded,
+            Loaded::Absent
+        ));
+        Ok(())
+    }
 }

@@ -16,12 +16,19 @@ const UNNEST_KEYS: &str = "unnest($1::smallint[], $2::bytea[])";
 pub(super) struct Statements {
     /// The server's clock alone (`Engine::now` before any statement measured it).
     pub clock: String,
-    /// One key's record and the clock (`peek.rs`).
+    /// One key's record, its row version (`xmin`) and the clock (`peek.rs`).
     pub load: String,
     /// `load` of several keys, each row with its key (`fresh.rs`).
     pub load_batch: String,
     /// A new key's record, its token drawn and its times moved to the clock (`peek.rs`).
     pub insert_new: String,
+    /// One key's record replaced in autocommit if its row is still the version `$18` that
+    /// `load` read, and waiters told (`pg_notify($19, $20)`) when `$20` is not `NULL`: a row
+    /// when it was replaced, none when another write got there first (`peek.rs`).
+    pub update_unchanged: String,
+    /// One key's row removed in autocommit if it is still the version `$3`, and waiters told
+    /// (`pg_notify($4, $5)`) when `$5` is not `NULL`: a row when it was removed (`peek.rs`).
+    pub delete_unchanged: String,
     /// A batch's new keys at once (`fresh.rs`): `insert_new` over `unnest` of every
     /// column, in the order given (key order, so that two processes never deadlock).
     pub insert_batch: String,
@@ -53,8 +60,8 @@ impl Statements {
         Statements {
             clock: format!("SELECT {NOW_MILLIS}"),
             load: format!(
-                "SELECT {NOW_MILLIS} AS now, {RECORD_COLUMNS} FROM {schema}.records \
-                 WHERE ns = $1 AND key = $2"
+                "SELECT {NOW_MILLIS} AS now, xmin::text::bigint AS version, {RECORD_COLUMNS} \
+                 FROM {schema}.records WHERE ns = $1 AND key = $2"
             ),
             load_batch: format!(
                 "SELECT {NOW_MILLIS} AS now, ns, key, {RECORD_COLUMNS} FROM {schema}.records \
@@ -69,6 +76,21 @@ impl Statements {
                  FROM (SELECT COALESCE($17, {NOW_MILLIS}) AS at) AS server \
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.records WHERE ns = $1 AND key = $2) \
                  ON CONFLICT DO NOTHING RETURNING fencing_token, expires_at - $6"
+            ),
+            // Every write of the row makes a new row version with a new `xmin`, so an unchanged
+            // `xmin` means the record is the one the rules decided on.
+            update_unchanged: format!(
+                "WITH changed AS (UPDATE {schema}.records SET ({RECORD_COLUMNS}) = \
+                 ($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                 WHERE ns = $1 AND key = $2 AND xmin::text::bigint = $18 RETURNING 1) \
+                 SELECT 1 FROM changed LEFT JOIN LATERAL \
+                 (SELECT pg_notify($19, $20) WHERE $20::text IS NOT NULL) AS told ON true"
+            ),
+            delete_unchanged: format!(
+                "WITH gone AS (DELETE FROM {schema}.records \
+                 WHERE ns = $1 AND key = $2 AND xmin::text::bigint = $3 RETURNING 1) \
+                 SELECT 1 FROM gone LEFT JOIN LATERAL \
+                 (SELECT pg_notify($4, $5) WHERE $5::text IS NOT NULL) AS told ON true"
             ),
             insert_batch: format!(
                 "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) \
@@ -170,6 +192,22 @@ mod tests {
                 format!("{row}, NULL"),
             ),
             (
+                "update_unchanged",
+                &sql.update_unchanged,
+                "smallint, bytea, smallint, bigint, bigint, bytea, bigint, bigint, bigint, \
+                 bigint, text, bytea, bigint, bigint, bytea, bigint, bigint, bigint, text, text"
+                    .into(),
+                "1, 'k', 2, 7, 1, NULL, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 'r', NULL, \
+                 NULL, 5, 'c', NULL"
+                    .into(),
+            ),
+            (
+                "delete_unchanged",
+                &sql.delete_unchanged,
+                "smallint, bytea, bigint, text, text".into(),
+                "1, 'k', 5, 'c', NULL".into(),
+            ),
+            (
                 "insert_batch",
                 &sql.insert_batch,
                 format!("{arrays}, bigint"),
@@ -249,7 +287,7 @@ mod tests {
             }
             Ok(plans)
         })?;
-        assert_eq!(plans.len(), 9);
+        assert_eq!(plans.len(), 11);
         for (name, plan) in plans {
             // A hash or merge join reads all of one side: here, the table.
             for whole_table in ["Seq Scan", "Hash Cond", "Merge Cond"] {
