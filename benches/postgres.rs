@@ -6,7 +6,10 @@
 //!   per thread (the floor of any PostgreSQL idempotency table), and the embedded store on a
 //!   file;
 //! - duplicate hits at 2 threads: replays of completed keys against one `SELECT` of the stored
-//!   response per call.
+//!   response per call;
+//! - the whole life of a key at 1 and 32 threads: a claim and then its complete, against the
+//!   hand-written `INSERT` and then an `UPDATE` of the response fenced by the owner's token,
+//!   each in autocommit.
 //!
 //! `cargo bench -p dedupe-store-benches --bench postgres` starts the server itself from the
 //! PostgreSQL binaries (Debian's `postgresql` package) and prints criterion's estimates, then a
@@ -31,6 +34,12 @@ const CLAIMS: [&str; 3] = [
 ];
 const REPLAYS: [&str; 2] = ["dedupe-store on PostgreSQL", "hand-written SELECT"];
 const REPLAY_THREADS: usize = 2;
+/// Named apart from the claims' runs: the recorder keys figures by name.
+const LIFE: [&str; 2] = [
+    "dedupe-store claim, then complete",
+    "hand-written INSERT, then UPDATE",
+];
+const LIFE_THREADS: [usize; 2] = [1, 32];
 const REPLAY_KEYS: u64 = 10_000;
 /// A typical small HTTP response body.
 const RESPONSE: [u8; 200] = [b'r'; 200];
@@ -183,6 +192,77 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     group.finish();
 }
 
+/// A claim and then its complete, per key.
+fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
+    let url = cluster.create_database("lives");
+    connect(&url).batch_execute(PEER_TABLE).expect("peer table");
+    let store = Store::builder()
+        .postgres_connections(16)
+        .open_postgres(&url)
+        .expect("open the store on PostgreSQL");
+    let ids = AtomicU64::new(0);
+    let mut group = c.benchmark_group("postgres_claim_complete");
+    support::configure(&mut group, Duration::from_secs(4));
+    group.throughput(Throughput::Elements(1));
+    for threads in LIFE_THREADS {
+        for system in LIFE {
+            let id = name(system, threads);
+            match system {
+                "hand-written INSERT, then UPDATE" => support::bench_parallel(
+                    &mut group,
+                    &id,
+                    recorder,
+                    threads,
+                    &ids,
+                    || {
+                        let mut client = connect(&url);
+                        let insert = client
+                            .prepare(
+                                "INSERT INTO peer (key, token) VALUES ($1, $2) \
+                                 ON CONFLICT DO NOTHING",
+                            )
+                            .expect("prepare");
+                        let update = client
+                            .prepare("UPDATE peer SET response = $3 WHERE key = $1 AND token = $2")
+                            .expect("prepare");
+                        (client, insert, update)
+                    },
+                    |(client, insert, update), n| {
+                        let token = i64::try_from(n).expect("token");
+                        let key = support::key(n);
+                        assert_eq!(
+                            client.execute(&*insert, &[&key, &token]).expect("insert"),
+                            1
+                        );
+                        let response: &[u8] = &RESPONSE;
+                        let updated = client
+                            .execute(&*update, &[&key, &token, &response])
+                            .expect("update");
+                        assert_eq!(updated, 1);
+                    },
+                ),
+                _ => support::bench_parallel(
+                    &mut group,
+                    &id,
+                    recorder,
+                    threads,
+                    &ids,
+                    || (),
+                    |(), n| {
+                        let ticket = store
+                            .claim(support::key(n))
+                            .expect("claim")
+                            .ticket()
+                            .expect("a fresh key");
+                        store.complete(&ticket, RESPONSE).expect("complete");
+                    },
+                ),
+            }
+        }
+    }
+    group.finish();
+}
+
 fn main() {
     let Some(cluster) = TestCluster::start() else {
         eprintln!("skipping the PostgreSQL benchmarks: no PostgreSQL server binaries");
@@ -191,6 +271,7 @@ fn main() {
     let recorder = support::run_criterion(|c, recorder| {
         claims(c, recorder, &cluster);
         replays(c, recorder, &cluster);
+        lives(c, recorder, &cluster);
     });
     support::print_header(
         "Durable claims of fresh keys over PostgreSQL",
@@ -212,5 +293,16 @@ fn main() {
             recorder.figures(&name(system, REPLAY_THREADS)),
             baseline,
         );
+    }
+    support::print_header(
+        "A claim and its complete over PostgreSQL",
+        "hand-written INSERT, then UPDATE",
+    );
+    for threads in LIFE_THREADS {
+        let baseline = recorder.figures(&name("hand-written INSERT, then UPDATE", threads));
+        for system in LIFE {
+            let label = format!("{system}, {threads} threads");
+            support::print_row(&label, recorder.figures(&name(system, threads)), baseline);
+        }
     }
 }
