@@ -56,13 +56,28 @@ fn connect(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls).expect("connect the peer")
 }
 
-fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
-    let url = cluster.create_database("claims");
+/// A schema with the peer's table and a store over it, for one group of runs.
+fn databases(cluster: &TestCluster, name: &str) -> (String, Store) {
+    let url = cluster.create_database(name);
     connect(&url).batch_execute(PEER_TABLE).expect("peer table");
     let store = Store::builder()
         .postgres_connections(16)
         .open_postgres(&url)
         .expect("open the store on PostgreSQL");
+    (url, store)
+}
+
+/// A peer's connection and its prepared claim: the hand-written `INSERT`.
+fn peer_insert(url: &str) -> (postgres::Client, postgres::Statement) {
+    let mut client = connect(url);
+    let insert = client
+        .prepare("INSERT INTO peer (key, token) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .expect("prepare");
+    (client, insert)
+}
+
+fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
+    let (url, store) = databases(cluster, "claims");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = Store::open(dir.path().join("store.redb")).expect("open the store file");
     let ids = AtomicU64::new(0);
@@ -79,16 +94,7 @@ fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
                     recorder,
                     threads,
                     &ids,
-                    || {
-                        let mut client = connect(&url);
-                        let insert = client
-                            .prepare(
-                                "INSERT INTO peer (key, token) VALUES ($1, $2) \
-                                 ON CONFLICT DO NOTHING",
-                            )
-                            .expect("prepare");
-                        (client, insert)
-                    },
+                    || peer_insert(&url),
                     |(client, insert), n| {
                         let token = i64::try_from(n).expect("token");
                         let inserted = client
@@ -194,12 +200,7 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
 
 /// A claim and then its complete, per key.
 fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
-    let url = cluster.create_database("lives");
-    connect(&url).batch_execute(PEER_TABLE).expect("peer table");
-    let store = Store::builder()
-        .postgres_connections(16)
-        .open_postgres(&url)
-        .expect("open the store on PostgreSQL");
+    let (url, store) = databases(cluster, "lives");
     let ids = AtomicU64::new(0);
     let mut group = c.benchmark_group("postgres_claim_complete");
     support::configure(&mut group, Duration::from_secs(4));
@@ -215,13 +216,7 @@ fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
                     threads,
                     &ids,
                     || {
-                        let mut client = connect(&url);
-                        let insert = client
-                            .prepare(
-                                "INSERT INTO peer (key, token) VALUES ($1, $2) \
-                                 ON CONFLICT DO NOTHING",
-                            )
-                            .expect("prepare");
+                        let (mut client, insert) = peer_insert(&url);
                         let update = client
                             .prepare("UPDATE peer SET response = $3 WHERE key = $1 AND token = $2")
                             .expect("prepare");

@@ -22,14 +22,14 @@
 //!
 //! Anything else goes to the shard's group commit.
 
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::commit::{Shared, event_key};
 use super::engine::Engine;
 use super::error::query_error;
 use super::listen::encode;
 use super::pool::Session;
-use super::row::{Loaded, RowError, ns, to_row};
+use super::row::{Loaded, RowError, TOKEN_COLUMN, ns, to_row};
 use crate::error::{DatabaseErrorKind, Error, Result};
 use crate::key::Key;
 use crate::record::Record;
@@ -172,29 +172,20 @@ impl Engine {
         let key_bytes = key.as_bytes();
         let test_now = self.test_clock_now();
         let inserted = self.call(async move |shared: &Shared, client: &mut Session| {
+            let ns = ns(namespace);
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+                vec![(&ns, Type::INT2), (&key_bytes, Type::BYTEA)];
+            // The statement draws the token itself.
+            params.extend(
+                row.typed()
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(column, _)| *column != TOKEN_COLUMN)
+                    .map(|(_, param)| param),
+            );
+            params.push((&test_now, Type::INT8));
             let rows = client
-                .query_prepared(
-                    &shared.sql.insert_new,
-                    &[
-                        (&ns(namespace), Type::INT2),
-                        (&key_bytes, Type::BYTEA),
-                        (&row.state, Type::INT2),
-                        (&row.attempt, Type::INT8),
-                        (&row.fingerprint, Type::BYTEA),
-                        (&row.expires_at, Type::INT8),
-                        (&row.claimed_at, Type::INT8),
-                        (&row.lease_until, Type::INT8),
-                        (&row.claim_ttl, Type::INT8),
-                        (&row.checkpoint_step, Type::TEXT),
-                        (&row.checkpoint_state, Type::BYTEA),
-                        (&row.checkpoint_at, Type::INT8),
-                        (&row.completed_at, Type::INT8),
-                        (&row.response, Type::BYTEA),
-                        (&row.seq_mark, Type::INT8),
-                        (&row.seq_updated_at, Type::INT8),
-                        (&test_now, Type::INT8),
-                    ],
-                )
+                .query_prepared(&shared.sql.insert_new, &params)
                 .await
                 .map_err(|err| query_error("insert a key", err))?;
             let Some(row) = rows.first() else {
@@ -281,32 +272,16 @@ impl Engine {
             let ns = ns(namespace);
             let rows = match &row {
                 Some(row) => {
+                    let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
+                        vec![(&ns, Type::INT2), (&key_bytes, Type::BYTEA)];
+                    params.extend(row.typed());
+                    params.extend([
+                        (&version as &(dyn ToSql + Sync), Type::INT8),
+                        (&shared.channel, Type::TEXT),
+                        (&event, Type::TEXT),
+                    ]);
                     client
-                        .query_prepared(
-                            &shared.sql.update_unchanged,
-                            &[
-                                (&ns, Type::INT2),
-                                (&key_bytes, Type::BYTEA),
-                                (&row.state, Type::INT2),
-                                (&row.fencing_token, Type::INT8),
-                                (&row.attempt, Type::INT8),
-                                (&row.fingerprint, Type::BYTEA),
-                                (&row.expires_at, Type::INT8),
-                                (&row.claimed_at, Type::INT8),
-                                (&row.lease_until, Type::INT8),
-                                (&row.claim_ttl, Type::INT8),
-                                (&row.checkpoint_step, Type::TEXT),
-                                (&row.checkpoint_state, Type::BYTEA),
-                                (&row.checkpoint_at, Type::INT8),
-                                (&row.completed_at, Type::INT8),
-                                (&row.response, Type::BYTEA),
-                                (&row.seq_mark, Type::INT8),
-                                (&row.seq_updated_at, Type::INT8),
-                                (&version, Type::INT8),
-                                (&shared.channel, Type::TEXT),
-                                (&event, Type::TEXT),
-                            ],
-                        )
+                        .query_prepared(&shared.sql.update_unchanged, &params)
                         .await
                 }
                 None => {

@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+use tokio_postgres::types::{ToSql, Type};
+
 use crate::record::{ByteString, Record, RecordState, StoredCheckpoint};
 
 /// `state` of a claim in progress.
@@ -241,7 +243,32 @@ fn unsigned(column: &str, value: i64) -> Result<u64, RowError> {
     u64::try_from(value).map_err(|_| invalid(format!("{column} {value} is negative")))
 }
 
+/// Where `fencing_token` is among [`RECORD_COLUMNS`].
+pub(crate) const TOKEN_COLUMN: usize = 1;
+
 impl RecordRow {
+    /// Each column of [`RECORD_COLUMNS`], in that order, with its type: a statement's
+    /// parameters.
+    pub(crate) fn typed(&self) -> [(&(dyn ToSql + Sync), Type); RECORD_COLUMN_COUNT] {
+        [
+            (&self.state, Type::INT2),
+            (&self.fencing_token, Type::INT8),
+            (&self.attempt, Type::INT8),
+            (&self.fingerprint, Type::BYTEA),
+            (&self.expires_at, Type::INT8),
+            (&self.claimed_at, Type::INT8),
+            (&self.lease_until, Type::INT8),
+            (&self.claim_ttl, Type::INT8),
+            (&self.checkpoint_step, Type::TEXT),
+            (&self.checkpoint_state, Type::BYTEA),
+            (&self.checkpoint_at, Type::INT8),
+            (&self.completed_at, Type::INT8),
+            (&self.response, Type::BYTEA),
+            (&self.seq_mark, Type::INT8),
+            (&self.seq_updated_at, Type::INT8),
+        ]
+    }
+
     /// Reads the columns of [`RECORD_COLUMNS`] from a row that selected them together, in
     /// that order.
     ///
