@@ -77,6 +77,8 @@ pub(crate) struct Engine {
     /// before the first measure.
     clock_offset: AtomicI64,
     batchers: Vec<Batcher<Work, Result<()>>>,
+    /// Per shard: an owner's change is being made by a read and a conditional write (`one`).
+    lone: [AtomicBool; SHARDS],
     listener: Listener,
     closed: AtomicBool,
 }
@@ -121,6 +123,7 @@ impl Engine {
             freshness: Freshness::new(),
             clock_offset: AtomicI64::new(UNMEASURED),
             batchers: (0..SHARDS).map(|_| Batcher::new(|_| true)).collect(),
+            lone: std::array::from_fn(|_| AtomicBool::new(false)),
             listener,
             closed: AtomicBool::new(false),
         };
@@ -222,11 +225,26 @@ impl Engine {
         }
     }
 
-    /// An operation the caller expects to write (a complete, a release, an extend...). While
-    /// its shard has no commit running, one read and one conditional write in autocommit
-    /// (`peek.rs`) cost fewer round trips than a transaction; otherwise it joins the commit.
+    /// An operation the caller expects to write (a complete, a release, an extend...). Alone
+    /// on its shard (no commit running, no other such change in flight), one read and one
+    /// conditional write in autocommit (`peek.rs`) cost fewer round trips than a transaction;
+    /// otherwise it joins the shard's commit, so that concurrent writes share transactions and
+    /// WAL flushes rather than each paying its own.
     pub(crate) fn one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
-        if self.shard_idle(&key) {
+        let lone = &self.lone[self.shard(&key)];
+        if self.shard_idle(&key)
+            && lone
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            /// Gives the shard's turn back, also if deciding panics.
+            struct Turn<'a>(&'a AtomicBool);
+            impl Drop for Turn<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _turn = Turn(lone);
             return self.decide(key, rule);
         }
         self.commit_one(key, rule)
