@@ -14,11 +14,12 @@
 //! - A call that changes the record of a key that has one, without a new token (a complete, an
 //!   extend, a checkpoint, a release, an expire), decided on that one `SELECT`, is then one
 //!   `UPDATE` (or `DELETE`, when the record goes) in autocommit when no commit of its shard is
-//!   running. The statement changes the row only if it is still the version the `SELECT` read
-//!   (`xmin`): any write between the two made a new version, and the call then goes to a
-//!   commit, which decides again under the row's lock. Unchanged in between, the record is the one the rules decided
-//!   on, as a commit's locked read would have found it; only the time they decided by is the
-//!   read's, a round trip earlier.
+//!   running (and, for an owner's call, no other such change of the shard is in flight:
+//!   `Engine::one`). The statement changes the row only if it is still the version the
+//!   `SELECT` read (`xmin`): any write between the two made a new version, and the call then
+//!   goes to a commit, which decides again under the row's lock. Unchanged in between, the
+//!   record is the one the rules decided on, as a commit's locked read would have found it;
+//!   only the time they decided by is the read's, a round trip earlier.
 //!
 //! Anything else goes to the shard's group commit.
 
