@@ -32,6 +32,7 @@ mod reads;
 mod row;
 mod runtime;
 mod schema;
+mod session;
 mod statements;
 
 pub(crate) use engine::{Engine, Settings};

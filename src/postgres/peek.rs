@@ -29,8 +29,8 @@ use super::commit::{Shared, event_key};
 use super::engine::Engine;
 use super::error::query_error;
 use super::listen::encode;
-use super::pool::Session;
 use super::row::{Loaded, RowError, TOKEN_COLUMN, ns, to_row};
+use super::session::Session;
 use crate::error::{DatabaseErrorKind, Error, Result};
 use crate::key::Key;
 use crate::record::Record;
@@ -266,7 +266,8 @@ impl Engine {
                 key: key.clone(),
                 reason: err.reason,
             })?;
-        let event = ended.then(|| encode(&event_key(namespace, key)));
+        let ended = ended.then(|| event_key(namespace, key));
+        let event = ended.as_deref().map(encode);
         let key_bytes = key.as_bytes();
         let removing = row.is_none();
         let written = self.call(async move |shared: &Shared, client: &mut Session| {
@@ -308,8 +309,8 @@ impl Engine {
             if removing {
                 self.shared.add_records(-1);
             }
-            if ended {
-                self.shared.events.changed(&event_key(namespace, key));
+            if let Some(ended) = &ended {
+                self.shared.events.changed(ended);
             }
         }
         Ok(written)

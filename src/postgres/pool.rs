@@ -21,7 +21,6 @@
 //! the engine needs a bounded set of clients, each prepared the same way on connect, driven as
 //! above, and nothing else.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::ops::Deref;
 use std::pin::Pin;
@@ -33,11 +32,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, NoTls, Row, Socket, Statement};
+use tokio_postgres::{Client, Config, NoTls, Socket};
 
 use super::error::{connect_error, query_error};
 use super::runtime::block_on;
+use super::session::Session;
 use crate::error::{DatabaseErrorKind, Error, Result};
 
 /// How long a connection attempt may take when the URL sets no `connect_timeout`: long enough
@@ -62,57 +61,6 @@ const ON_CONNECT: &str = "SET synchronous_commit = on; SET enable_seqscan = off;
 /// A connection's driver: the future that reads and writes its socket.
 type Driver = tokio_postgres::Connection<Socket, NoTlsStream>;
 
-/// A client and the statements prepared on its connection, by their SQL: what a call uses.
-pub(crate) struct Session {
-    client: Client,
-    statements: HashMap<String, Statement>,
-}
-
-impl Session {
-    fn new(client: Client) -> Session {
-        Session {
-            client,
-            statements: HashMap::new(),
-        }
-    }
-
-    /// `sql` prepared on this connection with parameters of `types`, once per connection:
-    /// a prepared statement is parsed and planned by the server once, and each use of it is
-    /// one round trip.
-    pub(crate) async fn statement(
-        &mut self,
-        sql: &str,
-        types: &[Type],
-    ) -> std::result::Result<Statement, tokio_postgres::Error> {
-        if let Some(statement) = self.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = self.client.prepare_typed(sql, types).await?;
-        self.statements.insert(sql.to_string(), statement.clone());
-        Ok(statement)
-    }
-
-    /// Runs `sql`, prepared once per connection, with `params` and their types.
-    pub(crate) async fn query_prepared(
-        &mut self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
-        let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
-        let statement = self.statement(sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
-        self.client.query(&statement, &values).await
-    }
-}
-
-impl Deref for Session {
-    type Target = Client;
-
-    fn deref(&self) -> &Client {
-        &self.client
-    }
-}
-
 /// A connection driven on the caller's thread, with the runtime its socket belongs to.
 struct Local {
     session: Session,
@@ -136,7 +84,7 @@ impl Drop for Local {
 
 impl Local {
     fn is_closed(&self) -> bool {
-        self.lost || self.session.client.is_closed()
+        self.lost || self.session.is_closed()
     }
 
     /// Runs `call` on the calling thread, driving the socket while it waits.
@@ -298,7 +246,7 @@ impl Pool {
             }
         };
         let answer = block_on(call(&mut shared.session));
-        if !shared.session.client.is_closed() && !self.permits.is_closed() {
+        if !shared.session.is_closed() && !self.permits.is_closed() {
             self.idle.lock().push(shared);
         }
         drop(permit);
@@ -331,7 +279,7 @@ impl Pool {
     fn pop_shared(&self) -> Option<Shared> {
         loop {
             match self.idle.lock().pop() {
-                Some(shared) if shared.session.client.is_closed() => continue,
+                Some(shared) if shared.session.is_closed() => continue,
                 other => return other,
             }
         }
@@ -481,7 +429,7 @@ impl PooledClient {
 
     /// The client, mutably: transactions need `&mut Client`.
     pub(crate) fn client_mut(&mut self) -> &mut Client {
-        &mut self.session().client
+        self.session().client_mut()
     }
 }
 
@@ -494,14 +442,13 @@ impl Deref for PooledClient {
             .as_ref()
             .expect("a lent client is present until it is dropped")
             .session
-            .client
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take()
-            && !shared.session.client.is_closed()
+            && !shared.session.is_closed()
         {
             self.idle.lock().push(shared);
         }
