@@ -18,6 +18,7 @@
 
 mod support;
 
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -67,6 +68,52 @@ fn databases(cluster: &TestCluster, name: &str) -> (String, Store) {
     (url, store)
 }
 
+/// A peer's connections, kept from one of criterion's samples to the next as an application's
+/// pool keeps them, one per thread. Connecting afresh for each sample would time every new
+/// server process's first statements (its caches of the catalog being filled), which a
+/// running application does not pay, and the store's own pool does not either.
+struct Kept<S> {
+    idle: Mutex<Vec<S>>,
+}
+
+impl<S> Kept<S> {
+    fn new() -> Kept<S> {
+        Kept {
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A kept connection, or a new one from `connect`; back to the kept ones when dropped.
+    fn take(&self, connect: impl FnOnce() -> S) -> Lease<'_, S> {
+        let kept = self.idle.lock().expect("kept connections").pop();
+        Lease {
+            kept: self,
+            state: Some(kept.unwrap_or_else(connect)),
+        }
+    }
+}
+
+struct Lease<'a, S> {
+    kept: &'a Kept<S>,
+    state: Option<S>,
+}
+
+impl<S> Lease<'_, S> {
+    fn get(&mut self) -> &mut S {
+        self.state
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl<S> Drop for Lease<'_, S> {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            self.kept.idle.lock().expect("kept connections").push(state);
+        }
+    }
+}
+
 /// A peer's connection and its prepared claim: the hand-written `INSERT`.
 fn peer_insert(url: &str) -> (postgres::Client, postgres::Statement) {
     let mut client = connect(url);
@@ -81,6 +128,7 @@ fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = Store::open(dir.path().join("store.redb")).expect("open the store file");
     let ids = AtomicU64::new(0);
+    let peers = Kept::new();
     let mut group = c.benchmark_group("postgres_claims");
     support::configure(&mut group, Duration::from_secs(4));
     group.throughput(Throughput::Elements(1));
@@ -94,8 +142,9 @@ fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
                     recorder,
                     threads,
                     &ids,
-                    || peer_insert(&url),
-                    |(client, insert), n| {
+                    || peers.take(|| peer_insert(&url)),
+                    |peer, n| {
+                        let (client, insert) = peer.get();
                         let token = i64::try_from(n).expect("token");
                         let inserted = client
                             .execute(&*insert, &[&support::key(n), &token])
@@ -154,6 +203,7 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
         .expect("peer row");
     }
     let ids = AtomicU64::new(0);
+    let peers = Kept::new();
     let mut group = c.benchmark_group("postgres_replays");
     support::configure(&mut group, Duration::from_secs(4));
     group.throughput(Throughput::Elements(1));
@@ -167,13 +217,16 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
                 REPLAY_THREADS,
                 &ids,
                 || {
-                    let mut client = connect(&url);
-                    let select = client
-                        .prepare("SELECT response FROM peer WHERE key = $1")
-                        .expect("prepare");
-                    (client, select)
+                    peers.take(|| {
+                        let mut client = connect(&url);
+                        let select = client
+                            .prepare("SELECT response FROM peer WHERE key = $1")
+                            .expect("prepare");
+                        (client, select)
+                    })
                 },
-                |(client, select), n| {
+                |peer, n| {
+                    let (client, select) = peer.get();
                     let row = client
                         .query_one(&*select, &[&replay_key(n)])
                         .expect("select");
@@ -202,6 +255,7 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
 fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     let (url, store) = databases(cluster, "lives");
     let ids = AtomicU64::new(0);
+    let peers = Kept::new();
     let mut group = c.benchmark_group("postgres_claim_complete");
     support::configure(&mut group, Duration::from_secs(4));
     group.throughput(Throughput::Elements(1));
@@ -216,13 +270,18 @@ fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
                     threads,
                     &ids,
                     || {
-                        let (mut client, insert) = peer_insert(&url);
-                        let update = client
-                            .prepare("UPDATE peer SET response = $3 WHERE key = $1 AND token = $2")
-                            .expect("prepare");
-                        (client, insert, update)
+                        peers.take(|| {
+                            let (mut client, insert) = peer_insert(&url);
+                            let update = client
+                                .prepare(
+                                    "UPDATE peer SET response = $3 WHERE key = $1 AND token = $2",
+                                )
+                                .expect("prepare");
+                            (client, insert, update)
+                        })
                     },
-                    |(client, insert, update), n| {
+                    |peer, n| {
+                        let (client, insert, update) = peer.get();
                         let token = i64::try_from(n).expect("token");
                         let key = support::key(n);
                         assert_eq!(

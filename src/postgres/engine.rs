@@ -13,7 +13,7 @@
 //!   for (`listen.rs`, LISTEN/NOTIFY), and polls once a second should a notification be lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio_postgres::types::Type;
@@ -44,6 +44,23 @@ use crate::stats::Counters;
 /// by hash. One would serialise every commit of the process behind one round trip to the
 /// server; a few let the server group their WAL flushes.
 const SHARDS: usize = 4;
+
+/// The most calls in flight at which a write still goes alone, outside its shard's commit
+/// ([`Engine::alone`]), when the pool has as many connections. Measured with fresh claims
+/// (`BENCHMARKS.md`): at 8 threads, writes alone ran 25% faster than grouped, the server
+/// grouping their WAL flushes itself; at 32 threads, grouped writes ran half as fast again,
+/// at half the server's CPU per claim, and writes alone would keep the commits, seeing
+/// nothing queued, from ever forming.
+const MAX_ALONE: usize = 8;
+
+/// A call counted in flight ([`Engine::enter`]) until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// [`Engine::clock_offset`] before the server's clock was first read.
 const UNMEASURED: i64 = i64::MIN;
@@ -78,6 +95,10 @@ pub(crate) struct Engine {
     /// before the first measure.
     clock_offset: AtomicI64,
     batchers: Vec<Batcher<Work, Result<()>>>,
+    /// How many calls that may write are in flight ([`Engine::alone`]).
+    calls: AtomicUsize,
+    /// [`MAX_ALONE`], or the pool's size if smaller.
+    alone_limit: usize,
     /// Per shard: an owner's change is being made by a read and a conditional write (`one`).
     lone: [AtomicBool; SHARDS],
     listener: Listener,
@@ -124,6 +145,8 @@ impl Engine {
             freshness: Freshness::new(),
             clock_offset: AtomicI64::new(UNMEASURED),
             batchers: (0..SHARDS).map(|_| Batcher::new(|_| true)).collect(),
+            calls: AtomicUsize::new(0),
+            alone_limit: settings.connections.clamp(1, MAX_ALONE),
             lone: std::array::from_fn(|_| AtomicBool::new(false)),
             listener,
             closed: AtomicBool::new(false),
@@ -220,20 +243,22 @@ impl Engine {
     }
 
     pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        let _call = self.enter();
         match self.peek(&key, &rule)? {
             Some(answer) => answer,
             None => self.commit_one(key, rule),
         }
     }
 
-    /// An operation the caller expects to write (a complete, a release, an extend...). Alone
-    /// on its shard (no commit running, no other such change in flight), one read and one
-    /// conditional write in autocommit (`peek.rs`) cost fewer round trips than a transaction;
-    /// otherwise it joins the shard's commit, so that concurrent writes share transactions and
-    /// WAL flushes rather than each paying its own.
+    /// An operation the caller expects to write (a complete, a release, an extend...). Sent
+    /// alone ([`alone`](Self::alone)) with no other such change of its shard in flight, one
+    /// read and one conditional write in autocommit (`peek.rs`) cost fewer round trips than a
+    /// transaction; otherwise it joins the shard's commit, so that concurrent writes share
+    /// transactions and WAL flushes rather than each paying its own.
     pub(crate) fn one<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
+        let _call = self.enter();
         let lone = &self.lone[self.shard(&key)];
-        if self.shard_idle(&key)
+        if self.alone(&key)
             && lone
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
@@ -246,7 +271,10 @@ impl Engine {
                 }
             }
             let _turn = Turn(lone);
-            return self.decide(key, rule);
+            return match self.peek(&key, &rule)? {
+                Some(answer) => answer,
+                None => self.commit_one(key, rule),
+            };
         }
         self.commit_one(key, rule)
     }
@@ -262,6 +290,7 @@ impl Engine {
         let Some((first, _)) = ops.first() else {
             return Ok(Vec::new());
         };
+        let _call = self.enter();
         let shard = self.shard(first);
         let (pending, queued) = Pending::group(ops);
         self.submit(shard, Work::Many(queued))?;
@@ -272,10 +301,19 @@ impl Engine {
         crc32fast::hash(key.as_bytes()) as usize % SHARDS
     }
 
-    /// Whether no commit of `key`'s shard is running or waiting: a write of it alone is then
-    /// best sent at once.
-    pub(super) fn shard_idle(&self, key: &Key) -> bool {
-        self.batchers[self.shard(key)].is_idle()
+    /// Whether a write of `key` is best sent alone, in autocommit, rather than in its shard's
+    /// commit: no commit of the shard is running or waiting, and at most [`MAX_ALONE`] calls
+    /// are in flight. Under more load, writes made alone would each pay a commit and a WAL
+    /// flush of their own, and keep the commits, seeing nothing queued, from ever forming.
+    pub(super) fn alone(&self, key: &Key) -> bool {
+        self.calls.load(Ordering::Relaxed) <= self.alone_limit
+            && self.batchers[self.shard(key)].is_idle()
+    }
+
+    /// Counts a call in flight until the guard is dropped, also if the call panics.
+    fn enter(&self) -> InFlight<'_> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.calls)
     }
 
     fn submit(&self, shard: usize, work: Work) -> Result<()> {
@@ -459,6 +497,43 @@ mod tests {
         let now = engine.now();
         assert!(now >= ticket.claimed_at() && now < ticket.claimed_at() + 60_000);
         assert_eq!(engine.clock_offset.load(Ordering::Relaxed), offset);
+        Ok(())
+    }
+
+    /// Writes go alone only while few calls are in flight, and every call, answered or failed,
+    /// stops counting when it returns.
+    #[test]
+    fn writes_go_alone_only_while_few_calls_are_in_flight() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let store = Store::builder()
+            .without_sweeper()
+            .postgres_connections(2)
+            .open_postgres(&cluster.create_database("alone"))?;
+        let crate::engine::Engine::Postgres(engine) = store.engine() else {
+            panic!("a store opened on PostgreSQL has the PostgreSQL engine");
+        };
+        let key = crate::key::Key::new("alone");
+        assert_eq!(engine.alone_limit, 2, "bounded by the pool's size");
+        let first = engine.enter();
+        let second = engine.enter();
+        assert!(engine.alone(&key), "two calls in flight: at the limit");
+        let third = engine.enter();
+        assert!(!engine.alone(&key), "three calls in flight: past the limit");
+        drop((first, second, third));
+        assert!(engine.alone(&key));
+        let Claim::Acquired(ticket) = store.claim("alone")? else {
+            panic!("a fresh key is acquired");
+        };
+        store.complete(&ticket, b"done")?;
+        assert!(matches!(store.claim("alone")?, Claim::Completed(_)));
+        engine.close()?;
+        assert!(
+            store.claim("after").is_err(),
+            "a closed engine refuses calls"
+        );
+        assert_eq!(engine.calls.load(Ordering::Relaxed), 0);
         Ok(())
     }
 }

@@ -3,8 +3,9 @@
 //! - A call that would change nothing (a replay, a live claim, a mismatch, a duplicate mark, a
 //!   stale ticket) is one `SELECT`, with no lock held past it.
 //! - A call that stores a record on a key that has none (a fresh claim, a first mark) is one
-//!   `INSERT` in autocommit when no commit of its shard is running: the statement reads the
-//!   server's clock and draws the fencing token itself (see [`Engine::insert_new`]).
+//!   `INSERT` in autocommit while the engine sends writes alone (few calls in flight, no commit
+//!   of its shard running: `Engine::alone`): the statement reads the server's clock and draws
+//!   the fencing token itself (see [`Engine::insert_new`]).
 //! - A store whose recent claims and marks found their keys absent tries that `INSERT` first,
 //!   before any read: a fresh key then costs one round trip, as a hand-written
 //!   `INSERT ... ON CONFLICT DO NOTHING` does. A key that has a row makes the `INSERT` do
@@ -13,8 +14,8 @@
 //!
 //! - A call that changes the record of a key that has one, without a new token (a complete, an
 //!   extend, a checkpoint, a release, an expire), decided on that one `SELECT`, is then one
-//!   `UPDATE` (or `DELETE`, when the record goes) in autocommit when no commit of its shard is
-//!   running (and, for an owner's call, no other such change of the shard is in flight:
+//!   `UPDATE` (or `DELETE`, when the record goes) in autocommit while the engine sends writes
+//!   alone (and, for an owner's call, no other such change of the shard is in flight:
 //!   `Engine::one`). The statement changes the row only if it is still the version the
 //!   `SELECT` read (`xmin`): any write between the two made a new version, and the call then
 //!   goes to a commit, which decides again under the row's lock. Unchanged in between, the
@@ -54,7 +55,7 @@ impl Engine {
         let insert_first = R::CREATES && self.freshness.likely();
         if insert_first {
             // A busy shard's batch tries new keys first itself (`fresh.rs`): join it.
-            if !self.shard_idle(key) {
+            if !self.alone(key) {
                 return Ok(None);
             }
             if let Some(answer) = self.create(key, rule)? {
@@ -80,7 +81,7 @@ impl Engine {
                     Change::Delete => None,
                 };
                 match version {
-                    Some(version) if !decision.issued_token && self.shard_idle(key) => {
+                    Some(version) if !decision.issued_token && self.alone(key) => {
                         let ended =
                             record.is_in_progress() && !changed.is_some_and(Record::is_in_progress);
                         self.write_unchanged(namespace, key, version, changed, ended)?
@@ -110,8 +111,8 @@ impl Engine {
 
     /// Answers `rule` on a key with no row: at once when that changes nothing (a stale ticket,
     /// say), by [`insert_new`](Self::insert_new) when it stores a new record with a new token
-    /// and the key's shard has no commit running. `None` when neither can answer: the key has
-    /// a row after all, or the call must join a commit.
+    /// and the engine sends writes alone (`Engine::alone`). `None` when neither can answer: the
+    /// key has a row after all, or the call must join a commit.
     fn create<R: Rule>(&self, key: &Key, rule: &R) -> Result<Option<Result<R::Answer>>> {
         // Decided at `origin`; the stored record's times are moved to the server's time by the
         // insert. A record the rules make for an absent key is its times' distances from `now`,
@@ -120,7 +121,7 @@ impl Engine {
         let decision = self.decide_read(rule, key, None, u64::try_from(origin).unwrap_or(0));
         let record = match decision.change {
             Change::Keep => return Ok(Some(decision.answer)),
-            Change::Put(record) if decision.issued_token && self.shard_idle(key) => record,
+            Change::Put(record) if decision.issued_token && self.alone(key) => record,
             _ => return Ok(None),
         };
         let Some((token, now)) = self.insert_new(rule.namespace(), key, &record, origin)? else {
