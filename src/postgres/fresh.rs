@@ -1,7 +1,7 @@
 //! A batch's new keys stored by one `INSERT` in autocommit, before the batch's transaction.
 //!
 //! While claims and marks are finding their keys absent (`freshness.rs`), most of a busy
-//! shard's batch is new keys. Rather than lock, read, draw tokens and write in a transaction
+//! batch is new keys. Rather than lock, read, draw tokens and write in a transaction
 //! of two round trips, one statement inserts every such key that still has no row, drawing
 //! each token and reading the server's clock itself, as a lone new key's `INSERT` does
 //! (`peek.rs`): one round trip and one WAL flush for the lot. What it did not insert (a key

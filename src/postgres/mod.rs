@@ -1,6 +1,6 @@
 //! The PostgreSQL engine under a [`Store`](crate::Store) (feature `postgres`):
 //!
-//! - `engine`: the engine: group commit by shard of keys, sweeps, waits;
+//! - `engine`: the engine: writes alone or in group commit, sweeps, waits;
 //! - `peek`: answers with no commit: one key's read, a new key's one `INSERT`; `freshness`:
 //!   which of the two a claim tries first;
 //! - `reads`: a prefix's live keys, counts, every row;

@@ -4,7 +4,7 @@
 //!   stale ticket) is one `SELECT`, with no lock held past it.
 //! - A call that stores a record on a key that has none (a fresh claim, a first mark) is one
 //!   `INSERT` in autocommit while the engine sends writes alone (few calls in flight, no commit
-//!   of its shard running: `Engine::alone`): the statement reads the server's clock and draws
+//!   running: `Engine::alone`): the statement reads the server's clock and draws
 //!   the fencing token itself (see [`Engine::insert_new`]).
 //! - A store whose recent claims and marks found their keys absent tries that `INSERT` first,
 //!   before any read: a fresh key then costs one round trip, as a hand-written
@@ -15,14 +15,14 @@
 //! - A call that changes the record of a key that has one, without a new token (a complete, an
 //!   extend, a checkpoint, a release, an expire), decided on that one `SELECT`, is then one
 //!   `UPDATE` (or `DELETE`, when the record goes) in autocommit while the engine sends writes
-//!   alone (and, for an owner's call, no other such change of the shard is in flight:
+//!   alone (and, for an owner's call, no other such change is in flight:
 //!   `Engine::one`). The statement changes the row only if it is still the version the
 //!   `SELECT` read (`xmin`): any write between the two made a new version, and the call then
 //!   goes to a commit, which decides again under the row's lock. Unchanged in between, the
 //!   record is the one the rules decided on, as a commit's locked read would have found it;
 //!   only the time they decided by is the read's, a round trip earlier.
 //!
-//! Anything else goes to the shard's group commit.
+//! Anything else goes to the group commit.
 
 use tokio_postgres::types::{ToSql, Type};
 
@@ -54,8 +54,8 @@ impl Engine {
         let namespace = rule.namespace();
         let insert_first = R::CREATES && self.freshness.likely();
         if insert_first {
-            // A busy shard's batch tries new keys first itself (`fresh.rs`): join it.
-            if !self.alone(key) {
+            // Under load the group commit tries new keys first itself (`fresh.rs`): join it.
+            if !self.alone() {
                 return Ok(None);
             }
             if let Some(answer) = self.create(key, rule)? {
@@ -81,7 +81,7 @@ impl Engine {
                     Change::Delete => None,
                 };
                 match version {
-                    Some(version) if !decision.issued_token && self.alone(key) => {
+                    Some(version) if !decision.issued_token && self.alone() => {
                         let ended =
                             record.is_in_progress() && !changed.is_some_and(Record::is_in_progress);
                         self.write_unchanged(namespace, key, version, changed, ended)?
@@ -121,7 +121,7 @@ impl Engine {
         let decision = self.decide_read(rule, key, None, u64::try_from(origin).unwrap_or(0));
         let record = match decision.change {
             Change::Keep => return Ok(Some(decision.answer)),
-            Change::Put(record) if decision.issued_token && self.alone(key) => record,
+            Change::Put(record) if decision.issued_token && self.alone() => record,
             _ => return Ok(None),
         };
         let Some((token, now)) = self.insert_new(rule.namespace(), key, &record, origin)? else {
