@@ -152,6 +152,18 @@ impl Engine {
         each!(self, engine => engine.wait_for_change(key, seen, until))
     }
 
+    /// Says that a caller holding [`key_changed`](Self::key_changed)'s future, having looked
+    /// at its key, is about to wait on it: an engine shared with other processes then
+    /// watches for their changes too, and wakes the future once it does, for a last look.
+    #[cfg(feature = "http")]
+    pub(crate) fn will_wait(&self) {
+        match self {
+            Engine::Redb(_) => {}
+            #[cfg(feature = "postgres")]
+            Engine::Postgres(engine) => engine.will_wait(),
+        }
+    }
+
     /// A future that completes at the next change to `key` after this call.
     #[cfg(feature = "http")]
     pub(crate) fn key_changed(&self, key: &Key) -> tokio::sync::futures::Notified<'_> {

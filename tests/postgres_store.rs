@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dedupe_store::testing::postgres::TestCluster;
+use dedupe_store::testing::postgres::{Probe, TestCluster};
 use dedupe_store::{Claim, ClaimOptions, Error, ManualClock, SeqCheck, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -303,5 +303,62 @@ fn threads_racing_on_new_keys_get_one_owner_each() -> TestResult {
         (stats.live_keys, stats.acquired),
         (KEYS as u64, KEYS as u64)
     );
+    Ok(())
+}
+
+/// A store listens for other processes' changes only while one of its callers waits: with no
+/// one waiting, its own completes do not wake it. A waiter's store starts listening, and the
+/// waiter is answered by a completion in another store.
+#[test]
+fn a_store_listens_only_while_a_caller_waits() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("listening");
+    let open = || {
+        Store::builder()
+            .lease(Duration::from_secs(60))
+            .without_sweeper()
+            .open_postgres(&url)
+    };
+    let (waiter, owner) = (open()?, open()?);
+    let probe = Probe::new(&url, 1)?;
+    let listening =
+        || probe.query_text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'");
+    for (store, key) in [(&waiter, "mine"), (&owner, "theirs")] {
+        let Claim::Acquired(ticket) = store.claim(key)? else {
+            panic!("a fresh key is acquired");
+        };
+        store.complete(&ticket, b"done")?;
+    }
+    let answered = waiter.claim_or_wait("theirs", &ClaimOptions::new(), Duration::from_secs(5))?;
+    assert!(matches!(answered, Claim::Completed(_)), "{answered:?}");
+    assert_eq!(
+        listening()?,
+        "0",
+        "no caller waited, so no connection listens"
+    );
+
+    let Claim::Acquired(ticket) = owner.claim("held")? else {
+        panic!("a fresh key is acquired");
+    };
+    let answered = std::thread::scope(|scope| -> Result<Claim, Box<dyn std::error::Error>> {
+        let waiting = scope
+            .spawn(|| waiter.claim_or_wait("held", &ClaimOptions::new(), Duration::from_secs(30)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while listening()? != "1" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiting store never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        owner.complete(&ticket, b"from-owner")?;
+        Ok(waiting.join().expect("the waiter panicked")?)
+    })?;
+    match answered {
+        Claim::Completed(outcome) => assert_eq!(outcome.response, b"from-owner"),
+        other => panic!("expected the owner's completion, got {other:?}"),
+    }
     Ok(())
 }

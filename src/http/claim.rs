@@ -121,6 +121,9 @@ pub(crate) async fn claim(
         let Claim::InProgress { lease_until, .. } = claim else {
             return Ok(claim);
         };
+        // A store shared with other processes watches for their changes from now on, and
+        // wakes `changed` when it starts to, for one more look.
+        store.engine().will_wait();
         loop {
             match next_look(
                 deadline_std,

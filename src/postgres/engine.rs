@@ -435,9 +435,17 @@ impl Engine {
     }
 
     pub(crate) fn wait_for_change(&self, key: &Key, seen: u64, until: Instant) -> bool {
+        self.listener.wanted();
         self.shared
             .events
             .wait(&commit::event_key(Namespace::Idempotency, key), seen, until)
+    }
+
+    /// A caller of [`key_changed`](Self::key_changed) is about to wait: listen for other
+    /// processes' changes (`listen.rs`).
+    #[cfg(feature = "http")]
+    pub(crate) fn will_wait(&self) {
+        self.listener.wanted();
     }
 
     #[cfg(feature = "http")]

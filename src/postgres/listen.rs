@@ -2,12 +2,23 @@
 //! the schema's channel, where every commit that ends a claim (complete, release, expire)
 //! NOTIFYs the key. Each notification wakes the key's waiters in this process.
 //!
-//! Should the connection drop, it is made again, and every waiter wakes to look once more,
-//! since notifications sent meanwhile are lost. Every waiter also wakes once a
-//! [`POLL`] to look again whatever the notifications said: polling is the fallback.
+//! The connection is made and listens only while this process has waiters: each waiter asks
+//! for it before it waits ([`Listener::wanted`]), and it is closed once no waiter has asked for
+//! [`IDLE`]. A listening connection is woken by every claim that ends in any process,
+//! including this one's own completes; with no one waiting here, that was a fifth of a
+//! process's CPU at one thread of claims and completes, for nothing.
+//!
+//! A waiter looked at its key before it asked, so a change made between that look and the
+//! `LISTEN` would be lost: once listening, every waiter wakes to look once more. The same
+//! holds when the connection drops and is made again. Every waiter also wakes once a [`POLL`]
+//! to look again whatever the notifications said: polling is the fallback, and it makes each
+//! waiter ask again, which keeps the connection open while anyone waits.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use tokio::task::JoinHandle;
 use tokio_postgres::AsyncMessage;
@@ -19,24 +30,58 @@ use crate::notify::KeyEvents;
 /// How often waiters look again even without a notification.
 const POLL: Duration = Duration::from_secs(1);
 
+/// How long the connection stays open after a waiter last asked for it: many times
+/// [`POLL`], after which every waiter has asked again.
+const IDLE: Duration = Duration::from_secs(10);
+
 /// How long to wait before connecting again after the connection failed.
 const RECONNECT: Duration = Duration::from_millis(200);
 
 /// The listening task; stopped when dropped or on [`Listener::stop`].
 pub(crate) struct Listener {
     task: JoinHandle<()>,
+    demand: Arc<Demand>,
+}
+
+/// The waiters' demand for notifications.
+struct Demand {
+    /// When a waiter last asked; `None` before the first.
+    last: Mutex<Option<Instant>>,
+    /// Wakes the task when a waiter asks, or keeps the ask for its next wait.
+    asked: Notify,
+}
+
+impl Demand {
+    /// Whether no waiter has asked for [`IDLE`].
+    fn idle(&self) -> bool {
+        self.last.lock().is_none_or(|last| last.elapsed() >= IDLE)
+    }
 }
 
 impl Listener {
-    /// Starts listening on `channel`, waking `events`' waiters.
+    /// Starts the task that listens on `channel` while waiters ask for it, waking `events`'
+    /// waiters.
     pub(crate) fn start(
         runtime: &Runtime,
         pool: Arc<Pool>,
         channel: String,
         events: Arc<KeyEvents>,
     ) -> Listener {
-        let task = runtime.handle().spawn(listen(pool, channel, events));
-        Listener { task }
+        let demand = Arc::new(Demand {
+            last: Mutex::new(None),
+            asked: Notify::new(),
+        });
+        let task = runtime
+            .handle()
+            .spawn(listen(pool, channel, events, demand.clone()));
+        Listener { task, demand }
+    }
+
+    /// A waiter is about to wait: listen, if not already, until no waiter has asked for
+    /// [`IDLE`]. Every waiter wakes to look once more when listening begins.
+    pub(crate) fn wanted(&self) {
+        *self.demand.last.lock() = Some(Instant::now());
+        self.demand.asked.notify_one();
     }
 
     pub(crate) fn stop(&self) {
@@ -59,8 +104,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn listen(pool: Arc<Pool>, channel: String, events: Arc<KeyEvents>) {
+async fn listen(pool: Arc<Pool>, channel: String, events: Arc<KeyEvents>, demand: Arc<Demand>) {
     loop {
+        // No one waits: no connection. An ask made since the last wait is kept by `Notify`.
+        if demand.idle() {
+            demand.asked.notified().await;
+        }
         if let Ok((client, mut connection)) = pool.dedicated().await {
             let driver = AbortOnDrop(tokio::spawn({
                 let events = events.clone();
@@ -89,6 +138,13 @@ async fn listen(pool: Arc<Pool>, channel: String, events: Arc<KeyEvents>) {
                 while !driver.0.is_finished() {
                     tokio::time::sleep(POLL).await;
                     events.changed_all();
+                    if demand.idle() {
+                        // Closing the connection ends its listening.
+                        break;
+                    }
+                }
+                if !driver.0.is_finished() {
+                    continue;
                 }
             }
             drop(driver);
@@ -124,7 +180,24 @@ fn decode(payload: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, encode};
+    use super::{Demand, IDLE, decode, encode};
+    use parking_lot::Mutex;
+    use std::time::Instant;
+    use tokio::sync::Notify;
+
+    #[test]
+    fn the_demand_lasts_for_idle_after_the_last_ask() {
+        let at = |last: Option<Instant>| Demand {
+            last: Mutex::new(last),
+            asked: Notify::new(),
+        };
+        assert!(at(None).idle(), "no waiter ever asked");
+        assert!(!at(Some(Instant::now())).idle());
+        let long_ago = Instant::now()
+            .checked_sub(IDLE)
+            .expect("the clock is past IDLE");
+        assert!(at(Some(long_ago)).idle());
+    }
 
     #[test]
     fn keys_survive_the_payload() {
