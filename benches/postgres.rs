@@ -22,7 +22,8 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput};
 use dedupe_store::testing::postgres::TestCluster;
 use dedupe_store::{Claim, Store};
 use support::Recorder;
@@ -123,15 +124,21 @@ fn peer_insert(url: &str) -> (postgres::Client, postgres::Statement) {
     (client, insert)
 }
 
+/// A group of runs of 4 s each, in operations per second.
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
+    support::configure(&mut group, Duration::from_secs(4));
+    group.throughput(Throughput::Elements(1));
+    group
+}
+
 fn claims(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     let (url, store) = databases(cluster, "claims");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = Store::open(dir.path().join("store.redb")).expect("open the store file");
     let ids = AtomicU64::new(0);
     let peers = Kept::new();
-    let mut group = c.benchmark_group("postgres_claims");
-    support::configure(&mut group, Duration::from_secs(4));
-    group.throughput(Throughput::Elements(1));
+    let mut group = group(c, "postgres_claims");
     for threads in THREADS {
         for system in CLAIMS {
             let id = name(system, threads);
@@ -204,9 +211,7 @@ fn replays(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     }
     let ids = AtomicU64::new(0);
     let peers = Kept::new();
-    let mut group = c.benchmark_group("postgres_replays");
-    support::configure(&mut group, Duration::from_secs(4));
-    group.throughput(Throughput::Elements(1));
+    let mut group = group(c, "postgres_replays");
     for system in REPLAYS {
         let id = name(system, REPLAY_THREADS);
         match system {
@@ -256,9 +261,7 @@ fn lives(c: &mut Criterion, recorder: &Recorder, cluster: &TestCluster) {
     let (url, store) = databases(cluster, "lives");
     let ids = AtomicU64::new(0);
     let peers = Kept::new();
-    let mut group = c.benchmark_group("postgres_claim_complete");
-    support::configure(&mut group, Duration::from_secs(4));
-    group.throughput(Throughput::Elements(1));
+    let mut group = group(c, "postgres_claim_complete");
     for threads in LIFE_THREADS {
         for system in LIFE {
             let id = name(system, threads);

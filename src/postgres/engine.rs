@@ -244,6 +244,11 @@ impl Engine {
 
     pub(crate) fn decide<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
         let _call = self.enter();
+        self.peek_or_commit(key, rule)
+    }
+
+    /// Answers without a commit when `peek` can, else through the group commit.
+    fn peek_or_commit<R: Rule>(&self, key: Key, rule: R) -> Result<R::Answer> {
         match self.peek(&key, &rule)? {
             Some(answer) => answer,
             None => self.commit_one(key, rule),
@@ -271,10 +276,7 @@ impl Engine {
                 }
             }
             let _turn = Turn(lone);
-            return match self.peek(&key, &rule)? {
-                Some(answer) => answer,
-                None => self.commit_one(key, rule),
-            };
+            return self.peek_or_commit(key, rule);
         }
         self.commit_one(key, rule)
     }

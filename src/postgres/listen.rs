@@ -54,8 +54,13 @@ struct Demand {
 impl Demand {
     /// Whether no waiter has asked for [`IDLE`].
     fn idle(&self) -> bool {
-        self.last.lock().is_none_or(|last| last.elapsed() >= IDLE)
+        idle_since(*self.last.lock())
     }
+}
+
+/// Whether [`IDLE`] has passed since `last`, the last ask (`None`: there was none).
+fn idle_since(last: Option<Instant>) -> bool {
+    last.is_none_or(|last| last.elapsed() >= IDLE)
 }
 
 impl Listener {
@@ -80,8 +85,15 @@ impl Listener {
     /// A waiter is about to wait: listen, if not already, until no waiter has asked for
     /// [`IDLE`]. Every waiter wakes to look once more when listening begins.
     pub(crate) fn wanted(&self) {
-        *self.demand.last.lock() = Some(Instant::now());
-        self.demand.asked.notify_one();
+        let mut last = self.demand.last.lock();
+        let was_idle = idle_since(*last);
+        *last = Some(Instant::now());
+        drop(last);
+        // Only an idle task needs waking. A permit left by an ask made while it listens would
+        // make it connect and listen once more, for nothing, after it next goes idle.
+        if was_idle {
+            self.demand.asked.notify_one();
+        }
     }
 
     pub(crate) fn stop(&self) {
