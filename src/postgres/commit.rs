@@ -6,8 +6,10 @@
 //!    row is inserted with `ON CONFLICT DO NOTHING`, and a conflict (another process inserted
 //!    it meanwhile) rolls the batch back and runs it again.
 //! 2. Read the server's clock and draw fencing tokens from the `tokens` sequence, after the
-//!    locks are held: a token drawn then is above that of every owner the batch can see, in any
-//!    process.
+//!    locks are held: the row locks, and before them each key's advisory lock (`key_lock.rs`),
+//!    which every draw of a token for the key in any process takes. A token drawn then is above
+//!    that of every earlier owner, also one whose row was inserted and removed since the batch
+//!    looked.
 //! 3. Decide each operation in order against the records as the batch has changed them so far;
 //!    a group (`Work::Many`) is undone as a whole when one of its operations is refused.
 //! 4. Write the rows that changed, in key order, and tell listeners in other processes about
@@ -23,6 +25,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::columns::{COLUMN_TYPES, Columns};
 use super::error::query_error;
+use super::key_lock;
 use super::listen::encode;
 use super::pool::Pool;
 use super::row::{Loaded, to_row};
@@ -66,6 +69,8 @@ pub(crate) struct Shared {
     pub sql: Statements,
     /// The LISTEN/NOTIFY channel of the schema.
     pub channel: String,
+    /// The schema's start of every key's lock id (`key_lock.rs`).
+    pub key_seed: u64,
     pub store_id: u64,
     /// The builder's clock, if it was given one; else the server's clock decides.
     pub clock: Option<Arc<dyn Clock>>,
@@ -339,9 +344,10 @@ fn row_key(op: &dyn Queued) -> RowKey {
     (super::row::ns(op.namespace()), op.key().as_bytes().to_vec())
 }
 
-/// Begins the batch's transaction, locks the rows of every key the operations touch (in key
-/// order) and reads them, then reads the clock and draws `ops.len()` fencing tokens: three
-/// statements sent at once, run by the server in that order.
+/// Begins the batch's transaction, takes the lock of every key the operations touch
+/// (`key_lock.rs`), locks their rows (in key order) and reads them, then reads the clock and
+/// draws `ops.len()` fencing tokens: four statements sent at once, run by the server in that
+/// order.
 async fn begin(
     shared: &Shared,
     client: &mut Session,
@@ -360,6 +366,14 @@ async fn begin(
     let namespaces: Vec<i16> = slots.keys().map(|(ns, _)| *ns).collect();
     let keys: Vec<&[u8]> = slots.keys().map(|(_, key)| key.as_slice()).collect();
     let count = i64::try_from(ops.len()).unwrap_or(i64::MAX);
+    let lock_ids = key_lock::ids(
+        shared.key_seed,
+        slots.keys().map(|(ns, key)| (*ns, key.as_slice())),
+    );
+    let lock_keys = client
+        .statement(&shared.sql.lock_keys, &[Type::INT8_ARRAY])
+        .await
+        .map_err(retry_or_fail("lock keys"))?;
     let lock = client
         .statement(&shared.sql.lock, &[Type::INT2_ARRAY, Type::BYTEA_ARRAY])
         .await
@@ -371,12 +385,15 @@ async fn begin(
     let client: &Client = client;
     let lock_params: [&(dyn ToSql + Sync); 2] = [&namespaces, &keys];
     let draw_params: [&(dyn ToSql + Sync); 1] = [&count];
-    let (begun, rows, clock) = tokio::join!(
+    let lock_keys_params: [&(dyn ToSql + Sync); 1] = [&lock_ids];
+    let (begun, locked, rows, clock) = tokio::join!(
         client.batch_execute("BEGIN"),
+        client.query_one(&lock_keys, &lock_keys_params),
         client.query(&lock, &lock_params),
         client.query_one(&draw, &draw_params),
     );
     begun.map_err(retry_or_fail("begin a transaction"))?;
+    locked.map_err(retry_or_fail("lock keys"))?;
     let rows = rows.map_err(retry_or_fail("lock keys"))?;
     let clock = clock.map_err(retry_or_fail("draw fencing tokens"))?;
     for row in &rows {

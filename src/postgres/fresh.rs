@@ -17,6 +17,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::columns::{COLUMN_TYPES, Columns};
 use super::commit::{self, Replies, Shared, Work};
 use super::error::query_error;
+use super::key_lock;
 use super::row::{Loaded, RowError, ns, to_row};
 use super::session::Session;
 use crate::error::{Error, Result};
@@ -139,12 +140,19 @@ pub(super) async fn insert(
         );
     }
     let test_now = shared.clock.as_ref().map(|_| origin_sql);
+    let lock_ids = key_lock::ids(
+        shared.key_seed,
+        candidates
+            .iter()
+            .map(|(_, op, _)| (ns(op.namespace()), op.key().as_bytes())),
+    );
     let statement = client
         .statement(&shared.sql.insert_batch, &insert_types())
         .await
         .map_err(|err| query_error("insert new keys", err))?;
     let mut params: Vec<&(dyn ToSql + Sync)> = columns.params().to_vec();
     params.push(&test_now);
+    params.push(&lock_ids);
     let rows = client
         .query(&statement, &params)
         .await
@@ -251,5 +259,6 @@ async fn read(
 fn insert_types() -> Vec<Type> {
     let mut types = COLUMN_TYPES.to_vec();
     types.push(Type::INT8);
+    types.push(Type::INT8_ARRAY);
     types
 }

@@ -5,7 +5,8 @@
 //!   which of the two a claim tries first;
 //! - `reads`: a prefix's live keys, counts, every row;
 //! - `commit`: one batch in one transaction (lock, draw tokens, decide, write, notify);
-//!   `fresh`: a batch's new keys in one `INSERT` before it;
+//!   `fresh`: a batch's new keys in one `INSERT` before it; `key_lock`: the lock every
+//!   token of a key is drawn under;
 //! - `columns`: a batch's rows column by column, written by one statement;
 //! - `listen`: LISTEN/NOTIFY, so waiters wake when another process ends a claim;
 //! - `runtime`: the tokio runtime the engine owns; `pool`: its connections;
@@ -25,6 +26,7 @@ mod engine;
 mod error;
 mod fresh;
 mod freshness;
+mod key_lock;
 mod listen;
 mod peek;
 mod pool;

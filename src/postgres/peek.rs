@@ -29,6 +29,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::commit::{Shared, event_key};
 use super::engine::Engine;
 use super::error::query_error;
+use super::key_lock;
 use super::listen::encode;
 use super::row::{Loaded, RowError, TOKEN_COLUMN, ns, to_row};
 use super::session::Session;
@@ -156,9 +157,9 @@ impl Engine {
     /// `None` if the key has a row by then (the statement then writes nothing and draws no
     /// token).
     ///
-    /// Drawing the token in the `INSERT` keeps it above every earlier owner's: a row inserted
-    /// and removed before the statement ran drew its token before, and one inserted by a
-    /// transaction still running makes this insert wait for it and then do nothing.
+    /// The statement takes the key's lock (`key_lock.rs`) before it draws the token, so the
+    /// token is above every earlier owner's: every other draw for the key, in any process,
+    /// took the lock too, and ended with its row committed before this draw.
     fn insert_new(
         &self,
         namespace: Namespace,
@@ -175,6 +176,7 @@ impl Engine {
         let test_now = self.test_clock_now();
         let inserted = self.call(async move |shared: &Shared, client: &mut Session| {
             let ns = ns(namespace);
+            let lock_id = key_lock::id(shared.key_seed, ns, key_bytes);
             let mut params: Vec<(&(dyn ToSql + Sync), Type)> =
                 vec![(&ns, Type::INT2), (&key_bytes, Type::BYTEA)];
             // The statement draws the token itself.
@@ -186,6 +188,7 @@ impl Engine {
                     .map(|(_, param)| param),
             );
             params.push((&test_now, Type::INT8));
+            params.push((&lock_id, Type::INT8));
             let rows = client
                 .query_prepared(&shared.sql.insert_new, &params)
                 .await

@@ -9,6 +9,15 @@ const UNNEST_ROWS: &str = "unnest($1::smallint[], $2::bytea[], $3::smallint[], \
      $10::bigint[], $11::text[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bytea[], \
      $16::bigint[], $17::bigint[])";
 
+/// Takes the advisory locks of the ids in the array `$1` (`key_lock.rs`), in the array's
+/// order, and answers one row (their count).
+const LOCK_KEYS_1: &str =
+    "SELECT count(*) FROM unnest($1::bigint[]) AS id, pg_advisory_xact_lock(id)";
+
+/// [`LOCK_KEYS_1`] with the ids in `$19`.
+const LOCK_KEYS_19: &str =
+    "SELECT count(*) FROM unnest($19::bigint[]) AS id, pg_advisory_xact_lock(id)";
+
 /// Keys as arrays `$1` (namespaces) and `$2` (keys).
 const UNNEST_KEYS: &str = "unnest($1::smallint[], $2::bytea[])";
 
@@ -20,7 +29,8 @@ pub(super) struct Statements {
     pub load: String,
     /// `load` of several keys, each row with its key (`fresh.rs`).
     pub load_batch: String,
-    /// A new key's record, its token drawn and its times moved to the clock (`peek.rs`).
+    /// A new key's record, its token drawn under the key's lock `$18` and its times moved to
+    /// the clock (`peek.rs`).
     pub insert_new: String,
     /// One key's record replaced in autocommit if its row is still the version `$18` that
     /// `load` read, and waiters told (`pg_notify($19, $20)`) when `$20` is not `NULL`: a row
@@ -30,8 +40,10 @@ pub(super) struct Statements {
     /// (`pg_notify($4, $5)`) when `$5` is not `NULL`: a row when it was removed (`peek.rs`).
     pub delete_unchanged: String,
     /// A batch's new keys at once (`fresh.rs`): `insert_new` over `unnest` of every
-    /// column, in the order given (key order, so that two processes never deadlock).
+    /// column, in the order given, the keys' locks `$19` taken first.
     pub insert_batch: String,
+    /// The locks of a batch's keys, ids `$1` (`key_lock.rs`), before its rows (`commit.rs`).
+    pub lock_keys: String,
     /// A batch's rows, locked in key order (`commit.rs`).
     pub lock: String,
     /// The clock and `$1` fencing tokens (`commit.rs`).
@@ -67,13 +79,15 @@ impl Statements {
                 "SELECT {NOW_MILLIS} AS now, ns, key, {RECORD_COLUMNS} FROM {schema}.records \
                  WHERE (ns, key) IN (SELECT * FROM {UNNEST_KEYS})"
             ),
-            // `NOT EXISTS` first: on a key that has a row the statement must not draw a token
-            // (a drawn token may make the statement a write that waits for a WAL flush).
+            // The key's lock (`key_lock.rs`) before the clock is read and the token drawn.
+            // `NOT EXISTS`: on a key that has a row the statement must not draw a token (a
+            // drawn token may make the statement a write that waits for a WAL flush).
             insert_new: format!(
                 "INSERT INTO {schema}.records (ns, key, {RECORD_COLUMNS}) \
                  SELECT $1, $2, $3, nextval('{schema}.tokens'), $4, $5, at + $6, at + $7, at + $8, $9, \
                  $10, $11, at + $12, at + $13, $14, $15, at + $16 \
-                 FROM (SELECT COALESCE($17, {NOW_MILLIS}) AS at) AS server \
+                 FROM (SELECT COALESCE($17, {NOW_MILLIS}) AS at \
+                 FROM pg_advisory_xact_lock($18)) AS server \
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.records WHERE ns = $1 AND key = $2) \
                  ON CONFLICT DO NOTHING RETURNING fencing_token, expires_at - $6"
             ),
@@ -98,12 +112,13 @@ impl Statements {
                  u.fingerprint, at + u.expires_at, at + u.claimed_at, at + u.lease_until, \
                  u.claim_ttl, u.checkpoint_step, u.checkpoint_state, at + u.checkpoint_at, \
                  at + u.completed_at, u.response, u.seq_mark, at + u.seq_updated_at \
-                 FROM (SELECT COALESCE($18, {NOW_MILLIS}) AS at) AS server, \
-                 {UNNEST_ROWS} AS u(ns, key, {RECORD_COLUMNS}) \
+                 FROM (SELECT COALESCE($18, {NOW_MILLIS}) AS at FROM ({LOCK_KEYS_19}) AS held) \
+                 AS server, {UNNEST_ROWS} AS u(ns, key, {RECORD_COLUMNS}) \
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.records AS r \
                  WHERE r.ns = u.ns AND r.key = u.key) \
                  ON CONFLICT DO NOTHING RETURNING ns, key, fencing_token, expires_at"
             ),
+            lock_keys: LOCK_KEYS_1.to_string(),
             lock: format!(
                 "SELECT ns, key, {RECORD_COLUMNS} FROM {schema}.records \
                  WHERE (ns, key) IN (SELECT * FROM {UNNEST_KEYS}) ORDER BY ns, key FOR UPDATE"
@@ -188,8 +203,8 @@ mod tests {
             (
                 "insert_new",
                 &sql.insert_new,
-                format!("{scalars}, bigint"),
-                format!("{row}, NULL"),
+                format!("{scalars}, bigint, bigint"),
+                format!("{row}, NULL, 7"),
             ),
             (
                 "update_unchanged",
@@ -210,8 +225,8 @@ mod tests {
             (
                 "insert_batch",
                 &sql.insert_batch,
-                format!("{arrays}, bigint"),
-                format!("{rows}, NULL"),
+                format!("{arrays}, bigint, bigint[]"),
+                format!("{rows}, NULL, '{{7}}'"),
             ),
             ("lock", &sql.lock, keys.0.clone(), keys.1.clone()),
             ("insert", &sql.insert, arrays.into(), rows.into()),
