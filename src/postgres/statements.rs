@@ -144,16 +144,20 @@ impl Statements {
                 "DELETE FROM {schema}.records WHERE (ns, key) IN (SELECT * FROM {UNNEST_KEYS})"
             ),
             // The due rows found through `expires_at` and removed by their row address: the
-            // rows are locked, so their addresses hold until the statement ends.
+            // rows are locked, so their addresses hold until the statement ends. The cutoff is
+            // a subquery, read once: the clock is volatile, and compared directly it would be a
+            // filter on every row of the index rather than the bound of the index scan, so a
+            // sweep that finds fewer due rows than its limit would read the whole index.
             sweep: format!(
                 "DELETE FROM {schema}.records AS r USING (SELECT ctid AS row_address \
-                 FROM {schema}.records WHERE expires_at <= COALESCE($2, {NOW_MILLIS}) \
+                 FROM {schema}.records WHERE expires_at <= (SELECT COALESCE($2, {NOW_MILLIS})) \
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AS due \
                  WHERE r.ctid = due.row_address"
             ),
             list: format!(
                 "SELECT key, {RECORD_COLUMNS} FROM {schema}.records WHERE ns = $1 AND key >= $2 \
-                 AND ($3::bytea IS NULL OR key < $3) AND expires_at > COALESCE($4, {NOW_MILLIS}) \
+                 AND ($3::bytea IS NULL OR key < $3) \
+                 AND expires_at > (SELECT COALESCE($4, {NOW_MILLIS})) \
                  ORDER BY key LIMIT $5"
             ),
             counts: format!(
@@ -176,6 +180,7 @@ mod tests {
     use crate::postgres::{Pool, Runtime, open_schema, query_error};
     use crate::testing::postgres::TestCluster;
     use std::sync::Arc;
+    use tokio_postgres::types::{ToSql, Type};
 
     /// Every statement of the engine that reads `records`, with its parameters' types and
     /// values to plan it with.
@@ -238,12 +243,103 @@ mod tests {
                 "bigint, bigint".into(),
                 "100, NULL".into(),
             ),
+            (
+                "list",
+                &sql.list,
+                "smallint, bytea, bytea, bigint, bigint".into(),
+                "1, 'k', NULL, NULL, 10".into(),
+            ),
         ]
+    }
+
+    /// Every row a batch's `INSERT` stores gets the one time the statement read from the
+    /// server's clock, and each row's times keep the distances the rules gave them (lease,
+    /// expiry): the clock is read once per statement, not once per row or per column.
+    #[test]
+    fn a_batch_stores_its_new_keys_at_one_server_time() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let pool = Arc::new(Pool::new(&cluster.create_database("one_time"), 1)?);
+        let runtime = Runtime::new()?;
+        let times = runtime.call(async move {
+            let mut client = pool.get().await?;
+            let schema = open_schema(client.client_mut(), "dedupe", true)
+                .await?
+                .quoted;
+            let sql = Statements::new(&schema);
+            let failed = |err| query_error("run a statement", err);
+            // 3,000 keys claimed by one batch `INSERT`, each with a lease of 5 s and a TTL of
+            // 60 s from the statement's time.
+            let rows = 3_000i64;
+            let each = |value: i64| vec![value; 3_000];
+            let none_i64 = vec![None::<i64>; 3_000];
+            let none_bytes = vec![None::<Vec<u8>>; 3_000];
+            let none_text = vec![None::<String>; 3_000];
+            let (ns, state) = (vec![107i16; 3_000], vec![1i16; 3_000]);
+            let keys: Vec<Vec<u8>> = (0..rows).map(|n| n.to_be_bytes().to_vec()).collect();
+            let (token, attempt, expires, claimed) = (each(0), each(1), each(60_000), each(0));
+            let (lease, ttl) = (each(5_000), each(60_000));
+            let ids: Vec<i64> = (0..rows).collect();
+            let test_now: Option<i64> = None;
+            let mut types = crate::postgres::columns::COLUMN_TYPES.to_vec();
+            types.extend([Type::INT8, Type::INT8_ARRAY]);
+            let insert = client
+                .prepare_typed(&sql.insert_batch, &types)
+                .await
+                .map_err(failed)?;
+            let params: [&(dyn ToSql + Sync); 19] = [
+                &ns,
+                &keys,
+                &state,
+                &token,
+                &attempt,
+                &none_bytes,
+                &expires,
+                &claimed,
+                &lease,
+                &ttl,
+                &none_text,
+                &none_bytes,
+                &none_i64,
+                &none_i64,
+                &none_bytes,
+                &none_i64,
+                &none_i64,
+                &test_now,
+                &ids,
+            ];
+            client.execute(&insert, &params).await.map_err(failed)?;
+            let row = client
+                .query_one(
+                    &format!(
+                        "SELECT count(*), count(DISTINCT claimed_at), \
+                         count(*) FILTER (WHERE lease_until - claimed_at <> 5000 \
+                         OR expires_at - claimed_at <> 60000) FROM {schema}.records"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(failed)?;
+            let times: (i64, i64, i64) = (
+                row.try_get(0).map_err(failed)?,
+                row.try_get(1).map_err(failed)?,
+                row.try_get(2).map_err(failed)?,
+            );
+            Ok(times)
+        })?;
+        assert_eq!(
+            times,
+            (3_000, 1, 0),
+            "(rows, distinct claim times, rows whose lease or expiry is off the rules)"
+        );
+        Ok(())
     }
 
     /// A prepared statement keeps the plan the server made for it. The store's connections
     /// must make plans that find rows by their key or expiry, never by reading the whole
-    /// table, even when the plan is made on an empty table and then used on a large one.
+    /// table (or the whole expiry index), even when the plan is made on an empty table and
+    /// then used on a large one.
     #[test]
     fn plans_made_on_an_empty_table_still_find_rows_by_index_on_a_large_one() -> crate::Result<()> {
         let Some(cluster) = TestCluster::start() else {
@@ -302,7 +398,7 @@ mod tests {
             }
             Ok(plans)
         })?;
-        assert_eq!(plans.len(), 11);
+        assert_eq!(plans.len(), 12);
         for (name, plan) in plans {
             // A hash or merge join reads all of one side: here, the table.
             for whole_table in ["Seq Scan", "Hash Cond", "Merge Cond"] {
@@ -314,6 +410,12 @@ mod tests {
             assert!(
                 plan.contains("Index") || plan.contains("Tid Scan") || name == "insert",
                 "{name} finds its rows by an index:\n{plan}"
+            );
+            // The sweep's cutoff bounds its scan of the expiry index: as a mere filter, every
+            // sweep that finds fewer due rows than its limit would read the whole index.
+            assert!(
+                name != "sweep" || plan.contains("Index Cond: (expires_at <="),
+                "{name} bounds its index scan by the cutoff:\n{plan}"
             );
         }
         Ok(())
