@@ -362,3 +362,47 @@ fn a_store_listens_only_while_a_caller_waits() -> TestResult {
     }
     Ok(())
 }
+
+/// With a key budget, a store counts the keys every process holds, and the room a sweep frees:
+/// after a backlog swept in several batches, it admits exactly what the budget leaves beside
+/// another process's keys.
+#[test]
+fn a_key_budget_counts_other_processes_keys_after_a_backlog_is_swept() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let url = cluster.create_database("budget");
+    let clock = ManualClock::new(1_000_000);
+    let open = |budget: Option<u64>| {
+        let mut builder = Store::builder()
+            .clock(clock.clone())
+            .ttl(Duration::from_secs(60))
+            .sweep_batch_size(2)
+            .without_sweeper();
+        if let Some(budget) = budget {
+            builder = builder.max_keys(budget);
+        }
+        builder.open_postgres(&url)
+    };
+    let (budgeted, other) = (open(Some(10))?, open(None)?);
+    for n in 0..6 {
+        assert!(budgeted.mark_seen(format!("old-{n}"))?);
+    }
+    clock.advance(Duration::from_secs(61));
+    for n in 0..3 {
+        assert!(other.mark_seen(format!("other-{n}"))?);
+    }
+    // Three full batches of two, then one that finds nothing more due.
+    assert_eq!(budgeted.sweep()?, 6);
+    for n in 0..7 {
+        assert!(
+            budgeted.mark_seen(format!("new-{n}"))?,
+            "room for the budget less the other process's 3 keys"
+        );
+    }
+    match budgeted.mark_seen("one-too-many") {
+        Err(Error::KeyBudgetExhausted { max_keys: 10 }) => {}
+        other => panic!("expected the budget to be full, got {other:?}"),
+    }
+    Ok(())
+}

@@ -104,6 +104,9 @@ pub(crate) struct Engine {
     lone: AtomicBool,
     listener: Listener,
     closed: AtomicBool,
+    /// A sweep removed records since the key budget's count was last refreshed
+    /// ([`sweep_batch`](Self::sweep_batch)).
+    swept_uncounted: AtomicBool,
 }
 
 impl Engine {
@@ -152,6 +155,7 @@ impl Engine {
             lone: AtomicBool::new(false),
             listener,
             closed: AtomicBool::new(false),
+            swept_uncounted: AtomicBool::new(false),
         };
         if engine.config.max_keys.is_some() {
             engine.refresh_records()?;
@@ -393,16 +397,28 @@ impl Engine {
                 .map_err(|err| query_error("sweep due keys", err))?;
             Ok(removed as usize)
         })?;
+        let more = removed >= limit;
         self.counters.swept(removed);
-        crate::observe::swept(removed, removed >= limit);
+        crate::observe::swept(removed, more);
         if removed > 0 {
             self.shared.events.changed_all();
-            // Other processes add keys too: with a key budget, count them all again.
-            if self.config.max_keys.is_some() {
-                self.refresh_records()?;
-            }
+            self.shared
+                .add_records(-i64::try_from(removed).unwrap_or(i64::MAX));
+            self.swept_uncounted.store(true, Ordering::Relaxed);
         }
-        Ok((removed, removed >= limit))
+        // Other processes add and remove keys too: with a key budget, count them all again
+        // once what was due is swept. Once per pass rather than per batch: the count reads
+        // every row, and a backlog is swept in many batches.
+        if !more
+            && self.config.max_keys.is_some()
+            && self.swept_uncounted.swap(false, Ordering::Relaxed)
+            && let Err(err) = self.refresh_records()
+        {
+            // Counted at the end of the next pass instead.
+            self.swept_uncounted.store(true, Ordering::Relaxed);
+            return Err(err);
+        }
+        Ok((removed, more))
     }
 
     /// Counts the rows the key budget weighs, from the table: other processes add keys too.
