@@ -177,6 +177,7 @@ impl Statements {
 #[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
+    use crate::postgres::pool::PooledClient;
     use crate::postgres::{Pool, Runtime, open_schema, query_error};
     use crate::testing::postgres::TestCluster;
     use std::sync::Arc;
@@ -252,22 +253,37 @@ mod tests {
         ]
     }
 
+    /// Runs `test` on a connection to a new database `db` on a throwaway server, with the
+    /// engine's schema made in it, given the schema's statements and quoted name; `None` when
+    /// no server can be started here.
+    fn on_new_schema<T, F, Fut>(db: &str, test: F) -> crate::Result<Option<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(PooledClient, Statements, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = crate::Result<T>> + Send,
+    {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(None);
+        };
+        let pool = Arc::new(Pool::new(&cluster.create_database(db), 1)?);
+        let runtime = Runtime::new()?;
+        runtime
+            .call(async move {
+                let mut client = pool.get().await?;
+                let schema = open_schema(client.client_mut(), "dedupe", true)
+                    .await?
+                    .quoted;
+                test(client, Statements::new(&schema), schema).await
+            })
+            .map(Some)
+    }
+
     /// Every row a batch's `INSERT` stores gets the one time the statement read from the
     /// server's clock, and each row's times keep the distances the rules gave them (lease,
     /// expiry): the clock is read once per statement, not once per row or per column.
     #[test]
     fn a_batch_stores_its_new_keys_at_one_server_time() -> crate::Result<()> {
-        let Some(cluster) = TestCluster::start() else {
-            return Ok(());
-        };
-        let pool = Arc::new(Pool::new(&cluster.create_database("one_time"), 1)?);
-        let runtime = Runtime::new()?;
-        let times = runtime.call(async move {
-            let mut client = pool.get().await?;
-            let schema = open_schema(client.client_mut(), "dedupe", true)
-                .await?
-                .quoted;
-            let sql = Statements::new(&schema);
+        let times = on_new_schema("one_time", async |client, sql, schema| {
             let failed = |err| query_error("run a statement", err);
             // 3,000 keys claimed by one batch `INSERT`, each with a lease of 5 s and a TTL of
             // 60 s from the statement's time.
@@ -328,6 +344,9 @@ mod tests {
             );
             Ok(times)
         })?;
+        let Some(times) = times else {
+            return Ok(());
+        };
         assert_eq!(
             times,
             (3_000, 1, 0),
@@ -342,17 +361,7 @@ mod tests {
     /// then used on a large one.
     #[test]
     fn plans_made_on_an_empty_table_still_find_rows_by_index_on_a_large_one() -> crate::Result<()> {
-        let Some(cluster) = TestCluster::start() else {
-            return Ok(());
-        };
-        let pool = Arc::new(Pool::new(&cluster.create_database("plans"), 1)?);
-        let runtime = Runtime::new()?;
-        let plans = runtime.call(async move {
-            let mut client = pool.get().await?;
-            let schema = open_schema(client.client_mut(), "dedupe", true)
-                .await?
-                .quoted;
-            let sql = Statements::new(&schema);
+        let plans = on_new_schema("plans", async |client, sql, schema| {
             let failed = |err| query_error("plan a statement", err);
             // Every use of a prepared statement with the plan made at its first use.
             client
@@ -398,6 +407,9 @@ mod tests {
             }
             Ok(plans)
         })?;
+        let Some(plans) = plans else {
+            return Ok(());
+        };
         assert_eq!(plans.len(), 12);
         for (name, plan) in plans {
             // A hash or merge join reads all of one side: here, the table.

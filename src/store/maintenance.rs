@@ -77,7 +77,8 @@ impl Store {
     }
 
     /// Counters since open and gauges read now. Counting expired records awaiting the sweeper
-    /// reads their index entries, so this costs time in proportion to that backlog.
+    /// reads their index entries, so this costs time in proportion to that backlog; over
+    /// PostgreSQL the count reads every row of the table (`docs/POSTGRES.md`).
     ///
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
@@ -96,7 +97,8 @@ impl Store {
         self.engine().counts(self.engine().now())
     }
 
-    /// The number of live keys (records not yet expired).
+    /// The number of live keys (records not yet expired). Costs what [`stats`](Self::stats)
+    /// costs.
     ///
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
