@@ -566,9 +566,9 @@ mod tests {
                 let claiming = scope.spawn(|| store.claim("raced"));
                 let deadline = Instant::now() + std::time::Duration::from_secs(20);
                 while watcher.query_text(
-                    "SELECT count(*) FROM pg_stat_activity \
+                    "SELECT count(*) > 0 FROM pg_stat_activity \
                      WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                )? != "1"
+                )? != "true"
                 {
                     assert!(Instant::now() < deadline, "{way}: the claim never waited");
                     std::thread::sleep(std::time::Duration::from_millis(10));
