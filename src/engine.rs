@@ -104,6 +104,11 @@ impl Engine {
         each!(self, engine => engine.counts(now))
     }
 
+    /// Whether any record is live at `now`.
+    pub(crate) fn any_live(&self, now: u64) -> Result<bool> {
+        each!(self, engine => engine.any_live(now))
+    }
+
     /// How many claims in progress the store holds, whatever their lease and expiry.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn in_progress_keys(&self) -> Result<u64> {

@@ -406,3 +406,29 @@ fn a_key_budget_counts_other_processes_keys_after_a_backlog_is_swept() -> TestRe
     }
     Ok(())
 }
+
+/// `len` counts the live keys and `is_empty` says whether there is one, by the same clock:
+/// an expired record awaiting the sweeper is neither.
+#[test]
+fn len_and_is_empty_count_live_keys_only() -> TestResult {
+    let Some(cluster) = TestCluster::start() else {
+        return Ok(());
+    };
+    let clock = ManualClock::new(1_000_000);
+    let store = store(&cluster, "live_keys", &clock)?;
+    assert!(store.is_empty()?);
+    assert!(store.mark_seen_with_ttl("short", Duration::from_secs(1))?);
+    assert!(store.mark_seen("long")?);
+    assert_eq!(store.len()?, 2);
+    assert!(!store.is_empty()?);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(store.len()?, 1, "the expired record is not counted");
+    assert!(!store.is_empty()?);
+    store.expire("long")?;
+    assert_eq!(store.len()?, 0);
+    assert!(
+        store.is_empty()?,
+        "only an expired record, awaiting the sweeper, is left"
+    );
+    Ok(())
+}

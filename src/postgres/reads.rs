@@ -72,6 +72,20 @@ impl Engine {
         })
     }
 
+    /// Whether any record is live at `now`: one probe of the `expires_at` index, where a
+    /// count would read every row.
+    pub(crate) fn any_live(&self, now: u64) -> Result<bool> {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.call(async move |shared: &Shared, client: &mut Session| {
+            let row = client
+                .query_typed_one(&shared.sql.any_live, &[(&now, Type::INT8)])
+                .await
+                .map_err(|err| query_error("look for a live key", err))?;
+            row.try_get(0)
+                .map_err(|err| query_error("look for a live key", err))
+        })
+    }
+
     pub(crate) fn in_progress_keys(&self) -> Result<u64> {
         self.call(async move |shared: &Shared, client: &mut Session| {
             let row = client

@@ -57,6 +57,8 @@ pub(super) struct Statements {
     /// Live idempotency records from key `$2` up to `$3` (`NULL`: no bound), live by `$4` or
     /// the clock, at most `$5`, in key order (`reads.rs`).
     pub list: String,
+    /// Whether a row is live at `$1`.
+    pub any_live: String,
     /// How many rows, and how many of them due by `$1`.
     pub counts: String,
     /// How many rows are in state `$1`.
@@ -160,6 +162,9 @@ impl Statements {
                  AND expires_at > (SELECT COALESCE($4, {NOW_MILLIS})) \
                  ORDER BY key LIMIT $5"
             ),
+            any_live: format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.records WHERE expires_at > $1)"
+            ),
             counts: format!(
                 "SELECT count(*), count(*) FILTER (WHERE expires_at <= $1) FROM {schema}.records"
             ),
@@ -244,6 +249,7 @@ mod tests {
                 "bigint, bigint".into(),
                 "100, NULL".into(),
             ),
+            ("any_live", &sql.any_live, "bigint".into(), "0".into()),
             (
                 "list",
                 &sql.list,
@@ -410,7 +416,7 @@ mod tests {
         let Some(plans) = plans else {
             return Ok(());
         };
-        assert_eq!(plans.len(), 12);
+        assert_eq!(plans.len(), 13);
         for (name, plan) in plans {
             // A hash or merge join reads all of one side: here, the table.
             for whole_table in ["Seq Scan", "Hash Cond", "Merge Cond"] {

@@ -116,6 +116,12 @@ impl Engine {
             .read_merged(&[], |txn, pending| scan::count(txn, pending, now))
     }
 
+    /// Whether any record is live at `now`: the records held outnumber those due.
+    pub(crate) fn any_live(&self, now: u64) -> Result<bool> {
+        let (records, due) = self.counts(now)?;
+        Ok(records > due)
+    }
+
     /// Checks the whole file (redb's integrity check, repairing what it can, then every record
     /// against the expiry index), holding off every other call. Returns the records held and
     /// whether redb repaired anything.
