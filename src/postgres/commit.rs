@@ -1,15 +1,15 @@
 //! One group commit on PostgreSQL: a batch's operations decided by the rules and written in one
 //! transaction.
 //!
-//! 1. Lock the rows of every key the batch touches, in key order (`SELECT ... FOR UPDATE`), so
-//!    two batches never wait on each other in a cycle. A key with no row is not locked; its
-//!    row is inserted with `ON CONFLICT DO NOTHING`, and a conflict (another process inserted
-//!    it meanwhile) rolls the batch back and runs it again.
+//! 1. Take every key's advisory lock (`key_lock.rs`, ascending ids), which every draw of a
+//!    token for the key in any process takes, then lock the rows of the keys that have one,
+//!    in key order (`SELECT ... FOR UPDATE`), so two batches never wait on each other in a
+//!    cycle. A key with no row gets its row from a plain `INSERT`; should a program that does
+//!    not take the key's lock insert it meanwhile, the unique key fails that `INSERT`, and the
+//!    batch rolls back and runs again.
 //! 2. Read the server's clock and draw fencing tokens from the `tokens` sequence, after the
-//!    locks are held: the row locks, and before them each key's advisory lock (`key_lock.rs`),
-//!    which every draw of a token for the key in any process takes. A token drawn then is above
-//!    that of every earlier owner, also one whose row was inserted and removed since the batch
-//!    looked.
+//!    locks are held. A token drawn then is above that of every earlier owner, also one whose
+//!    row was inserted and removed since the batch looked.
 //! 3. Decide each operation in order against the records as the batch has changed them so far;
 //!    a group (`Work::Many`) is undone as a whole when one of its operations is refused.
 //! 4. Write the rows that changed, in key order, and tell listeners in other processes about
