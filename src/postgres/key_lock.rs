@@ -76,3 +76,86 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(test, feature = "testing"))]
+mod races {
+    use super::{id, seed};
+    use crate::testing::postgres::{Probe, TestCluster};
+    use crate::{Claim, Store};
+    use std::time::Instant;
+
+    /// Another process's whole ownership of a key (a claim, a takeover with a larger token, a
+    /// release that removes the row), made while this store's claim of the key is under way,
+    /// must not leave the claim with a smaller token than that owner's: in each of the three
+    /// ways a claim of a free key is stored (alone, by a batch's first `INSERT`, by a batch's
+    /// transaction). The claim is held up by the other process's lock of the key (or, were the
+    /// lock missing, by its uncommitted row) while that process draws its larger token.
+    #[test]
+    fn a_claim_racing_a_whole_ownership_elsewhere_gets_a_larger_token() -> crate::Result<()> {
+        let Some(cluster) = TestCluster::start() else {
+            return Ok(());
+        };
+        let ns = crate::postgres::row::ns(crate::rules::Namespace::Idempotency);
+        let lock = id(seed("dedupe"), ns, b"raced");
+        for (way, budget, queued) in [
+            ("raced_alone", None, false),
+            ("raced_fresh", None, true),
+            ("raced_commit", Some(1_000), true),
+        ] {
+            let url = cluster.create_database(way);
+            let mut builder = Store::builder().without_sweeper().postgres_connections(2);
+            if let Some(budget) = budget {
+                builder = builder.max_keys(budget);
+            }
+            let store = builder.open_postgres(&url)?;
+            let crate::engine::Engine::Postgres(engine) = store.engine() else {
+                panic!("a store opened on PostgreSQL has the PostgreSQL engine");
+            };
+            // The other process: one connection, which keeps its transaction between calls.
+            let other = Probe::new(&url, 1)?;
+            // A connection outside it: a transaction sees `pg_stat_activity` as it first read it.
+            let watcher = Probe::new(&url, 1)?;
+            other.execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({lock}); \
+                 INSERT INTO dedupe.records (ns, key, state, fencing_token, attempt, expires_at) \
+                 VALUES ({ns}, 'raced', 1, nextval('dedupe.tokens'), 1, 9000000000000000)"
+            ))?;
+            // Past the limit, the claim joins the group commit.
+            let in_flight: Vec<_> = (0..if queued { 3 } else { 0 })
+                .map(|_| engine.enter())
+                .collect();
+            let (claimed, theirs) = std::thread::scope(|scope| -> crate::Result<_> {
+                let claiming = scope.spawn(|| store.claim("raced"));
+                let deadline = Instant::now() + std::time::Duration::from_secs(20);
+                while watcher.query_text(
+                    "SELECT count(*) > 0 FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )? != "true"
+                {
+                    assert!(Instant::now() < deadline, "{way}: the claim never waited");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other.execute(
+                    "UPDATE dedupe.records SET fencing_token = nextval('dedupe.tokens') \
+                     WHERE key = 'raced'",
+                )?;
+                let theirs = other
+                    .query_text("SELECT fencing_token FROM dedupe.records WHERE key = 'raced'")?;
+                other.execute("DELETE FROM dedupe.records WHERE key = 'raced'; COMMIT")?;
+                let claimed = claiming.join().expect("the claim panicked")?;
+                Ok((claimed, theirs))
+            })?;
+            drop(in_flight);
+            let theirs: u64 = theirs.parse().expect("a token is a number");
+            let Claim::Acquired(ticket) = claimed else {
+                panic!("{way}: the key was free again, so the claim acquires it: {claimed:?}");
+            };
+            assert!(
+                ticket.fencing_token() > theirs,
+                "{way}: the claim got token {}, below the earlier owner's {theirs}",
+                ticket.fencing_token()
+            );
+        }
+        Ok(())
+    }
+}

@@ -9,14 +9,11 @@ const UNNEST_ROWS: &str = "unnest($1::smallint[], $2::bytea[], $3::smallint[], \
      $10::bigint[], $11::text[], $12::bytea[], $13::bigint[], $14::bigint[], $15::bytea[], \
      $16::bigint[], $17::bigint[])";
 
-/// Takes the advisory locks of the ids in the array `$1` (`key_lock.rs`), in the array's
-/// order, and answers one row (their count).
-const LOCK_KEYS_1: &str =
-    "SELECT count(*) FROM unnest($1::bigint[]) AS id, pg_advisory_xact_lock(id)";
-
-/// [`LOCK_KEYS_1`] with the ids in `$19`.
-const LOCK_KEYS_19: &str =
-    "SELECT count(*) FROM unnest($19::bigint[]) AS id, pg_advisory_xact_lock(id)";
+/// A query that takes the advisory locks of the ids in the array parameter `$param`
+/// (`key_lock.rs`), in the array's order, and answers one row (their count).
+fn lock_keys(param: u8) -> String {
+    format!("SELECT count(*) FROM unnest(${param}::bigint[]) AS id, pg_advisory_xact_lock(id)")
+}
 
 /// Keys as arrays `$1` (namespaces) and `$2` (keys).
 const UNNEST_KEYS: &str = "unnest($1::smallint[], $2::bytea[])";
@@ -114,13 +111,14 @@ impl Statements {
                  u.fingerprint, at + u.expires_at, at + u.claimed_at, at + u.lease_until, \
                  u.claim_ttl, u.checkpoint_step, u.checkpoint_state, at + u.checkpoint_at, \
                  at + u.completed_at, u.response, u.seq_mark, at + u.seq_updated_at \
-                 FROM (SELECT COALESCE($18, {NOW_MILLIS}) AS at FROM ({LOCK_KEYS_19}) AS held) \
+                 FROM (SELECT COALESCE($18, {NOW_MILLIS}) AS at FROM ({held}) AS held) \
                  AS server, {UNNEST_ROWS} AS u(ns, key, {RECORD_COLUMNS}) \
                  WHERE NOT EXISTS (SELECT 1 FROM {schema}.records AS r \
                  WHERE r.ns = u.ns AND r.key = u.key) \
-                 ON CONFLICT DO NOTHING RETURNING ns, key, fencing_token, expires_at"
+                 ON CONFLICT DO NOTHING RETURNING ns, key, fencing_token, expires_at",
+                held = lock_keys(19)
             ),
-            lock_keys: LOCK_KEYS_1.to_string(),
+            lock_keys: lock_keys(1),
             lock: format!(
                 "SELECT ns, key, {RECORD_COLUMNS} FROM {schema}.records \
                  WHERE (ns, key) IN (SELECT * FROM {UNNEST_KEYS}) ORDER BY ns, key FOR UPDATE"
